@@ -1,0 +1,361 @@
+"""Fold eval-mode BatchNorm modules into neighbouring Conv/ConvTranspose/Linear modules (FX).
+
+Design choices (each one avoids a known bug of existing tools):
+* Every ``_BatchNorm`` (torch, SyncBatchNorm, tritonbn subclasses) is an FX leaf: never traced into.
+* A user's own (non ``torch.nn``) module is a leaf too and is folded *recursively* on its own, so a
+  custom module's internals are never inlined into its parent's graph.
+* We only fold into layers whose ``forward`` is torch's own (a subclass overriding it, a
+  parametrized weight or a module with hooks may compute something else).
+* A layer module registered or called more than once is never edited in place: the call site that
+  is folded gets its own clone.
+* The caller's model is deep-copied first and never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import fold_math
+from .errors import FoldError
+from .report import FoldReport
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Warn when a BN scale is this large: folded weights become hard to quantize.
+HUGE_SCALE = 1e4
+
+
+def check_eval(model: nn.Module) -> None:
+    """Raise FoldError unless every submodule is in eval mode."""
+    for name, m in model.named_modules():
+        if m.training:
+            where = f"submodule '{name}'" if name else "the model"
+            raise FoldError(f"{where} is in training mode; call model.eval() before folding/exporting")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _is_torch_module(m: nn.Module) -> bool:
+    mod = type(m).__module__
+    return mod.startswith(("torch.nn.", "torch.ao.nn.")) or mod in ("torch.nn", "torch.ao.nn")
+
+
+def _is_user_module(m: nn.Module) -> bool:
+    return not isinstance(m, _BatchNorm) and not _is_torch_module(m)
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, _BatchNorm) or _is_user_module(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module) -> fx.GraphModule:
+    graph = _LeafTracer().trace(module)
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def layer_kind(m: nn.Module):
+    """Return ``(kind, groups, spatial_dims)`` for a foldable layer, or a string saying why not."""
+    for bases, kind in ((_CONVS, "conv"), (_CONV_TS, "conv_transpose"), ((nn.Linear,), "conv")):
+        base = next((b for b in bases if isinstance(m, b)), None)
+        if base is None:
+            continue
+        if type(m).forward is not base.forward or getattr(type(m), "_conv_forward", None) is not getattr(
+            base, "_conv_forward", None
+        ):
+            return f"{type(m).__name__} overrides forward"
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            return f"{type(m).__name__} has a parametrized weight"
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"{type(m).__name__} has forward hooks"
+        if isinstance(m.weight, nn.parameter.UninitializedParameter):
+            return f"{type(m).__name__} is an uninitialized lazy module"
+        if not m.weight.is_floating_point():
+            return f"{type(m).__name__} weight is not floating point"
+        if base is nn.Linear:
+            return "conv", 1, 0
+        return kind, m.groups, len(m.kernel_size)
+    return f"{type(m).__name__} is not a Conv/ConvTranspose/Linear"
+
+
+def bn_unfoldable(bn: _BatchNorm) -> str | None:
+    if bn.running_mean is None or bn.running_var is None or not bn.track_running_stats:
+        return "BN has no running stats (track_running_stats=False): it normalizes by batch stats"
+    if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+        return "BN is an uninitialized lazy module"
+    if bn._forward_hooks or bn._forward_pre_hooks:
+        return "BN has forward hooks"
+    return None
+
+
+def bn_affine(bn: _BatchNorm):
+    """float64 ``(s, t)`` of an eval BN module."""
+    def arr(x):
+        return None if x is None else x.detach().cpu().double().numpy()
+
+    w = arr(bn.weight) if bn.affine else None
+    b = arr(bn.bias) if bn.affine else None
+    return fold_math.bn_scale_shift(arr(bn.running_mean), arr(bn.running_var), bn.eps, w, b)
+
+
+def cast_once(a64: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """float64 -> ``like.dtype`` with a single rounding (numpy rounds f64->f16 directly; torch goes
+    through f32)."""
+    np_dtypes = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+    if like.dtype in np_dtypes:
+        t = torch.from_numpy(np.ascontiguousarray(a64.astype(np_dtypes[like.dtype])))
+    else:  # bfloat16 etc.: torch's cast (may round twice, via float32)
+        t = torch.from_numpy(np.ascontiguousarray(a64)).to(like.dtype)
+    return t.to(like.device)
+
+
+def _with_params(layer: nn.Module, w64, b64) -> nn.Module:
+    new = copy.deepcopy(layer)
+    req = layer.weight.requires_grad
+    new.weight = nn.Parameter(cast_once(w64, layer.weight), requires_grad=req)
+    new.bias = nn.Parameter(cast_once(b64, layer.weight), requires_grad=req)
+    return new
+
+
+def _zero_padding_free(conv: nn.Module) -> bool:
+    if conv.padding_mode != "zeros":  # reflect/replicate/circular pad with (normalized) input values
+        return True
+    p = conv.padding
+    if isinstance(p, str):
+        return p == "valid" or all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
+    return all(v == 0 for v in p)
+
+
+@dataclass
+class _Ctx:
+    report: FoldReport
+    bn_ranks: dict  # id(bn module) -> set of input ndims seen with example inputs
+    names_per_module: Counter  # id(module) -> number of names it is registered under
+    done: dict = field(default_factory=dict)  # id(user module) -> folded replacement
+
+
+def _set_submodule(gm: nn.Module, target: str, new: nn.Module) -> None:
+    parent, _, attr = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, new)
+
+
+class _GraphFolder:
+    def __init__(self, gm: fx.GraphModule, prefix: str, ctx: _Ctx):
+        self.gm, self.prefix, self.ctx = gm, prefix, ctx
+        self.calls = Counter(
+            id(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"
+        )
+
+    def module(self, node) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return self.gm.get_submodule(node.target)
+        return None
+
+    def install(self, node: fx.Node, layer: nn.Module, new: nn.Module) -> str:
+        """Point ``node`` at ``new``: in place when ``layer`` is used only here, else as a clone."""
+        if self.calls[id(layer)] == 1 and self.ctx.names_per_module[id(layer)] <= 1:
+            _set_submodule(self.gm, node.target, new)
+            self.calls[id(new)] = 1
+            return node.target
+        base = node.target.replace(".", "_") + "_bnfold"
+        name, i = base, 1
+        while hasattr(self.gm, name):
+            name, i = f"{base}_{i}", i + 1
+        self.gm.add_submodule(name, new)
+        self.calls[id(layer)] -= 1
+        self.calls[id(new)] = 1
+        node.target = name
+        return name
+
+    def rank_problem(self, bn: _BatchNorm, kind_info, layer: nn.Module) -> str | None:
+        ranks = self.ctx.bn_ranks.get(id(bn))
+        want = kind_info[2] + 2
+        if isinstance(layer, nn.Linear):
+            # Linear acts on the last axis, BN on axis 1: the same axis only for 2-D tensors.
+            if ranks is None:
+                return "Linear<->BN needs example_inputs to prove the BN input is 2-D"
+            if ranks != {2}:
+                return f"BN input has rank {sorted(ranks)}, Linear folds only for 2-D tensors"
+        elif ranks is not None and ranks != {want}:
+            return f"BN input has rank {sorted(ranks)}, expected {want} (unbatched input?)"
+        return None
+
+    def try_after(self, bn_node: fx.Node, bn: _BatchNorm, name: str) -> str | None:
+        prod = bn_node.args[0]
+        layer = self.module(prod)
+        if layer is None:
+            return "input is not produced by a Conv/ConvTranspose/Linear module"
+        info = layer_kind(layer)
+        if isinstance(info, str):
+            return f"producer '{prod.target}': {info}"
+        if len(prod.users) != 1:
+            return f"output of '{prod.target}' has {len(prod.users)} consumers"
+        if prod.kwargs or len(prod.args) != 1:
+            return f"'{prod.target}' is called with extra arguments"
+        problem = self.rank_problem(bn, info, layer)
+        if problem:
+            return problem
+        kind, groups, _ = info
+        s, t = bn_affine(bn)
+        n_out = fold_math.out_channels(layer.weight.shape, kind, groups)
+        if n_out != len(s):
+            return f"'{prod.target}' has {n_out} output channels, BN has {len(s)}"
+        w, b = fold_math.fold_after(
+            layer.weight.detach().cpu().double().numpy(),
+            None if layer.bias is None else layer.bias.detach().cpu().double().numpy(),
+            s, t, kind, groups,
+        )
+        into = self.install(prod, layer, _with_params(layer, w, b))
+        bn_node.replace_all_uses_with(prod)
+        self.gm.graph.erase_node(bn_node)
+        self.ctx.report.fold(name, _join(self.prefix, into), "after", type(layer).__name__)
+        self.warn_scale(name, s)
+        return None
+
+    def try_before(self, bn_node: fx.Node, bn: _BatchNorm, name: str) -> str | None:
+        users = list(bn_node.users)
+        if len(users) != 1:
+            return f"BN output has {len(users)} consumers"
+        cons = users[0]
+        layer = self.module(cons)
+        if layer is None:
+            return "BN output does not feed a Conv/Linear module"
+        info = layer_kind(layer)
+        if isinstance(info, str):
+            return f"consumer '{cons.target}': {info}"
+        if cons.kwargs or tuple(cons.args) != (bn_node,):
+            return f"'{cons.target}' is called with extra arguments"
+        if isinstance(layer, _CONV_TS):
+            return f"BN before ConvTranspose '{cons.target}' is not exact at the borders"
+        if not isinstance(layer, nn.Linear) and not _zero_padding_free(layer):
+            return (f"BN before '{cons.target}' with zero padding is not exact "
+                    "(padded zeros are not normalized)")
+        problem = self.rank_problem(bn, info, layer)
+        if problem:
+            return problem
+        kind, groups, _ = info
+        s, t = bn_affine(bn)
+        n_in = fold_math.in_channels(layer.weight.shape, kind, groups)
+        if n_in != len(s):
+            return f"'{cons.target}' has {n_in} input channels, BN has {len(s)}"
+        w, b = fold_math.fold_before(
+            layer.weight.detach().cpu().double().numpy(),
+            None if layer.bias is None else layer.bias.detach().cpu().double().numpy(),
+            s, t, kind, groups,
+        )
+        into = self.install(cons, layer, _with_params(layer, w, b))
+        bn_node.replace_all_uses_with(bn_node.args[0])
+        self.gm.graph.erase_node(bn_node)
+        self.ctx.report.fold(name, _join(self.prefix, into), "before", type(layer).__name__)
+        self.warn_scale(name, s)
+        return None
+
+    def warn_scale(self, name: str, s) -> None:
+        if fold_math.max_abs_scale(s) > HUGE_SCALE:
+            self.ctx.report.warnings.append(
+                f"{name}: BN scale up to {fold_math.max_abs_scale(s):.3g} (tiny running_var); "
+                "folded weights may quantize badly"
+            )
+
+    def run(self) -> None:
+        for node in list(self.gm.graph.nodes):
+            bn = self.module(node)
+            if not isinstance(bn, _BatchNorm):
+                continue
+            name = _join(self.prefix, node.target)
+            reason = bn_unfoldable(bn)
+            if reason is None and (node.kwargs or len(node.args) != 1):
+                reason = "BN is called with extra arguments"
+            if reason is None:
+                after = self.try_after(node, bn, name)
+                if after is None:
+                    continue
+                before = self.try_before(node, bn, name)
+                if before is None:
+                    continue
+                reason = f"not after a foldable layer ({after}); not before one ({before})"
+            self.ctx.report.skip(name, reason)
+
+
+def _fold_tree(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
+    try:
+        gm = _trace(module)
+    except Exception as e:  # noqa: BLE001 - any tracing failure just means "leave this module alone"
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        for name, m in module.named_modules():
+            if isinstance(m, _BatchNorm):
+                ctx.report.skip(_join(prefix, name), f"'{prefix or type(module).__name__}' is not "
+                                f"FX-traceable ({type(e).__name__}: {msg})")
+        return module
+    _GraphFolder(gm, prefix, ctx).run()
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        sub = gm.get_submodule(node.target)
+        if _is_user_module(sub):
+            if id(sub) not in ctx.done:
+                ctx.done[id(sub)] = _fold_tree(sub, _join(prefix, node.target), ctx)
+            _set_submodule(gm, node.target, ctx.done[id(sub)])
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _bn_input_ranks(model: nn.Module, example_inputs) -> dict:
+    ranks: dict = {}
+
+    def hook(mod, args):
+        if args and isinstance(args[0], torch.Tensor):
+            ranks.setdefault(id(mod), set()).add(args[0].dim())
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _BatchNorm)]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def fold_batchnorm(model: nn.Module, example_inputs=None):
+    """Return ``(folded_module, FoldReport)``; ``model`` itself is never modified.
+
+    ``example_inputs`` (a tuple) is optional; it lets Linear<->BatchNorm1d pairs fold by proving the
+    BN input is 2-D.  Raises FoldError if the model is in training mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise FoldError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_eval(model)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:
+        raise FoldError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    report = FoldReport(form="module")
+    ranks = _bn_input_ranks(work, example_inputs) if example_inputs is not None else {}
+    names = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
+    ctx = _Ctx(report, ranks, names)
+    bn_names = [n for n, m in work.named_modules() if isinstance(m, _BatchNorm)]
+    folded = _fold_tree(work, "", ctx)
+    seen = {f.bn for f in report.folded} | {s.bn for s in report.skipped}
+    for n in bn_names:
+        if n not in seen:
+            report.skip(n, "not called as a module in the traced forward (unused or used functionally)")
+    report.bn_before = len(bn_names)
+    report.bn_after = sum(isinstance(m, _BatchNorm) for m in folded.modules())
+    folded.eval()
+    return folded, report
