@@ -1,0 +1,717 @@
+"""tritonbn vs torch eager vs torch.compile, batch norm forward/backward, side by side in one process.
+
+    python -m benchmarks.bench --quick --out DIR          # GPU: the subset gpu_check.sh runs
+    python -m benchmarks.bench                            # GPU: every shape, dtype, layout and mode
+    python -m benchmarks.bench --smoke                    # CPU, Triton interpreter, tiny shapes, no timings
+
+Writes DIR/bench.json (raw rows + environment), DIR/bench.md (tables) and DIR/bench.png (speed-up and %
+of copy bandwidth per shape). The JSON and Markdown are rewritten after every shape, so a run that is
+stopped (time budget, SIGTERM from `timeout`) still leaves what it measured.
+
+Modes: train_fwd (module in train mode, x and the affine parameters require grad, as inside a network),
+bwd (autograd.grad of a precomputed graph w.r.t. x, weight, bias), fwd_bwd (forward + .backward(dy),
+grads reset to None between repetitions), eval_fwd (running statistics, no grad).
+Providers: tritonbn.BatchNormNd, torch.nn.BatchNormNd (cuDNN or ATen), torch.compile of the latter.
+Input dtypes bf16/fp16 run with fp32 parameters and running stats by default, as under autocast (AMP);
+`--param-dtype same` makes them the input dtype.
+See benchmarks/harness.py for the byte model behind GB/s and "% of copy bandwidth".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from . import harness as H
+from .shapes import FULL, QUICK, SMOKE, Case, select
+
+PROVIDERS = ("tritonbn", "eager", "compile")
+DTYPES = ("bf16", "fp16", "fp32")
+LAYOUTS = ("contiguous", "channels_last")
+# Max error normalised by max |reference| (fp64) above which a row is flagged -- and only when
+# tritonbn is also more than 2x worse than eager in the same dtype.
+TOL = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 1e-3}
+SHORT = {"contiguous": "contig", "channels_last": "cl", "train_fwd": "fwd", "eval_fwd": "eval"}
+
+
+class Stop(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so per-provider `except Exception` lets it pass."""
+
+
+def _sigterm(signum, frame):
+    raise Stop(f"signal {signum}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=H.__doc__,
+    )
+    p.add_argument("--quick", action="store_true", help="8 representative shapes, bf16+fp32, both layouts")
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes; timings meaningless"
+    )
+    p.add_argument(
+        "--out", type=Path, help="output dir (default benchmarks/results/<card>-<date>; smoke: a tmp dir)"
+    )
+    p.add_argument("--modes", default=",".join(H.MODES), help="comma list of " + ",".join(H.MODES))
+    p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16,fp32 (quick: bf16,fp32)")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of contiguous,channels_last")
+    p.add_argument("--shapes", default=None, help="comma list of shape names, groups, globs or substrings")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of " + ",".join(PROVIDERS))
+    p.add_argument(
+        "--param-dtype",
+        choices=("fp32", "same"),
+        default="fp32",
+        help="dtype of weight/bias/running stats for bf16/fp16 inputs (fp32 = AMP-style)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default inductor; smoke: aot_eager, which skips codegen)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds; stop starting new shapes past it and write what was measured",
+    )
+    p.add_argument("--warmup", type=int, default=None, help="do_bench warm-up ms (default 25, quick 10)")
+    p.add_argument("--rep", type=int, default=None, help="do_bench repetition ms (default 100, quick 40)")
+    p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer MiB (default 1024)")
+    p.add_argument("--no-png", action="store_true", help="skip the plot")
+    a = p.parse_args(argv)
+    for name, allowed in (("modes", H.MODES), ("layouts", LAYOUTS), ("providers", PROVIDERS)):
+        setattr(a, name, _csv(getattr(a, name), allowed, p, name))
+    default_dtypes = "fp32" if a.smoke else "bf16,fp32" if a.quick else ",".join(DTYPES)
+    a.dtypes = _csv(a.dtypes or default_dtypes, DTYPES, p, "dtypes")
+    a.warmup = a.warmup or (10 if a.quick else 25)
+    a.rep = a.rep or (40 if a.quick else 100)
+    a.copy_mib = a.copy_mib or (4 if a.smoke else 1024)
+    a.compile_backend = a.compile_backend or ("aot_eager" if a.smoke else "inductor")
+    return a
+
+
+def _csv(s, allowed, parser, name):
+    vals = [v.strip() for v in s.split(",") if v.strip()]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        parser.error(f"--{name}: {bad or s!r} not in {', '.join(allowed)}")
+    return vals
+
+
+def plan(args) -> list[tuple[Case, str, str]]:
+    """(case, dtype, layout) in run order: dtype, then layout outermost, so that a run cut short by the
+    time budget has covered every shape for the first dtype (bf16) rather than every dtype of a few."""
+    pool = SMOKE if args.smoke else (QUICK if args.quick else FULL)
+    cases = select(pool, args.shapes)
+    out = []
+    for dt in args.dtypes:
+        for lay in args.layouts:
+            for c in cases:
+                if lay == "channels_last" and not c.has_layouts:
+                    continue
+                out.append((c, dt, lay))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# tensors and modules
+
+
+def _torch_dtype(torch, name):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def make_input(torch, shape, dtype, layout, device, seed):
+    """randn*1.5+0.7 in `layout`; channels_last = channel dim innermost in memory, for any rank >= 3
+    (equals torch.channels_last / channels_last_3d for 4-D / 5-D)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    if layout == "channels_last" and len(shape) >= 3:
+        t = torch.randn((shape[0], *shape[2:], shape[1]), generator=g, device=device)
+        t = t.permute(0, len(shape) - 1, *range(1, len(shape) - 1))
+    else:
+        t = torch.randn(shape, generator=g, device=device)
+    return (t * 1.5 + 0.7).to(dtype)  # .to keeps the strides of a dense permuted tensor
+
+
+def bn_state(torch, nd, C, pdtype, device, seed):
+    """Non-trivial affine params and running stats, shared by every provider of a shape."""
+    m = getattr(torch.nn, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for t, lo, hi in (
+            (m.weight, 0.5, 1.5),
+            (m.bias, -0.5, 0.5),
+            (m.running_mean, -0.5, 0.5),
+            (m.running_var, 0.5, 2.0),
+        ):
+            t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def make_modules(torch, providers, tb, nd, C, pdtype, device, state, backend):
+    mods = {}
+    for p in providers:
+        if p == "tritonbn":
+            if isinstance(tb, Exception):
+                mods[p] = tb
+                continue
+            m = getattr(tb, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
+        else:
+            m = getattr(torch.nn, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
+        m.load_state_dict(state)
+        params = [m.weight, m.bias]
+        if p == "compile":
+            m = torch.compile(m, dynamic=False, backend=backend)
+        mods[p] = (m, params)
+    return mods
+
+
+# --------------------------------------------------------------------------------------------------
+# correctness: each provider vs an fp64 torch reference, once per (shape, dtype, layout)
+
+
+def _err(torch, a, ref) -> float:
+    a = a.detach().double()
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    denom = ref.detach().abs().max().item() or 1.0
+    return (a - ref.detach()).abs().max().item() / denom
+
+
+def _outputs(torch, F, m, params, x_base, dy, ref_state=None):
+    """train forward + grads + updated running stats + eval forward with them."""
+    x = x_base.detach().clone().requires_grad_(True)
+    if ref_state is not None:  # fp64 functional reference
+        w, b = (
+            params[0].detach().double().requires_grad_(True),
+            params[1].detach().double().requires_grad_(True),
+        )
+        rm, rv = ref_state["running_mean"].double().clone(), ref_state["running_var"].double().clone()
+        x = x_base.detach().double().requires_grad_(True)
+        y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+        dx, dw, db = torch.autograd.grad(y, [x, w, b], dy.double())
+        with torch.no_grad():
+            ye = F.batch_norm(x_base.double(), rm, rv, w, b, False, 0.1, 1e-5)
+        return dict(y=y, dx=dx, dw=dw, db=db, rm=rm, rv=rv, y_eval=ye)
+    m.train()
+    y = m(x)
+    dx, dw, db = torch.autograd.grad(y, [x, *params], dy)
+    mod = getattr(m, "_orig_mod", m)
+    m.eval()
+    with torch.no_grad():
+        ye = m(x_base)
+    return dict(
+        y=y,
+        dx=dx,
+        dw=dw,
+        db=db,
+        rm=mod.running_mean,
+        rv=mod.running_var,
+        y_eval=ye,
+        same_strides=y.stride() == x_base.stride(),
+    )
+
+
+def mode_errors(torch, out, ref) -> dict:
+    e = {k: _err(torch, out[k], ref[k]) for k in ("y", "dx", "dw", "db", "rm", "rv", "y_eval")}
+    fwd = max(e["y"], e["rm"], e["rv"])
+    bwd = max(e["dx"], e["dw"], e["db"])
+    return {
+        "train_fwd": fwd,
+        "bwd": bwd,
+        "fwd_bwd": max(fwd, bwd),
+        "eval_fwd": e["y_eval"],
+        "parts": e,
+        "same_strides": out["same_strides"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def time_mode(torch, m, params, mode, x_base, dy, timer):
+    if mode == "eval_fwd":
+        m.eval()
+
+        def fn():
+            with torch.no_grad():
+                m(x_base)
+
+        return timer(fn)
+    m.train()
+    x = x_base.detach().requires_grad_(True)
+    leaves = [x, *params]
+    if mode == "train_fwd":
+        return timer(lambda: m(x))  # the graph it records is dropped at once, as after a real backward
+    if mode == "fwd_bwd":
+        return timer(lambda: m(x).backward(dy), grad_to_none=leaves)
+    y = m(x)
+    return timer(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# reporting
+
+
+def summarize(rows, providers) -> dict:
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["dtype"], r["layout"]), []).append(r)
+        groups.setdefault((r["mode"], "all", "all"), []).append(r)
+    out = []
+    for (mode, dt, lay), rs in groups.items():
+        out.append(
+            {
+                "mode": mode,
+                "dtype": dt,
+                "layout": lay,
+                "rows": len(rs),
+                "geomean_speedup_vs_eager": H.geomean(r["speedup_vs_eager"] for r in rs),
+                "geomean_speedup_vs_compile": H.geomean(r["speedup_vs_compile"] for r in rs),
+                "geomean_frac_copy_bw": {
+                    p: H.geomean(r["providers"].get(p, {}).get("frac_copy_bw") for r in rs) for p in providers
+                },
+            }
+        )
+    order = {m: i for i, m in enumerate(H.MODES)}
+    out.sort(key=lambda s: (order[s["mode"]], s["dtype"] == "all", s["dtype"], s["layout"]))
+    # Whole-network BN time: sum over ResNet-50's 53 layers, only where every one of its shapes was timed.
+    rn = []
+    for grp in sorted({r["group"] for r in rows if r["group"].startswith("rn50")}):
+        for (mode, dt, lay), rs in groups.items():
+            if dt == "all":
+                continue
+            sel = [r for r in rs if r["group"] == grp]
+            if sum(r["count"] for r in sel) != 53:
+                continue
+            tot = {}
+            for p in providers:
+                ms = [r["providers"].get(p, {}).get("ms") for r in sel]
+                tot[p] = (
+                    sum(r["count"] * t for r, t in zip(sel, ms)) if all(t is not None for t in ms) else None
+                )
+            rn.append({"group": grp, "mode": mode, "dtype": dt, "layout": lay, "total_ms": tot})
+    return {"groups": out, "resnet50_totals": rn}
+
+
+def _us(ms):
+    return H.fmt(None if ms is None else ms * 1e3, ".1f")
+
+
+def _x(v):
+    return H.fmt(v, ".2f") + "×" if v is not None else "—"
+
+
+def _pct(v):
+    return H.fmt(None if v is None else 100 * v, ".0f") + "%" if v is not None else "—"
+
+
+def markdown(doc) -> str:
+    env, meta, rows, summ = doc["env"], doc["meta"], doc["rows"], doc["summary"]
+    provs = meta["providers"]
+    L = ["# tritonbn batch-norm benchmark", ""]
+    status = "complete" if meta["complete"] else f"PARTIAL ({meta.get('stopped_reason')})"
+    L.append(f"Status: **{status}**, {len(rows)} of {meta['rows_planned']} rows, {meta['elapsed_s']:.0f} s.")
+    if not meta["timing_meaningful"]:
+        L.append("**Smoke run (CPU, Triton interpreter): timings are NOT meaningful; only the harness ran.**")
+    L += ["", "| environment | |", "|---|---|"]
+    for k in (
+        "gpu",
+        "driver",
+        "torch",
+        "torch_cuda",
+        "cudnn",
+        "triton",
+        "tritonbn",
+        "git_commit",
+        "python",
+        "time_utc",
+    ):
+        if env.get(k) is not None:
+            L.append(f"| {k} | {env[k]} |")
+    cb = meta["copy_bandwidth"]
+    L += [
+        "",
+        f"Copy bandwidth (same run): **{cb['gbs']:.0f} GB/s** — `dst.copy_(src)` of "
+        f"{cb['bytes'] / 2 / 2**20:.0f} MiB, read + write counted.",
+        f"Timing: triton `do_bench` median, warm-up {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms, "
+        f"L2 flushed between reps: {meta['l2_flush']}; parameters: {meta['param_dtype']}; "
+        f"torch.compile backend: {meta['compile_backend']}, dynamic=False.",
+        "",
+        "Byte model (E = numel × itemsize of x): "
+        + "; ".join(f"{m} {t}" for m, t in H.BYTE_MODEL_TEXT.items())
+        + ". GB/s = model bytes / time; % copy = GB/s / copy bandwidth.",
+        "",
+        "## Summary (geometric means over shapes; speed-up = other time / tritonbn time)",
+        "",
+        "| mode | dtype | layout | rows | vs eager | vs compile | "
+        + " | ".join(f"{p} % copy" for p in provs)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(provs),
+    ]
+    for s in summ["groups"]:
+        L.append(
+            f"| {s['mode']} | {s['dtype']} | {s['layout']} | {s['rows']} | "
+            f"{_x(s['geomean_speedup_vs_eager'])} | {_x(s['geomean_speedup_vs_compile'])} | "
+            + " | ".join(_pct(s["geomean_frac_copy_bw"].get(p)) for p in provs)
+            + " |"
+        )
+    if summ["resnet50_totals"]:
+        L += [
+            "",
+            "## ResNet-50: sum over its 53 BN layers (ms)",
+            "",
+            "| group | mode | dtype | layout | " + " | ".join(provs) + " |",
+            "|---|---|---|---|" + "---|" * len(provs),
+        ]
+        for t in summ["resnet50_totals"]:
+            L.append(
+                f"| {t['group']} | {t['mode']} | {t['dtype']} | {t['layout']} | "
+                + " | ".join(H.fmt(t["total_ms"].get(p), ".3f") for p in provs)
+                + " |"
+            )
+    for mode in meta["modes"]:
+        rs = [r for r in rows if r["mode"] == mode]
+        if not rs:
+            continue
+        L += [
+            "",
+            f"## {mode} ({H.BYTE_MODEL_TEXT[mode]})",
+            "",
+            "| shape | dtype | layout | "
+            + " | ".join(f"{p} µs" for p in provs)
+            + " | tritonbn GB/s | % copy ("
+            + "/".join(provs)
+            + ") | vs eager | vs compile | err tritonbn | err eager |",
+            "|---|---|---|" + "---|" * len(provs) + "---|---|---|---|---|---|",
+        ]
+        for r in rs:
+            P = r["providers"]
+            L.append(
+                f"| {r['case']} | {r['dtype']} | {SHORT.get(r['layout'], r['layout'])} | "
+                + " | ".join(
+                    "ERR" if P.get(p, {}).get("error") else _us(P.get(p, {}).get("ms")) for p in provs
+                )
+                + f" | {H.fmt(P.get('tritonbn', {}).get('gbs'), '.0f')} | "
+                + "/".join(_pct(P.get(p, {}).get("frac_copy_bw")) for p in provs)
+                + f" | {_x(r['speedup_vs_eager'])} | {_x(r['speedup_vs_compile'])} | "
+                f"{H.fmt(r['err_tritonbn'], '.1e')}{' **FLAG**' if r['flagged'] else ''} | "
+                f"{H.fmt(r['err_eager'], '.1e')} |"
+            )
+    bad = [r for r in rows if r["flagged"] or any(v.get("error") for v in r["providers"].values())]
+    if bad:
+        L += ["", "## Errors and flagged rows", ""]
+        for r in bad:
+            errs = "; ".join(f"{p}: {v['error']}" for p, v in r["providers"].items() if v.get("error"))
+            flag = (
+                f"tritonbn err {r['err_tritonbn']:.2e} > tol {TOL[r['dtype']]:.0e}. " if r["flagged"] else ""
+            )
+            L.append(f"- {r['case']} {r['dtype']} {r['layout']} {r['mode']}: {flag}{errs}")
+    return "\n".join(L) + "\n"
+
+
+def plot_png(doc, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, provs = doc["rows"], doc["meta"]["providers"]
+    modes = [m for m in doc["meta"]["modes"] if any(r["mode"] == m for r in rows)]
+    if not modes:
+        return
+    n = max(sum(r["mode"] == m for r in rows) for m in modes)
+    fig, axes = plt.subplots(
+        len(modes), 2, figsize=(min(40, 4 + 0.22 * n) * 1.0 + 4, 3.2 * len(modes)), squeeze=False
+    )
+    colors = {"tritonbn": "tab:red", "eager": "tab:blue", "compile": "tab:green"}
+    for i, mode in enumerate(modes):
+        rs = [r for r in rows if r["mode"] == mode]
+        labels = [f"{r['case']}|{r['dtype']}|{SHORT.get(r['layout'], r['layout'])}" for r in rs]
+        xs = range(len(rs))
+        ax = axes[i][0]
+        for j, (key, lab, col) in enumerate(
+            (("speedup_vs_eager", "vs eager", "tab:blue"), ("speedup_vs_compile", "vs compile", "tab:green"))
+        ):
+            ax.bar([x + (j - 0.5) * 0.4 for x in xs], [r[key] or 0 for r in rs], 0.4, label=lab, color=col)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{mode}: tritonbn speed-up", fontsize=9)
+        ax = axes[i][1]
+        w = 0.8 / len(provs)
+        for j, p in enumerate(provs):
+            ax.bar(
+                [x + (j - (len(provs) - 1) / 2) * w for x in xs],
+                [100 * (r["providers"].get(p, {}).get("frac_copy_bw") or 0) for r in rs],
+                w,
+                label=p,
+                color=colors.get(p),
+            )
+        ax.axhline(100.0, color="k", lw=0.8)
+        ax.set_title(f"{mode}: % of copy bandwidth (byte model)", fontsize=9)
+        for ax in axes[i]:
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(labels if i == len(modes) - 1 else [""] * len(rs), rotation=90, fontsize=6)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.legend(fontsize=7)
+    gpu = doc["env"].get("gpu") or "CPU smoke (timings meaningless)"
+    fig.suptitle(f"tritonbn vs torch, {gpu}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_outputs(doc, out: Path, png: bool) -> None:
+    doc["summary"] = summarize(doc["rows"], doc["meta"]["providers"])
+    H.write_json_atomic(out / "bench.json", doc)
+    H.write_text_atomic(out / "bench.md", markdown(doc))
+    if png:
+        try:
+            plot_png(doc, out / "bench.png")
+        except Exception as e:  # a missing matplotlib must not cost the numbers
+            print(f"bench: plot failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _setup_dynamo(torch):
+    """dynamic=False compiles one graph per shape; lift the recompile caps (8 by default) that would
+    otherwise silently fall back to eager after a few shapes."""
+    cfg = torch._dynamo.config
+    # bwd mode replays one graph's backward (retain_graph=True), which AOTAutograd refuses when it
+    # donates saved buffers to the backward; donation saves memory, not time.
+    fcfg = getattr(torch._functorch, "config", None)
+    if fcfg is not None and hasattr(fcfg, "donated_buffer"):
+        fcfg.donated_buffer = False
+    for name in (
+        "recompile_limit",
+        "cache_size_limit",
+        "accumulated_recompile_limit",
+        "accumulated_cache_size_limit",
+    ):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 4096)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            print(
+                "bench: warning: triton already imported; TRITON_INTERPRET=1 comes too late", file=sys.stderr
+            )
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+    import torch
+    import torch.nn.functional as F
+
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench: no CUDA device; use --smoke for the CPU harness check", file=sys.stderr)
+        return 2
+    try:
+        import tritonbn as tb
+    except Exception as e:  # the other providers still run; every tritonbn cell records the error
+        tb = e
+        traceback.print_exc()
+    _setup_dynamo(torch)
+    env = H.env_info(device)
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if args.smoke else H.default_out_dir(env)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    timed = not args.smoke
+    if timed:
+        timer = lambda fn, grad_to_none=None: H.gpu_time_ms(fn, args.warmup, args.rep, grad_to_none)
+    else:
+        timer = lambda fn, grad_to_none=None: H.wall_time_ms(fn, 1, grad_to_none)
+    copy_bw = H.copy_bandwidth_gbs(device, args.copy_mib * 2**20, args.warmup, args.rep)
+    todo = plan(args)
+    meta = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "providers": args.providers,
+        "modes": args.modes,
+        "dtypes": args.dtypes,
+        "layouts": args.layouts,
+        "param_dtype": args.param_dtype,
+        "compile_backend": args.compile_backend,
+        "warmup_ms": args.warmup,
+        "rep_ms": args.rep,
+        "l2_flush": H.do_bench_flushes_l2() if timed else None,
+        "timing_meaningful": timed,
+        "copy_bandwidth": copy_bw,
+        "byte_model": H.BYTE_MODEL_TEXT,
+        "tolerances": TOL,
+        "time_budget_s": args.time_budget,
+        "rows_planned": len(todo) * len(args.modes),
+        "complete": False,
+        "stopped_reason": None,
+        "elapsed_s": 0.0,
+    }
+    doc = {"env": env, "meta": meta, "rows": [], "summary": {}}
+    print(
+        f"bench: {env.get('gpu') or 'CPU smoke'} | torch {env['torch']} | triton {env.get('triton')} | "
+        f"copy {copy_bw['gbs']:.0f} GB/s | {len(todo)} shapes x {len(args.modes)} modes -> {out}",
+        flush=True,
+    )
+    old = signal.signal(signal.SIGTERM, _sigterm)
+    durations: list[float] = []
+    n_err = n_flag = 0
+    try:
+        for i, (case, dt, lay) in enumerate(todo):
+            elapsed = time.monotonic() - t0
+            if args.time_budget and durations and elapsed + statistics.median(durations) > args.time_budget:
+                meta["stopped_reason"] = (
+                    f"time budget {args.time_budget:.0f}s reached after {i} of {len(todo)} shapes"
+                )
+                print(f"bench: {meta['stopped_reason']}", flush=True)
+                break
+            tc = time.monotonic()
+            rows = run_case(torch, F, tb, args, case, dt, lay, device, timer, copy_bw, i)
+            for r in rows:
+                n_err += sum(bool(v.get("error")) for v in r["providers"].values())
+                n_flag += r["flagged"]
+                print(
+                    progress(r, len(doc["rows"]) + 1, meta["rows_planned"], time.monotonic() - t0), flush=True
+                )
+                doc["rows"].append(r)
+            durations.append(time.monotonic() - tc)
+            meta["elapsed_s"] = time.monotonic() - t0
+            write_outputs(doc, out, png=False)
+        else:
+            meta["complete"] = True
+    except (Stop, KeyboardInterrupt) as e:
+        meta["stopped_reason"] = f"interrupted ({e or 'KeyboardInterrupt'})"
+        print(f"bench: {meta['stopped_reason']}", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        meta["elapsed_s"] = time.monotonic() - t0
+        meta["errors"], meta["flagged"] = n_err, n_flag
+        write_outputs(doc, out, png=not args.no_png)
+    print(summary_text(doc, out), flush=True)
+    return 1 if (n_err or n_flag) else 0
+
+
+def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, seed) -> list[dict]:
+    """All modes x providers of one (shape, dtype, layout); nothing here raises except Stop."""
+    dtype = _torch_dtype(torch, dt)
+    pdtype = torch.float32 if args.param_dtype == "fp32" else dtype
+    nd, C = case.ndim_bn, case.shape[1]
+    torch._dynamo.reset()  # per-shape graphs only: keeps guard lists (host overhead) short
+    x = make_input(torch, case.shape, dtype, lay, device, 1000 + seed)
+    dy = make_input(torch, case.shape, dtype, lay, device, 2000 + seed)
+    state = bn_state(torch, nd, C, pdtype, device, seed)
+    mods = make_modules(torch, args.providers, tb, nd, C, pdtype, device, state, args.compile_backend)
+    errs, errors = {}, {}
+    ref = _outputs(torch, F, None, [state["weight"], state["bias"]], x, dy, ref_state=state)
+    for p, mp in mods.items():
+        if isinstance(mp, Exception):
+            errors[p] = f"import tritonbn failed: {type(mp).__name__}: {mp}"
+            continue
+        try:  # also the first call: Triton / Inductor compilation happens here, outside the timings
+            errs[p] = mode_errors(torch, _outputs(torch, F, mp[0], mp[1], x, dy), ref)
+        except Exception as e:
+            errors[p] = _short(e)
+    del ref
+    rows = []
+    itemsize = x.element_size()
+    for mode in args.modes:
+        nbytes = H.model_bytes(mode, case.numel, itemsize)
+        prov = {}
+        for p in args.providers:
+            cell = {"err": errs.get(p, {}).get(mode), "error": errors.get(p)}
+            if p in errors:
+                prov[p] = cell
+                continue
+            try:
+                t = time_mode(torch, mods[p][0], mods[p][1], mode, x, dy, timer)
+                cell.update(t)
+                cell["gbs"] = nbytes / (t["ms"] * 1e-3) / 1e9
+                cell["frac_copy_bw"] = cell["gbs"] / copy_bw["gbs"]
+            except Exception as e:
+                cell["error"] = _short(e)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            prov[p] = cell
+        ms = {p: c.get("ms") for p, c in prov.items() if not c.get("error")}
+        t_tb = ms.get("tritonbn")
+        et, ee = prov.get("tritonbn", {}).get("err"), prov.get("eager", {}).get("err")
+        rows.append(
+            {
+                "case": case.name,
+                "group": case.group,
+                "count": case.count,
+                "shape": list(case.shape),
+                "dtype": dt,
+                "param_dtype": str(pdtype).replace("torch.", ""),
+                "layout": lay,
+                "mode": mode,
+                "numel": case.numel,
+                "bytes": nbytes,
+                "providers": prov,
+                "speedup_vs_eager": ms["eager"] / t_tb if t_tb and ms.get("eager") else None,
+                "speedup_vs_compile": ms["compile"] / t_tb if t_tb and ms.get("compile") else None,
+                "err_tritonbn": et,
+                "err_eager": ee,
+                "err_parts": {p: v["parts"] for p, v in errs.items()},
+                "y_strides_match_x": {p: v["same_strides"] for p, v in errs.items()},
+                "flagged": et is not None and et > TOL[dt] and et > 2 * (ee or 0.0),
+            }
+        )
+    del mods, x, dy
+    return rows
+
+
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+
+
+def progress(r, i, n, elapsed) -> str:
+    P = r["providers"]
+    times = " ".join(f"{p[:4]} {'ERR' if P[p].get('error') else _us(P[p].get('ms'))}" for p in P)
+    return (
+        f"[{i:4d}/{n} {elapsed:5.0f}s] {r['case']:<24} {r['dtype']} {SHORT.get(r['layout']):<6} "
+        f"{SHORT.get(r['mode'], r['mode']):<7} us: {times} | {_x(r['speedup_vs_eager'])} vs eager "
+        f"{_x(r['speedup_vs_compile'])} vs comp | {_pct(P.get('tritonbn', {}).get('frac_copy_bw'))} copy | "
+        f"err {H.fmt(r['err_tritonbn'], '.0e')}{' FLAG' if r['flagged'] else ''}"
+    )
+
+
+def summary_text(doc, out: Path) -> str:
+    meta, summ = doc["meta"], doc["summary"]
+    lines = [
+        f"bench: {'complete' if meta['complete'] else 'PARTIAL: ' + str(meta['stopped_reason'])}; "
+        f"{len(doc['rows'])}/{meta['rows_planned']} rows in {meta['elapsed_s']:.0f}s; "
+        f"{meta['errors']} provider errors; {meta['flagged']} flagged rows; "
+        f"copy bw {meta['copy_bandwidth']['gbs']:.0f} GB/s; "
+        f"timings {'GPU' if meta['timing_meaningful'] else 'MEANINGLESS (smoke)'}",
+        "geomean speed-up of tritonbn (mode dtype layout: vs eager, vs compile, tritonbn % copy):",
+    ]
+    for s in summ["groups"]:
+        lines.append(
+            f"  {s['mode']:<9} {s['dtype']:<4} {s['layout']:<13} n={s['rows']:<3} "
+            f"{_x(s['geomean_speedup_vs_eager']):>7} {_x(s['geomean_speedup_vs_compile']):>7} "
+            f"{_pct(s['geomean_frac_copy_bw'].get('tritonbn')):>5}"
+        )
+    lines.append(
+        f"bench: wrote {out}/bench.json, bench.md"
+        + ("" if not (out / "bench.png").exists() else ", bench.png")
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

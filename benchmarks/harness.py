@@ -1,0 +1,214 @@
+"""Measurement helpers shared by `bench` and `train_check`: byte model, timing, environment, summaries.
+
+Byte model (E = numel(x) * itemsize(x); per-channel vectors are ignored as negligible):
+
+    train_fwd  3E   reads x for the statistics, reads x again to normalize, writes y
+    eval_fwd   2E   reads x, writes y (running statistics are per-channel vectors)
+    bwd        5E   reads x and dy for the reductions (sum dy, sum dy*xhat), reads x and dy again for dx,
+                    writes dx
+    fwd_bwd    8E   train_fwd + bwd
+
+This is the traffic of the classic two-pass kernels (PyTorch native, cuDNN, Inductor, most Triton
+ports). A kernel that keeps x on chip between passes moves less and can exceed 100% of this model's
+"% of copy bandwidth"; the figure is then still a fair speed measure, just not a bound.
+
+GB/s = model bytes / median time; "% of copy" divides by the bandwidth of a large device-to-device
+`dst.copy_(src)` (bytes read + written) measured in the same process.
+
+Timing uses `triton.testing.do_bench`, which zeroes a 256 MB buffer before every timed repetition
+(triton >= 3.0, `clear_cache`), so no shape is served from L2 (50 MB on H100, 60 MB on H200); the
+input sets therefore are not rotated. do_bench times with CUDA events while the GPU is busy with that
+flush, so host-side launch overhead is hidden: the numbers are GPU time, not wall time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("train_fwd", "bwd", "fwd_bwd", "eval_fwd")
+BYTES_PER_ELEMENT_PASS = {"train_fwd": 3, "eval_fwd": 2, "bwd": 5, "fwd_bwd": 8}
+BYTE_MODEL_TEXT = {
+    "train_fwd": "3E: read x (statistics) + read x (normalize) + write y",
+    "eval_fwd": "2E: read x + write y",
+    "bwd": "5E: read x, dy (reductions) + read x, dy (dx) + write dx",
+    "fwd_bwd": "8E: train_fwd + bwd",
+}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def model_bytes(mode: str, numel: int, itemsize: int) -> int:
+    """Bytes the byte model charges one call of `mode` on a tensor of `numel` elements."""
+    return BYTES_PER_ELEMENT_PASS[mode] * numel * itemsize
+
+
+def geomean(values) -> float | None:
+    """Geometric mean of the positive finite values; None when there are none."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v)) and float(v) > 0]
+    if not vals:
+        return None
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+def do_bench_flushes_l2() -> bool:
+    """Whether this triton's do_bench clears L2 between repetitions (read from its source)."""
+    try:
+        from triton.testing import do_bench
+
+        src = inspect.getsource(do_bench)
+    except Exception:
+        return False
+    return "clear_cache" in src or "cache.zero_" in src
+
+
+def gpu_time_ms(fn, warmup_ms: int, rep_ms: int, grad_to_none=None) -> dict:
+    """Median (and 20th/80th percentile) of fn's GPU time via triton's do_bench, on triton 3.x.
+
+    `quantiles` exists on every 3.x do_bench and wins over `return_mode` where both exist.
+    """
+    from triton.testing import do_bench
+
+    params = inspect.signature(do_bench).parameters
+    kw = {"warmup": warmup_ms, "rep": rep_ms}
+    if grad_to_none is not None and "grad_to_none" in params:
+        kw["grad_to_none"] = grad_to_none
+    if "quantiles" in params:
+        r = do_bench(fn, quantiles=[0.5, 0.2, 0.8], **kw)
+        r = [float(v) for v in (r if isinstance(r, (list, tuple)) else [r, r, r])]
+        return {"ms": r[0], "p20_ms": r[1], "p80_ms": r[2]}
+    if "return_mode" in params:
+        kw["return_mode"] = "median"
+    ms = float(do_bench(fn, **kw))
+    return {"ms": ms, "p20_ms": None, "p80_ms": None}
+
+
+def wall_time_ms(fn, reps: int = 1, grad_to_none=None) -> dict:
+    """CPU smoke timing: exercises the code path only (no warm-up); the numbers mean nothing."""
+    ts = []
+    for _ in range(reps):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    return {"ms": ts[len(ts) // 2], "p20_ms": ts[0], "p80_ms": ts[-1]}
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int, warmup_ms: int = 25, rep_ms: int = 100) -> dict:
+    """Device-to-device copy bandwidth, counting bytes read + written, measured like the kernels are."""
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    fn = lambda: dst.copy_(src)
+    t = gpu_time_ms(fn, warmup_ms, rep_ms) if device == "cuda" else wall_time_ms(fn, reps=3)
+    moved = 2 * src.numel() * src.element_size()
+    return {"bytes": moved, "ms": t["ms"], "gbs": moved / (t["ms"] * 1e-3) / 1e9}
+
+
+# --------------------------------------------------------------------------------------------------
+# environment
+
+
+def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except Exception:
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """HEAD of the repo, else $GIT_COMMIT (copies of the tree without .git), else 'unknown'."""
+    sha = _run(["git", "rev-parse", "HEAD"])
+    if sha:
+        dirty = _run(["git", "status", "--porcelain", "--", "tritonbn", "benchmarks"])
+        return sha + ("-dirty" if dirty else "")
+    return os.environ.get("GIT_COMMIT") or "unknown"
+
+
+def env_info(device: str) -> dict:
+    import torch
+
+    info = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+        "device": device,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as e:  # the bench still reports eager numbers without triton
+        info["triton"] = f"unavailable: {e}"
+    try:
+        import tritonbn
+
+        info["tritonbn"] = getattr(tritonbn, "__version__", "unknown")
+    except Exception as e:
+        info["tritonbn"] = f"import failed: {type(e).__name__}: {e}"
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=p.name,
+            gpu_capability=f"{p.major}.{p.minor}",
+            gpu_sms=p.multi_processor_count,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            gpu_l2_mb=round(getattr(p, "L2_cache_size", 0) / 1e6, 1) or None,
+            cudnn=torch.backends.cudnn.version(),
+        )
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        info["driver"] = smi.splitlines()[0].strip() if smi else "unknown"
+    else:
+        info["gpu"] = None
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def card_slug(info: dict) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; CPU runs -> 'cpu'."""
+    name = (info.get("gpu") or "cpu").lower()
+    m = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name.replace("nvidia", ""))
+    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def default_out_dir(info: dict) -> Path:
+    return REPO / "benchmarks" / "results" / f"{card_slug(info)}-{time.strftime('%Y%m%d')}"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write then rename, so a run killed mid-write leaves the previous complete file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fmt(v, spec: str = ".3g", none: str = "—") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return none if v is None else str(v)
+    return format(v, spec)
