@@ -180,7 +180,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, 
     ``model`` is never modified.  Raises FoldError for a training-mode model, ExportError when the
     export or the checker fails and VerificationError (with ``.check``) when ONNX Runtime disagrees
     with PyTorch; in all these cases ``path`` is not written.  ``fold=False`` exports without any
-    folding (the exporter's own optimizer is turned off too), e.g. as a baseline.
+    folding of ours (the exporter's own optimizer still runs), e.g. as a baseline.
     """
     if not isinstance(model, nn.Module):
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -194,7 +194,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, 
     if fold:
         work, module_report = fold_batchnorm(work, args)
     work = plain_torch_bn(work).eval()
-    proto, exporter, notes = export_model_proto(work, args, dynamic_batch, opset, optimize=fold)
+    proto, exporter, notes = export_model_proto(work, args, dynamic_batch, opset)
     nodes_exported = len(proto.graph.node)
     onnx_report = None
     if fold:
