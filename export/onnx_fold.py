@@ -126,7 +126,9 @@ class _Folder:
 
     def add_const(self, base: str, arr64: np.ndarray, dtype) -> str:
         name = self.fresh(base)
-        self.new_inits.append(numpy_helper.from_array(np.asarray(arr64).astype(dtype), name))
+        arr = np.asarray(arr64).astype(dtype)
+        self.new_inits.append(numpy_helper.from_array(arr, name))
+        self.consts[name] = arr  # a later BN in a chain may fold into the same layer again
         return name
 
     def const(self, node, idx: int):
@@ -390,8 +392,8 @@ class _Folder:
             return f"input dtype {dtype} not supported"
         shape = (len(s),) + (1,) * (rank - 2)
         base = bn.name or bn.output[0]
-        s_name = self.add_const(base + "_scale", s.reshape(shape), dtype)
-        t_name = self.add_const(base + "_shift", t.reshape(shape), dtype)
+        s_name = self.add_const(base + "_eval_scale", s.reshape(shape), dtype)
+        t_name = self.add_const(base + "_eval_shift", t.reshape(shape), dtype)
         tmp = self.fresh(base + "_scaled")
         mul = helper.make_node("Mul", [bn.input[0], s_name], [tmp], name=self.fresh(base + "_mul"))
         add = helper.make_node("Add", [tmp, t_name], [bn.output[0]], name=self.fresh(base + "_add"))

@@ -116,6 +116,16 @@ def make_model(nodes, inits, inputs, outputs, opset: int = 17) -> onnx.ModelProt
     graph = helper.make_graph(nodes, "g", ins, outs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
+    return with_output_shapes(model)
+
+
+def with_output_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fill graph output shapes from shape inference (the checker wants them), then check."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for out in model.graph.output:
+        if not out.type.tensor_type.HasField("shape") and out.name in known:
+            out.type.CopyFrom(known[out.name].type)
     onnx.checker.check_model(model)
     return model
 
