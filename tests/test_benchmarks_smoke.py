@@ -1,0 +1,179 @@
+"""The benchmark harness must not rot between GPU runs: run its CPU smoke modes (Triton interpreter, tiny
+shapes) end to end and check what they write; unit-test the byte model, geomean and summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench, harness, shapes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_byte_model():
+    E = 1000 * 2  # numel * itemsize
+    assert harness.model_bytes("train_fwd", 1000, 2) == 3 * E
+    assert harness.model_bytes("eval_fwd", 1000, 2) == 2 * E
+    assert harness.model_bytes("bwd", 1000, 2) == 5 * E
+    assert harness.model_bytes("fwd_bwd", 1000, 2) == 8 * E
+    assert set(harness.BYTE_MODEL_TEXT) == set(harness.MODES) == set(harness.BYTES_PER_ELEMENT_PASS)
+
+
+def test_geomean():
+    assert harness.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert harness.geomean([2.0, None, 0.0, -1.0, math.inf, math.nan, 8.0]) == pytest.approx(4.0)
+    assert harness.geomean([]) is None
+    assert harness.geomean([None]) is None
+
+
+def test_shapes_and_plan():
+    rn = [c for c in shapes.FULL if c.group == "rn50_b32"]
+    assert sum(c.count for c in rn) == 53  # every BN layer of ResNet-50
+    assert {c.shape[1:] for c in rn} >= {(64, 112, 112), (2048, 7, 7)}
+    assert len(shapes.QUICK) == 8
+    assert {c.ndim_bn for c in shapes.QUICK} == {1, 2, 3}
+    assert any(len(c.shape) == 2 for c in shapes.QUICK) and any(len(c.shape) == 3 for c in shapes.QUICK)
+    assert all(c.numel <= 5000 for c in shapes.SMOKE)
+    assert [c.name for c in shapes.select(shapes.FULL, "rn50_b128_2048*,bn3d")] == [
+        "rn50_b128_2048x7x7",
+        "bn3d_b8_64x16x56x56",
+        "bn3d_b8_256x8x28x28",
+    ]
+    args = bench.parse_args(["--quick"])
+    assert args.dtypes == ["bf16", "fp32"] and args.modes == list(harness.MODES)
+    todo = bench.plan(args)
+    # (N, C) has no channels-last variant; bf16 rows come first so a time-budget cut keeps whole dtypes
+    assert len(todo) == 2 * (2 * len(shapes.QUICK) - 1)
+    assert [t[1] for t in todo[: len(todo) // 2]] == ["bf16"] * (len(todo) // 2)
+    assert bench.parse_args(["--smoke"]).dtypes == ["fp32"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "nope"])
+
+
+def _row(case, mode, t_tb, t_eager, t_comp, count=1, group="g"):
+    prov = {
+        p: {"ms": t, "frac_copy_bw": 0.5, "error": None}
+        for p, t in (("tritonbn", t_tb), ("eager", t_eager), ("compile", t_comp))
+    }
+    return {
+        "case": case,
+        "group": group,
+        "count": count,
+        "shape": [2, 3],
+        "dtype": "bf16",
+        "layout": "contiguous",
+        "mode": mode,
+        "providers": prov,
+        "speedup_vs_eager": t_eager / t_tb,
+        "speedup_vs_compile": t_comp / t_tb,
+        "err_tritonbn": 1e-3,
+        "err_eager": 1e-3,
+        "flagged": False,
+    }
+
+
+def test_summary_and_markdown():
+    rows = [_row("a", "bwd", 1.0, 2.0, 1.0), _row("b", "bwd", 1.0, 8.0, 4.0)]
+    s = bench.summarize(rows, list(bench.PROVIDERS))
+    g = next(x for x in s["groups"] if x["dtype"] == "bf16")
+    assert g["geomean_speedup_vs_eager"] == pytest.approx(4.0)
+    assert g["geomean_speedup_vs_compile"] == pytest.approx(2.0)
+    assert s["resnet50_totals"] == []  # incomplete network: no total
+    meta = {
+        "providers": list(bench.PROVIDERS),
+        "modes": list(harness.MODES),
+        "complete": False,
+        "stopped_reason": "time budget",
+        "rows_planned": 4,
+        "elapsed_s": 1.0,
+        "timing_meaningful": True,
+        "copy_bandwidth": {"gbs": 3000.0, "bytes": 2 * 2**30},
+        "warmup_ms": 10,
+        "rep_ms": 40,
+        "l2_flush": True,
+        "param_dtype": "fp32",
+        "compile_backend": "inductor",
+    }
+    md = bench.markdown({"env": {"torch": "x"}, "meta": meta, "rows": rows, "summary": s})
+    assert "PARTIAL (time budget)" in md and "4.00×" in md and "## bwd" in md
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """bench --smoke and train_check --smoke, concurrently (each is mostly single-threaded interpreter)."""
+    out = tmp_path_factory.mktemp("bench_smoke")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("bench", "train_check")
+    }
+    res = {}
+    for name, p in procs.items():
+        try:
+            log, _ = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            log, _ = p.communicate()
+        res[name] = (p.returncode, log)
+    return out, res
+
+
+@pytest.mark.slow
+def test_bench_smoke(smoke_run):
+    out, res = smoke_run
+    rc, log = res["bench"]
+    assert rc == 0, log[-4000:]
+    doc = json.loads((out / "bench.json").read_text())
+    assert set(doc) >= {"env", "meta", "rows", "summary"}
+    assert set(doc["env"]) >= {"torch", "triton", "tritonbn", "git_commit", "gpu", "python"}
+    meta = doc["meta"]
+    assert meta["complete"] and not meta["timing_meaningful"] and meta["errors"] == 0 and meta["flagged"] == 0
+    assert len(doc["rows"]) == meta["rows_planned"] == len(bench.plan(bench.parse_args(["--smoke"]))) * 4
+    for r in doc["rows"]:
+        assert set(r["providers"]) == set(bench.PROVIDERS)
+        for p, cell in r["providers"].items():
+            assert cell["error"] is None, (r["case"], r["mode"], p, cell["error"])
+            assert cell["ms"] > 0 and cell["gbs"] > 0 and cell["err"] < 1e-4, (r["case"], r["mode"], p, cell)
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0
+    assert {(r["mode"]) for r in doc["rows"]} == set(harness.MODES)
+    assert {r["layout"] for r in doc["rows"]} == {"contiguous", "channels_last"}
+    assert {len(r["shape"]) for r in doc["rows"]} == {2, 3, 4, 5}
+    md = (out / "bench.md").read_text()
+    assert "## Summary" in md and "NOT meaningful" in md and "Byte model" in md
+    png = out / "bench.png"
+    assert png.exists() and 0 < png.stat().st_size < 400_000
+
+
+@pytest.mark.slow
+def test_train_check_smoke(smoke_run):
+    out, res = smoke_run
+    rc, log = res["train_check"]
+    assert rc == 0, log[-4000:]
+    doc = json.loads((out / "train.json").read_text())
+    assert doc["ok"] and doc["configs"]
+    for c in doc["configs"]:
+        assert c["error"] is None and c["tracks"]
+        assert c["converted_layers"] == c["bn_layers"] > 0
+        assert len(c["losses"]["torch"]) == len(c["losses"]["tritonbn"]) == doc["meta"]["steps"]
+        assert c["max_abs_loss_diff"] < 1e-3
+    assert "Loss curve" in (out / "train.md").read_text()
+
+
+def test_gpu_check_script_parses():
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", str(script)], check=True)
