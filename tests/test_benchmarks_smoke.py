@@ -177,3 +177,24 @@ def test_gpu_check_script_parses():
     script = REPO / "benchmarks" / "gpu_check.sh"
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_gpu_time_ms_across_do_bench_signatures(monkeypatch):
+    """The median must come out right whichever do_bench signature the installed triton has."""
+    triton_testing = pytest.importorskip("triton.testing")
+    seen = {}
+
+    def v3(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        seen.update(warmup=warmup, rep=rep, grad_to_none=grad_to_none)
+        return [2.0, 1.0, 3.0] if quantiles else 9.0
+
+    def old_tuple(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, fast_flush=True):
+        return (2.0, 1.0, 3.0) if quantiles else 9.0
+
+    def median_only(fn, warmup=25, rep=100, return_mode="mean"):
+        return 2.0 if return_mode == "median" else 9.0
+
+    for fake in (v3, old_tuple, median_only):
+        monkeypatch.setattr(triton_testing, "do_bench", fake)
+        assert harness.gpu_time_ms(lambda: None, 7, 11, grad_to_none=["g"])["ms"] == 2.0, fake.__name__
+    assert seen == {"warmup": 7, "rep": 11, "grad_to_none": ["g"]}
