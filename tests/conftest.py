@@ -1,0 +1,27 @@
+"""Test configuration: without a CUDA device, run the Triton kernels through Triton's interpreter.
+
+TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, so it is set here, before any test
+module imports tritonbn's kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the kernels under test run: the GPU when there is one, else the CPU interpreter."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: see README)")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)

@@ -1,0 +1,99 @@
+"""The float64 reference every test compares to: batch norm written from its formulas.
+
+μ, σ² (biased) over N and all spatial positions per channel; x̂ = (x − μ)/√(σ² + ε); y = γx̂ + β;
+running ← (1 − f)·running + f·batch with the unbiased variance; and
+dx = γ·invstd/m · (m·dy − Σdy − x̂·Σ(dy·x̂)), dγ = Σ(dy·x̂), dβ = Σdy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class RefForward:
+    y: torch.Tensor
+    mean: torch.Tensor        # statistics used to normalize (batch or running)
+    invstd: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+
+
+def _channel_shape(x):
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _reduce_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps) -> RefForward:
+    """``factor`` is the running-average factor (momentum, or 1/num_batches_tracked)."""
+    x = x.double()
+    shape = _channel_shape(x)
+    rm = running_mean.double().clone() if running_mean is not None else None
+    rv = running_var.double().clone() if running_var is not None else None
+    if training:
+        dims = _reduce_dims(x)
+        m = x.numel() // x.shape[1]
+        mean = x.mean(dims)
+        var = ((x - mean.view(shape)) ** 2).mean(dims)
+        if rm is not None:
+            rm = (1 - factor) * rm + factor * mean
+            rv = (1 - factor) * rv + factor * var * m / (m - 1)
+    else:
+        mean, var = rm, rv
+    invstd = 1.0 / torch.sqrt(var + eps)
+    y = (x - mean.view(shape)) * invstd.view(shape)
+    if weight is not None:
+        y = y * weight.double().view(shape)
+    if bias is not None:
+        y = y + bias.double().view(shape)
+    return RefForward(y, mean, invstd, rm, rv)
+
+
+def bn_backward(dy, x, weight, mean, invstd, training):
+    """(dx, dγ, dβ) in float64 from the formulas; ``mean``/``invstd`` as returned by ``bn_forward``."""
+    x, dy = x.double(), dy.double()
+    shape = _channel_shape(x)
+    dims = _reduce_dims(x)
+    xhat = (x - mean.view(shape)) * invstd.view(shape)
+    gamma = weight.double() if weight is not None else torch.ones_like(mean)
+    sum_dy = dy.sum(dims)
+    sum_dy_xhat = (dy * xhat).sum(dims)
+    if training:
+        m = x.numel() // x.shape[1]
+        dx = (gamma * invstd / m).view(shape) * (
+            m * dy - sum_dy.view(shape) - xhat * sum_dy_xhat.view(shape))
+    else:
+        dx = dy * (gamma * invstd).view(shape)
+    return dx, sum_dy_xhat, sum_dy
+
+
+# --- test inputs and error metric shared by the test modules ---------------------------------------
+
+def make_input(shape, layout, dtype=torch.float32, device="cpu", scale=3.0, shift=2.0):
+    n, c = shape[:2]
+    if layout == "transposed":
+        x = torch.randn(c, n, dtype=torch.float64).t()
+    elif layout == "noncontiguous":
+        x = torch.randn(*shape[:-1], shape[-1] * 2, dtype=torch.float64)[..., ::2]
+    elif layout == "permuted":
+        x = torch.randn(n, c, shape[3], shape[2], dtype=torch.float64).transpose(2, 3)
+    else:
+        x = torch.randn(shape, dtype=torch.float64)
+    # Per-channel offsets so a wrong channel mapping cannot pass.
+    x = x * scale + shift + torch.arange(c, dtype=torch.float64).view((1, c) + (1,) * (len(shape) - 2))
+    x = x.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    assert tuple(x.shape) == shape
+    return x
+
+
+def rel_err(actual, expected):
+    expected = expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double().cpu() - expected.cpu()).abs().max() / scale).item()

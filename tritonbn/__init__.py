@@ -1,0 +1,11 @@
+"""tritonbn: batch normalization for PyTorch on Triton kernels.
+
+Layers: kernels (``tritonbn.kernels``, ``_bn_*_kernel``) → launchers and autograd (``tritonbn.ops``) →
+``batch_norm`` (``tritonbn.functional``) → ``BatchNorm1d/2d/3d`` (``tritonbn.modules``).
+"""
+
+from tritonbn.functional import batch_norm, uses_triton
+from tritonbn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_model", "uses_triton"]
+__version__ = "0.1.0"
