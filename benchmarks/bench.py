@@ -445,10 +445,15 @@ def plot_png(doc, path: Path) -> None:
         labels = [f"{r['case']}|{r['dtype']}|{SHORT.get(r['layout'], r['layout'])}" for r in rs]
         xs = range(len(rs))
         ax = axes[i][0]
-        for j, (key, lab, col) in enumerate(
-            (("speedup_vs_eager", "vs eager", "tab:blue"), ("speedup_vs_compile", "vs compile", "tab:green"))
+        # markers on a log axis: speed-ups of 0.5x and 2x look equally far from 1
+        for key, lab, col, mk in (
+            ("speedup_vs_eager", "vs eager", "tab:blue", "o"),
+            ("speedup_vs_compile", "vs compile", "tab:green", "s"),
         ):
-            ax.bar([x + (j - 0.5) * 0.4 for x in xs], [r[key] or 0 for r in rs], 0.4, label=lab, color=col)
+            ys = [r[key] if r[key] else float("nan") for r in rs]
+            ax.plot(list(xs), ys, mk, color=col, label=lab, ms=4)
+        if any(r["speedup_vs_eager"] or r["speedup_vs_compile"] for r in rs):
+            ax.set_yscale("log")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_title(f"{mode}: tritonbn speed-up", fontsize=9)
         ax = axes[i][1]

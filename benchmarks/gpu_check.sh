@@ -24,6 +24,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the interpreter would silently turn every GPU number into a CPU one
 
 exec > >(tee -a "$out/gpu_check.log") 2>&1
+tee_pid=$!
 t_all=$SECONDS
 declare -a names=() codes=() secs=()
 step() {  # step NAME CMD...: run, record status and duration, never abort
@@ -128,4 +129,6 @@ for i in "${!names[@]}"; do
 done
 echo "files in $out: $(cd "$out" && ls | tr '\n' ' ')"
 echo "gpu_check: $([ $fail -eq 0 ] && echo PASSED || echo FAILED)"
+exec >&- 2>&-
+wait "$tee_pid" 2>/dev/null  # let tee finish gpu_check.log before the caller collects OUTDIR
 exit $fail
