@@ -347,7 +347,7 @@ def markdown(doc) -> str:
     cb = meta["copy_bandwidth"]
     L += [
         "",
-        f"Copy bandwidth (same run): **{cb['gbs']:.0f} GB/s** — `dst.copy_(src)` of "
+        f"Copy bandwidth (same run): **{H.fmt(cb['gbs'], '.0f')} GB/s** — `dst.copy_(src)` of "
         f"{cb['bytes'] / 2 / 2**20:.0f} MiB, read + write counted.",
         f"Timing: triton `do_bench` median, warm-up {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms, "
         f"L2 flushed between reps: {meta['l2_flush']}; parameters: {meta['param_dtype']}; "
@@ -545,7 +545,10 @@ def main(argv=None) -> int:
         timer = lambda fn, grad_to_none=None: H.gpu_time_ms(fn, args.warmup, args.rep, grad_to_none)
     else:
         timer = lambda fn, grad_to_none=None: H.wall_time_ms(fn, 1, grad_to_none)
-    copy_bw = H.copy_bandwidth_gbs(device, args.copy_mib * 2**20, args.warmup, args.rep)
+    try:
+        copy_bw = H.copy_bandwidth_gbs(device, args.copy_mib * 2**20, args.warmup, args.rep)
+    except Exception as e:  # the kernel timings are still worth having without the % column
+        copy_bw = {"bytes": 2 * args.copy_mib * 2**20, "ms": None, "gbs": None, "error": _short(e)}
     todo = plan(args)
     meta = {
         "argv": sys.argv[1:] if argv is None else list(argv),
@@ -571,7 +574,7 @@ def main(argv=None) -> int:
     doc = {"env": env, "meta": meta, "rows": [], "summary": {}}
     print(
         f"bench: {env.get('gpu') or 'CPU smoke'} | torch {env['torch']} | triton {env.get('triton')} | "
-        f"copy {copy_bw['gbs']:.0f} GB/s | {len(todo)} shapes x {len(args.modes)} modes -> {out}",
+        f"copy {H.fmt(copy_bw['gbs'], '.0f')} GB/s | {len(todo)} shapes x {len(args.modes)} modes -> {out}",
         flush=True,
     )
     old = signal.signal(signal.SIGTERM, _sigterm)
@@ -587,7 +590,13 @@ def main(argv=None) -> int:
                 print(f"bench: {meta['stopped_reason']}", flush=True)
                 break
             tc = time.monotonic()
-            rows = run_case(torch, F, tb, args, case, dt, lay, device, timer, copy_bw, i)
+            try:
+                rows = run_case(torch, F, tb, args, case, dt, lay, device, timer, copy_bw, i)
+            except Exception as e:  # setup failed (e.g. out of memory): record it, go on with the next shape
+                traceback.print_exc()
+                rows = [failed_row(case, dt, lay, m, args.providers, _short(e)) for m in args.modes]
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             for r in rows:
                 n_err += sum(bool(v.get("error")) for v in r["providers"].values())
                 n_flag += r["flagged"]
@@ -633,6 +642,11 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
         except Exception as e:
             errors[p] = _short(e)
     del ref
+    # tritonbn falls back to torch's batch norm where it cannot run Triton (CPU without the interpreter):
+    # such a row would compare torch with torch, so say which one ran.
+    uses_triton = (
+        None if isinstance(tb, Exception) or not hasattr(tb, "uses_triton") else bool(tb.uses_triton(x))
+    )
     rows = []
     itemsize = x.element_size()
     for mode in args.modes:
@@ -647,7 +661,7 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
                 t = time_mode(torch, mods[p][0], mods[p][1], mode, x, dy, timer)
                 cell.update(t)
                 cell["gbs"] = nbytes / (t["ms"] * 1e-3) / 1e9
-                cell["frac_copy_bw"] = cell["gbs"] / copy_bw["gbs"]
+                cell["frac_copy_bw"] = cell["gbs"] / copy_bw["gbs"] if copy_bw["gbs"] else None
             except Exception as e:
                 cell["error"] = _short(e)
                 if device == "cuda":
@@ -671,6 +685,7 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
                 "providers": prov,
                 "speedup_vs_eager": ms["eager"] / t_tb if t_tb and ms.get("eager") else None,
                 "speedup_vs_compile": ms["compile"] / t_tb if t_tb and ms.get("compile") else None,
+                "tritonbn_uses_triton": uses_triton,
                 "err_tritonbn": et,
                 "err_eager": ee,
                 "err_parts": {p: v["parts"] for p, v in errs.items()},
@@ -680,6 +695,30 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
         )
     del mods, x, dy
     return rows
+
+
+def failed_row(case: Case, dt, lay, mode, providers, error) -> dict:
+    return {
+        "case": case.name,
+        "group": case.group,
+        "count": case.count,
+        "shape": list(case.shape),
+        "dtype": dt,
+        "param_dtype": None,
+        "layout": lay,
+        "mode": mode,
+        "numel": case.numel,
+        "bytes": None,
+        "providers": {p: {"error": error} for p in providers},
+        "speedup_vs_eager": None,
+        "speedup_vs_compile": None,
+        "tritonbn_uses_triton": None,
+        "err_tritonbn": None,
+        "err_eager": None,
+        "err_parts": {},
+        "y_strides_match_x": {},
+        "flagged": False,
+    }
 
 
 def _short(e: Exception) -> str:
@@ -703,7 +742,7 @@ def summary_text(doc, out: Path) -> str:
         f"bench: {'complete' if meta['complete'] else 'PARTIAL: ' + str(meta['stopped_reason'])}; "
         f"{len(doc['rows'])}/{meta['rows_planned']} rows in {meta['elapsed_s']:.0f}s; "
         f"{meta['errors']} provider errors; {meta['flagged']} flagged rows; "
-        f"copy bw {meta['copy_bandwidth']['gbs']:.0f} GB/s; "
+        f"copy bw {H.fmt(meta['copy_bandwidth']['gbs'], '.0f')} GB/s; "
         f"timings {'GPU' if meta['timing_meaningful'] else 'MEANINGLESS (smoke)'}",
         "geomean speed-up of tritonbn (mode dtype layout: vs eager, vs compile, tritonbn % copy):",
     ]

@@ -167,21 +167,28 @@ def env_info(device: str) -> dict:
     except Exception as e:
         info["tritonbn"] = f"import failed: {type(e).__name__}: {e}"
     if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info.update(
-            gpu=p.name,
-            gpu_capability=f"{p.major}.{p.minor}",
-            gpu_sms=p.multi_processor_count,
-            gpu_memory_gib=round(p.total_memory / 2**30, 1),
-            gpu_l2_mb=round(getattr(p, "L2_cache_size", 0) / 1e6, 1) or None,
-            cudnn=torch.backends.cudnn.version(),
-        )
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        info["driver"] = smi.splitlines()[0].strip() if smi else "unknown"
+        try:
+            _cuda_info(torch, info)
+        except Exception as e:
+            info["gpu"] = f"unknown ({type(e).__name__}: {e})"
     else:
         info["gpu"] = None
         info["cpu"] = platform.processor() or platform.machine()
     return info
+
+
+def _cuda_info(torch, info: dict) -> None:
+    p = torch.cuda.get_device_properties(0)
+    info.update(
+        gpu=p.name,
+        gpu_capability=f"{p.major}.{p.minor}",
+        gpu_sms=p.multi_processor_count,
+        gpu_memory_gib=round(p.total_memory / 2**30, 1),
+        gpu_l2_mb=round(getattr(p, "L2_cache_size", 0) / 1e6, 1) or None,
+        cudnn=torch.backends.cudnn.version(),
+    )
+    smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    info["driver"] = smi.splitlines()[0].strip() if smi else "unknown"
 
 
 def card_slug(info: dict) -> str:

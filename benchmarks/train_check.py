@@ -140,6 +140,7 @@ def run_config(torch, tb, name, cfg, args, device) -> dict:
         )
         for _ in range(4)
     ]
+    res["tritonbn_uses_triton"] = bool(tb.uses_triton(data[0][0])) if hasattr(tb, "uses_triton") else None
     amp_dtype = {"bf16": torch.bfloat16, None: None}[cfg["amp"]]
     losses = {k: [] for k in models}
     times = {k: [] for k in models}

@@ -82,6 +82,10 @@ def _row(case, mode, t_tb, t_eager, t_comp, count=1, group="g"):
 def test_summary_and_markdown():
     rows = [_row("a", "bwd", 1.0, 2.0, 1.0), _row("b", "bwd", 1.0, 8.0, 4.0)]
     s = bench.summarize(rows, list(bench.PROVIDERS))
+    # a shape whose set-up failed is recorded, rendered, and left out of the means
+    failed = bench.failed_row(shapes.SMOKE[0], "bf16", "contiguous", "bwd", bench.PROVIDERS, "OOM: boom")
+    g_failed = bench.summarize([*rows, failed], list(bench.PROVIDERS))["groups"][0]
+    assert g_failed["rows"] == 3 and g_failed["geomean_speedup_vs_eager"] == pytest.approx(4.0)
     g = next(x for x in s["groups"] if x["dtype"] == "bf16")
     assert g["geomean_speedup_vs_eager"] == pytest.approx(4.0)
     assert g["geomean_speedup_vs_compile"] == pytest.approx(2.0)
@@ -101,8 +105,8 @@ def test_summary_and_markdown():
         "param_dtype": "fp32",
         "compile_backend": "inductor",
     }
-    md = bench.markdown({"env": {"torch": "x"}, "meta": meta, "rows": rows, "summary": s})
-    assert "PARTIAL (time budget)" in md and "4.00×" in md and "## bwd" in md
+    md = bench.markdown({"env": {"torch": "x"}, "meta": meta, "rows": [*rows, failed], "summary": s})
+    assert "PARTIAL (time budget)" in md and "4.00×" in md and "## bwd" in md and "OOM: boom" in md
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +153,7 @@ def test_bench_smoke(smoke_run):
             assert cell["error"] is None, (r["case"], r["mode"], p, cell["error"])
             assert cell["ms"] > 0 and cell["gbs"] > 0 and cell["err"] < 1e-4, (r["case"], r["mode"], p, cell)
         assert r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0
+        assert r["tritonbn_uses_triton"] is True  # the interpreter ran tritonbn's kernels, not a fallback
     assert {(r["mode"]) for r in doc["rows"]} == set(harness.MODES)
     assert {r["layout"] for r in doc["rows"]} == {"contiguous", "channels_last"}
     assert {len(r["shape"]) for r in doc["rows"]} == {2, 3, 4, 5}
@@ -168,6 +173,7 @@ def test_train_check_smoke(smoke_run):
     for c in doc["configs"]:
         assert c["error"] is None and c["tracks"]
         assert c["converted_layers"] == c["bn_layers"] > 0
+        assert c["tritonbn_uses_triton"] is True
         assert len(c["losses"]["torch"]) == len(c["losses"]["tritonbn"]) == doc["meta"]["steps"]
         assert c["max_abs_loss_diff"] < 1e-3
     assert "Loss curve" in (out / "train.md").read_text()
