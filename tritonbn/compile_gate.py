@@ -101,6 +101,9 @@ def _specialize(kernel, args, constexprs):
             consts[name] = constexprs[name]
             continue
         value = positional[name]
+        if p.annotation_type:   # annotated scalars (fp64 momentum/eps) are typed, never specialized
+            signature[name] = p.annotation_type
+            continue
         ty, attr = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize, True)
         signature[name] = ty
         if ty == "constexpr":

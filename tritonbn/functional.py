@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from tritonbn import custom_ops
 from tritonbn.ops import BatchNormFunction
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,6 +76,9 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     """Checked entry point shared by ``batch_norm`` and the modules. ``momentum=None`` with
     ``num_batches_tracked`` uses the cumulative average 1/num_batches_tracked, read on the device."""
     check_inputs(input, running_mean, running_var, weight, bias, training)
+    if custom_ops.graph_capture():  # torch.compile / export / tracing: custom ops or aten (custom_ops.py)
+        return custom_ops.dispatch(input, running_mean, running_var, _param(weight), _param(bias), training,
+                                   momentum, eps, num_batches_tracked)
     return BatchNormFunction.apply(input, _param(weight), _param(bias), running_mean, running_var,
                                    num_batches_tracked, training, momentum, eps)
 

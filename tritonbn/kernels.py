@@ -33,10 +33,11 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 @triton.jit
 def _invstd(var, eps):
     """1/√(var+ε), correctly rounded (the default fp32 sqrt and division are approximate)."""
+    var = var + tl.full(var.shape, eps, var.dtype)
     if var.dtype == tl.float64:
-        return 1.0 / tl.sqrt(var + eps)
+        return 1.0 / tl.sqrt(var)
     else:
-        return tl.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var + eps))
+        return tl.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var))
 
 
 @triton.jit
@@ -94,7 +95,7 @@ def _bn_stats_kernel(
 def _bn_stats_finalize_kernel(
     x_ptr, mean_part_ptr, m2_part_ptr, count_part_ptr,
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
-    C, num_splits, momentum, eps, stride_xc,
+    C, num_splits, momentum: tl.float64, eps: tl.float64, stride_xc,
     HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -128,15 +129,17 @@ def _bn_stats_finalize_kernel(
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
     tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
     if HAS_RUNNING:
+        # Scalars arrive as fp64 (annotated) so fp64 running stats get the exact momentum.
         if CUMULATIVE:
             factor = 1.0 / tl.load(num_batches_ptr).to(ACC_DTYPE)
         else:
-            factor = momentum
+            factor = tl.full([BLOCK_C], momentum, ACC_DTYPE)
         unbiased = m2 / tl.maximum(count - 1.0, 1.0)
         rm = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
         rv = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-        rm = factor * mean + (1.0 - factor) * rm
-        rv = factor * unbiased + (1.0 - factor) * rv
+        keep = 1.0 - factor
+        rm = factor * mean + keep * rm
+        rv = factor * unbiased + keep * rv
         tl.store(running_mean_ptr + offs_c, rm.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
         tl.store(running_var_ptr + offs_c, rv.to(running_var_ptr.dtype.element_ty), mask=mask_c)
 
@@ -144,7 +147,7 @@ def _bn_stats_finalize_kernel(
 @triton.jit
 def _bn_forward_kernel(
     x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
-    C, S, num_sblocks, num_cblocks, eps,
+    C, S, num_sblocks, num_cblocks, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,

@@ -1,0 +1,98 @@
+"""GPU tests: real Triton kernels on realistic shapes against cuDNN/ATen and the float64 reference.
+
+Marked ``cuda``: skipped on CPU-only machines; run with ``python -m pytest -m cuda`` on a GPU machine.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import bn_backward, bn_forward, make_input, rel_err
+
+import tritonbn
+
+pytestmark = pytest.mark.cuda
+
+SHAPES = [(32, 64, 56, 56), (8, 256, 14, 14), (16, 2048, 7, 7), (4, 8, 128, 128), (64, 96, 7, 7),
+          (512, 257), (16, 33, 100), (2, 13, 4, 16, 16)]
+
+
+def layouts(shape):
+    return ["contiguous", "channels_last"] if len(shape) >= 4 else ["contiguous"]
+
+
+CASES = [(s, lay) for s in SHAPES for lay in layouts(s)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_cuda_training_matches_reference_and_torch(shape, layout, dtype):
+    torch.manual_seed(0)
+    c = shape[1]
+    x = make_input(shape, layout, dtype=dtype, device="cuda").requires_grad_(True)
+    w = (torch.rand(c, device="cuda") + 0.5).requires_grad_(True)
+    b = torch.randn(c, device="cuda").requires_grad_(True)
+    rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    expect = bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5)
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True)
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True)
+    assert y.stride() == x.stride()
+    ulp = torch.finfo(dtype).eps
+    assert rel_err(y, expect.y) <= 2 * rel_err(y_t, expect.y) + ulp
+    assert rel_err(rm, expect.running_mean) < 1e-5 and rel_err(rv, expect.running_var) < 1e-5
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    grads_t = torch.autograd.grad(y_t, (x, w, b), dy)
+    for got, got_t, want in zip(grads, grads_t, bn_backward(dy, x, w, expect.mean, expect.invstd, True)):
+        assert rel_err(got, want) <= 2 * rel_err(got_t, want) + 4 * ulp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", CASES[::2])
+def test_cuda_eval_matches_torch(shape, layout, dtype):
+    c = shape[1]
+    m_t = torch.nn.BatchNorm2d(c).cuda() if len(shape) == 4 else None
+    x = make_input(shape, layout, dtype=dtype, device="cuda")
+    rm, rv = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.5
+    w, b = torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=False)
+    expect = bn_forward(x, rm, rv, w, b, False, 0.1, 1e-5)
+    assert rel_err(y, expect.y) <= 2 * torch.finfo(dtype).eps
+    del m_t
+
+
+def test_cuda_offsets_past_2_31_elements():
+    """2**31 + extra elements in bf16 (4 GiB): int32 offsets would wrap and corrupt the last channels."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:
+        pytest.skip("needs ~20 GiB of free GPU memory")
+    n, c, h, w = 2, 4, 16384, 16400   # 2 * 4 * 268,697,600 = 2.15e9 elements > 2**31
+    x = torch.empty((n, c, h, w), device="cuda", dtype=torch.bfloat16)
+    for i in range(c):
+        x[:, i].normal_(mean=float(i * 10), std=1.0 + i)
+    y, mean, invstd = tritonbn.ops.bn_forward_train(x, None, None, None, None, None, 0.1, 1e-5)
+    want_mean = torch.tensor([x[:, i].float().mean().item() for i in range(c)])
+    want_std = torch.tensor([x[:, i].float().std(unbiased=False).item() for i in range(c)])
+    torch.testing.assert_close(mean.cpu(), want_mean, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close((1 / invstd).cpu(), want_std, rtol=1e-4, atol=1e-4)
+    tail = y[-1, -1, -4:, :]   # last elements: written, and normalized with the last channel's stats
+    torch.testing.assert_close(tail.float(), ((x[-1, -1, -4:, :].float() - mean[-1]) * invstd[-1]),
+                               rtol=2e-2, atol=2e-2)
+    del x, y
+    torch.cuda.empty_cache()
+
+
+def test_cuda_module_trains_like_torch_channels_last():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 8, 3), torch.nn.BatchNorm2d(8, momentum=None)).cuda()
+    ours = tritonbn.convert_model(__import__("copy").deepcopy(net))
+    x = torch.randn(8, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    for _ in range(3):
+        for m in (net, ours):
+            m.zero_grad()
+            m(x).square().mean().backward()
+    for (k, a), (_, b_) in zip(ours.state_dict().items(), net.state_dict().items()):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5, msg=k)
+    for a, b_ in zip(ours.parameters(), net.parameters()):
+        torch.testing.assert_close(a.grad, b_.grad, rtol=1e-3, atol=1e-4)

@@ -1,0 +1,201 @@
+"""tritonbn.BatchNorm1d/2d/3d and convert_model against torch's modules: state, semantics, errors."""
+
+import copy
+
+import pytest
+import reference as ref
+import torch
+from reference import make_input, rel_err
+from torch import nn
+
+import tritonbn
+
+MODULES = [
+    (nn.BatchNorm1d, tritonbn.BatchNorm1d, (6, 5)),
+    (nn.BatchNorm1d, tritonbn.BatchNorm1d, (3, 7, 4)),
+    (nn.BatchNorm2d, tritonbn.BatchNorm2d, (2, 3, 4, 5)),
+    (nn.BatchNorm3d, tritonbn.BatchNorm3d, (2, 3, 2, 3, 2)),
+]
+
+
+def pair(torch_cls, ours_cls, c, device, **kwargs):
+    torch.manual_seed(0)
+    theirs = torch_cls(c, **kwargs).to(device)
+    if theirs.affine:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.uniform_(-1, 1)
+    ours = ours_cls(c, **kwargs).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def assert_same_state(ours, theirs, rtol=1e-5, atol=1e-6):
+    sd_o, sd_t = ours.state_dict(), theirs.state_dict()
+    assert sd_o.keys() == sd_t.keys()
+    for k in sd_o:
+        if k == "num_batches_tracked":
+            assert torch.equal(sd_o[k].cpu(), sd_t[k].cpu()), k
+        else:
+            torch.testing.assert_close(sd_o[k].cpu(), sd_t[k].cpu(), rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("torch_cls,ours_cls,shape", MODULES)
+@pytest.mark.parametrize("kwargs", [
+    {}, {"affine": False}, {"track_running_stats": False}, {"momentum": None}, {"momentum": 0.3, "eps": 1e-3},
+])
+def test_module_matches_torch_over_steps_and_modes(torch_cls, ours_cls, shape, kwargs, device):
+    theirs, ours = pair(torch_cls, ours_cls, shape[1], device, **kwargs)
+    assert isinstance(ours, torch_cls)
+    for step in range(3):
+        x = make_input(shape, "contiguous", device=device, shift=step)
+        x_t = x.clone().requires_grad_(True)
+        x_o = x.clone().requires_grad_(True)
+        y_t, y_o = theirs(x_t), ours(x_o)
+        torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-5)
+        dy = torch.randn_like(y_t)
+        (y_t * dy).sum().backward()
+        (y_o * dy).sum().backward()
+        torch.testing.assert_close(x_o.grad, x_t.grad, rtol=1e-4, atol=1e-5)
+        if ours.affine:
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-5)
+        assert_same_state(ours, theirs)
+    for m in (ours, theirs):
+        m.eval()
+    x = make_input(shape, "contiguous", device=device)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert_same_state(ours, theirs)
+
+
+def test_momentum_none_is_cumulative_average(device):
+    """running stats = plain average of the batch statistics so far, against the float64 reference."""
+    m = tritonbn.BatchNorm2d(3, momentum=None).to(device)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for step in range(1, 4):
+        x = make_input((2, 3, 3, 3), "channels_last", device=device, shift=step)
+        m(x)
+        r = ref.bn_forward(x, rm, rv, None, None, True, 1.0 / step, 1e-5)
+        rm, rv = r.running_mean, r.running_var
+        assert rel_err(m.running_mean, rm) < 1e-6 and rel_err(m.running_var, rv) < 1e-6
+        assert m.num_batches_tracked.item() == step
+
+
+def test_state_dict_loads_both_ways():
+    theirs = nn.BatchNorm2d(5)
+    theirs.running_mean.uniform_()
+    theirs.num_batches_tracked.fill_(7)
+    ours = tritonbn.BatchNorm2d(5)
+    ours.load_state_dict(theirs.state_dict())
+    assert_same_state(ours, theirs, rtol=0, atol=0)
+    back = nn.BatchNorm2d(5)
+    back.load_state_dict(ours.state_dict())
+    assert_same_state(back, ours, rtol=0, atol=0)
+    assert repr(ours) == repr(theirs)
+
+
+def test_convert_model_keeps_parameters_buffers_and_flags():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4 * 6 * 6, momentum=None)),
+                          nn.SyncBatchNorm(2))
+    model[1].running_var.uniform_(1, 2)
+    model.eval().double()
+    model[3][1].train()
+    ids = {n: id(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    before = copy.deepcopy(model.state_dict())
+    out = tritonbn.convert_model(model)
+    assert out is model
+    assert type(model[1]) is tritonbn.BatchNorm2d and type(model[3][1]) is tritonbn.BatchNorm1d
+    assert type(model[4]) is nn.SyncBatchNorm     # subclasses are left alone
+    assert {n: id(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())} == ids
+    assert not model[1].training and model[3][1].training and model[3][1].momentum is None
+    assert model[1].weight.dtype == torch.float64
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k].to(v.dtype), rtol=0, atol=0)
+    single = tritonbn.convert_model(nn.BatchNorm3d(2))
+    assert type(single) is tritonbn.BatchNorm3d
+
+
+def test_small_convnet_trains_like_torch(device):
+    """Several SGD steps of a small convnet (both layouts): same losses, parameters and running stats."""
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 5, 3, stride=2, bias=False), nn.BatchNorm2d(5, momentum=None), nn.ReLU(),
+            nn.Flatten(), nn.Linear(5 * 3 * 3, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+
+    theirs = net().to(device).double()
+    ours = tritonbn.convert_model(copy.deepcopy(theirs))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (theirs, ours)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(4, 3, 8, 8, generator=gen, dtype=torch.float64).to(device)
+        if step % 2:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 3, (4,), generator=gen).to(device)
+        losses = []
+        for model, opt in zip((theirs, ours), opts):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-10, abs=1e-12)
+    assert_same_state(ours, theirs, rtol=1e-9, atol=1e-10)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-10)
+
+
+# --- errors: torch's exception types, clear messages, and no state change -------------------------------
+
+@pytest.mark.parametrize("build,x,exc,match", [
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 3, 4), ValueError, "expected 4D input"),
+    (lambda: tritonbn.BatchNorm1d(3), torch.randn(2, 3, 4, 4), ValueError, "expected 2D or 3D input"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 4, 3, 3), RuntimeError, "should contain 4 elements"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(1, 3, 1, 1), ValueError, "more than 1 value per channel"),
+    (lambda: tritonbn.BatchNorm1d(3), torch.randn(1, 3), ValueError, "more than 1 value per channel"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.ones(2, 3, 2, 2).long(), RuntimeError, "not supported"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 3, 2, 2).double(), RuntimeError, "dtype"),
+])
+def test_bad_input_raises_and_leaves_state_untouched(build, x, exc, match, device):
+    m = build().to(device)
+    m.running_mean.uniform_()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(exc, match=match):
+        m(x.to(device))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k       # num_batches_tracked included (torch bumps it first)
+
+
+def test_functional_errors(device):
+    x = torch.randn(4, 3, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match="must be defined in evaluation mode"):
+        tritonbn.batch_norm(x, None, None, training=False)
+    with pytest.raises(ValueError, match=r"shape \(N, C, \*\)"):
+        tritonbn.batch_norm(torch.randn(3, device=device), rm, rv, training=True)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
+        tritonbn.batch_norm(x, rm, rv, torch.ones(4, device=device), training=True)
+    with pytest.raises(RuntimeError, match="is on meta but input is on"):
+        tritonbn.batch_norm(x, rm.to("meta"), rv, training=True)
+    rm0 = rm.clone()
+    with pytest.raises(ValueError):
+        tritonbn.batch_norm(torch.randn(1, 3, device=device), rm, rv, training=True)
+    assert torch.equal(rm, rm0)
+
+
+def test_eval_mode_with_one_value_per_channel_is_fine(device):
+    m = tritonbn.BatchNorm2d(3).to(device).eval()
+    x = torch.randn(1, 3, 1, 1, device=device)
+    torch.testing.assert_close(m(x), nn.BatchNorm2d(3).to(device).eval()(x))
+
+
+def test_empty_batch_module_matches_torch(device):
+    theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 3, device)
+    x = torch.randn(0, 3, 2, 2, device=device)
+    assert ours(x).shape == theirs(x).shape
+    assert_same_state(ours, theirs, rtol=0, atol=0)
