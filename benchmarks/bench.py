@@ -86,8 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="seconds; stop starting new shapes past it and write what was measured",
     )
-    p.add_argument("--warmup", type=int, default=None, help="do_bench warm-up ms (default 25, quick 10)")
-    p.add_argument("--rep", type=int, default=None, help="do_bench repetition ms (default 100, quick 40)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="do_bench warm-up ms (default 25, quick 5; the correctness pass already warmed up)",
+    )
+    p.add_argument("--rep", type=int, default=None, help="do_bench repetition ms (default 100, quick 30)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer MiB (default 1024)")
     p.add_argument("--no-png", action="store_true", help="skip the plot")
     a = p.parse_args(argv)
@@ -95,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         setattr(a, name, _csv(getattr(a, name), allowed, p, name))
     default_dtypes = "fp32" if a.smoke else "bf16,fp32" if a.quick else ",".join(DTYPES)
     a.dtypes = _csv(a.dtypes or default_dtypes, DTYPES, p, "dtypes")
-    a.warmup = a.warmup or (10 if a.quick else 25)
-    a.rep = a.rep or (40 if a.quick else 100)
+    a.warmup = a.warmup or (5 if a.quick else 25)
+    a.rep = a.rep or (30 if a.quick else 100)
     a.copy_mib = a.copy_mib or (4 if a.smoke else 1024)
     a.compile_backend = a.compile_backend or ("aot_eager" if a.smoke else "inductor")
     return a

@@ -93,7 +93,7 @@ step env env_to_file
 run_tests() {
     local extra=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 60)  # per test, where the plugin exists
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m cuda -q -x -p no:cacheprovider "${extra[@]}" tests \
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m cuda -q -p no:cacheprovider "${extra[@]}" tests \
         >"$out/pytest_cuda.log" 2>&1
     local rc=$?
     tail -n 25 "$out/pytest_cuda.log"
