@@ -502,12 +502,8 @@ def write_outputs(doc, out: Path, png: bool) -> None:
 def _setup_dynamo(torch):
     """dynamic=False compiles one graph per shape; lift the recompile caps (8 by default) that would
     otherwise silently fall back to eager after a few shapes."""
-    cfg = torch._dynamo.config
-    # bwd mode replays one graph's backward (retain_graph=True), which AOTAutograd refuses when it
-    # donates saved buffers to the backward; donation saves memory, not time.
-    fcfg = getattr(torch._functorch, "config", None)
-    if fcfg is not None and hasattr(fcfg, "donated_buffer"):
-        fcfg.donated_buffer = False
+    import torch._dynamo.config as cfg
+
     for name in (
         "recompile_limit",
         "cache_size_limit",
@@ -516,6 +512,14 @@ def _setup_dynamo(torch):
     ):
         if hasattr(cfg, name):
             setattr(cfg, name, 4096)
+    # bwd mode replays one graph's backward (retain_graph=True), which AOTAutograd refuses when it
+    # donates saved buffers to the backward; donation saves memory, not time.
+    try:
+        import torch._functorch.config as fcfg
+    except ImportError:
+        return
+    if hasattr(fcfg, "donated_buffer"):
+        fcfg.donated_buffer = False
 
 
 def main(argv=None) -> int:
