@@ -1,0 +1,197 @@
+"""torch.compile (no graph break), torch.export and ONNX export of models with tritonbn layers.
+
+On CPU the custom ops run the kernels through Triton's interpreter (conftest sets TRITON_INTERPRET=1);
+shapes are tiny, and most compile tests use the ``aot_eager`` backend (one test uses inductor).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tritonbn
+from tritonbn import custom_ops, ops
+
+
+def _convnet(momentum=0.1, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+        nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5, momentum=momentum, affine=False), nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 3), nn.BatchNorm1d(3, momentum=momentum),
+    )
+    return tritonbn.convert_model(m)
+
+
+def _randomize_stats(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model
+
+
+@pytest.fixture
+def launch_counter(monkeypatch):
+    """Counts the launcher calls, to prove the compiled graph runs tritonbn's kernels."""
+    calls = {"train": 0, "eval": 0, "backward": 0}
+    names = (("bn_forward_train", "train"), ("bn_forward_eval", "eval"), ("bn_backward", "backward"))
+    for name, key in names:
+        fn = getattr(ops, name)
+
+        def wrapped(*args, _fn=fn, _key=key, **kwargs):
+            calls[_key] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, wrapped)
+    return calls
+
+
+def _train_steps_match(eager, compiled_model, compiled, steps, device, tol):
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        x = torch.randn(2, 3, 4, 4, device=device)
+        y_e, y_c = eager(x), compiled(x)
+        torch.testing.assert_close(y_c, y_e, **tol)
+        y_e.square().sum().backward()
+        y_c.square().sum().backward()
+    for (name, p_e), (_, p_c) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, msg=name, **tol)
+    for (name, b_e), (_, b_c) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+        torch.testing.assert_close(b_c, b_e, msg=name, **tol)
+    eager.eval()
+    compiled_model.eval()
+    x = torch.randn(2, 3, 4, 4, device=device)
+    torch.testing.assert_close(compiled(x), eager(x), **tol)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compile_fullgraph_aot_eager_matches_eager(momentum, device, launch_counter):
+    eager = _convnet(momentum).to(device)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    _train_steps_match(eager, model, compiled, 2, device, dict(rtol=0, atol=0))
+    # The compiled graph ran the custom ops (kernels), not torch's batch norm: 3 layers x 2 steps, twice
+    # (eager and compiled), plus the eval pass.
+    assert launch_counter["train"] == 12 and launch_counter["backward"] == 12
+    assert launch_counter["eval"] == 6
+    assert int(model[1].num_batches_tracked) == 2
+
+
+def test_compile_inductor_matches_eager(device):
+    eager = _convnet(None).to(device)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    _train_steps_match(eager, model, compiled, 2, device, dict(rtol=1e-4, atol=1e-4))
+
+
+def test_compile_functional_batch_norm_no_graph_break(device):
+    def f(x, rm, rv, w, b):
+        return tritonbn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.2, eps=1e-3).relu()
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, device=device).requires_grad_(True)
+    w = torch.rand(4, device=device).requires_grad_(True)
+    b = torch.randn(4, device=device).requires_grad_(True)
+    rm_e, rv_e = torch.zeros(4, device=device), torch.ones(4, device=device)
+    rm_c, rv_c = rm_e.clone(), rv_e.clone()
+    y_e = f(x, rm_e, rv_e, w, b)
+    y_c = torch.compile(f, fullgraph=True, backend="aot_eager")(x, rm_c, rv_c, w, b)
+    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
+    torch.testing.assert_close((rm_c, rv_c), (rm_e, rv_e), rtol=0, atol=0)
+    g_e = torch.autograd.grad(y_e.sum(), (x, w, b))
+    g_c = torch.autograd.grad(y_c.sum(), (x, w, b))
+    torch.testing.assert_close(g_c, g_e, rtol=0, atol=0)
+
+
+def test_compiled_training_is_bitwise_deterministic(device):
+    results = []
+    for _ in range(2):
+        model = _convnet(0.1).to(device)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(7)
+        x = torch.randn(2, 3, 4, 4, device=device)
+        y = compiled(x)
+        y.square().sum().backward()
+        results.append([y] + [p.grad for p in model.parameters()] + list(model.buffers()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_custom_ops_opcheck(training, device):
+    """Schema, fake (meta) implementations (shapes, dtypes, strides) and autograd registration."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.rand(3, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    if training:
+        nbt = torch.tensor(3, device=device)
+        args = (x, w, b, rm, rv, nbt, None, 1e-5)
+        torch.library.opcheck(torch.ops.tritonbn.bn_forward_train, args)
+        y, mean, invstd, _, _ = torch.ops.tritonbn.bn_forward_train(*args)
+    else:
+        torch.library.opcheck(torch.ops.tritonbn.bn_forward_eval, (x, w, b, rm, rv, 1e-5))
+        mean, invstd = rm, torch.rsqrt(rv + 1e-5)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.tritonbn.bn_backward,
+                          (dy, x.detach(), w.detach(), mean.detach(), invstd.detach(), training, True, True,
+                           True, torch.float32))
+
+
+def test_custom_ops_torch_fallback_matches_kernels(device, monkeypatch):
+    """Without Triton (CPU, no interpreter) the ops compute the same results with torch's math."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, device=device) * 2 + 1
+    w, b = torch.rand(4, device=device), torch.randn(4, device=device)
+    rm, rv, nbt = torch.zeros(4, device=device), torch.ones(4, device=device), torch.tensor(2)
+    dy = torch.randn_like(x)
+    outs = []
+    for triton in (True, False):
+        monkeypatch.setattr(custom_ops, "_uses_triton", lambda t, _v=triton: _v)
+        fwd = torch.ops.tritonbn.bn_forward_train(x, w, b, rm, rv, nbt.to(device), None, 1e-5)
+        bwd = torch.ops.tritonbn.bn_backward(dy, x, w, fwd[1], fwd[2], True, True, True, True, torch.float32)
+        ev = torch.ops.tritonbn.bn_forward_eval(x, w, b, fwd[3], fwd[4], 1e-5)
+        outs.append(fwd + bwd + (ev,))
+    for a, e in zip(*outs):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rm, torch.zeros(4, device=device))  # the ops are functional
+
+
+def _eval_model(device):
+    return _randomize_stats(_convnet(0.1)).to(device).eval()
+
+
+def test_torch_export_eval_model(device):
+    model = _eval_model(device)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("tritonbn" in t for t in targets)
+    assert any("batch_norm" in t for t in targets)
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_onnx_export_runs_in_onnxruntime(dynamo, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _eval_model("cpu")
+    x = torch.randn(2, 3, 4, 4)
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=dynamo)
+    graph = onnx.load(path).graph
+    op_types = {n.op_type for n in graph.node}
+    assert all(n.domain in ("", "ai.onnx") for n in graph.node), op_types
+    assert "BatchNormalization" in op_types or "Conv" in op_types
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
