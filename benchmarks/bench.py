@@ -354,8 +354,13 @@ def markdown(doc) -> str:
         "",
         f"Copy bandwidth (same run): **{H.fmt(cb['gbs'], '.0f')} GB/s** — `dst.copy_(src)` of "
         f"{cb['bytes'] / 2 / 2**20:.0f} MiB, read + write counted.",
-        f"Timing: triton `do_bench` median, warm-up {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms, "
-        f"L2 flushed between reps: {meta['l2_flush']}; parameters: {meta['param_dtype']}; "
+        (
+            f"Timing: triton `do_bench` median, warm-up {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms, "
+            f"L2 flushed between reps: {meta['l2_flush']}; "
+            if meta["timing_meaningful"]
+            else "Timing: one wall-clock call each (smoke); "
+        )
+        + f"parameters: {meta['param_dtype']}; "
         f"torch.compile backend: {meta['compile_backend']}, dynamic=False.",
         "",
         "Byte model (E = numel × itemsize of x): "
