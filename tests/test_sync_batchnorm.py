@@ -1,0 +1,120 @@
+"""tritonbn.SyncBatchNorm: 2 processes with gloo on CPU (kernels through the interpreter) must equal one
+process running batch norm over the concatenated batch (outputs, dx, dγ, dβ, running stats), with
+uneven per-rank batches, a rank whose batch is empty, and a rank with one value per channel.
+
+All cases run inside one spawn of 2 workers (process start-up dominates the cost).
+"""
+
+import os
+
+import pytest
+import reference as ref
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import tritonbn
+
+# (name, full shape, per-rank batch sizes, layout, momentum)
+CASES = [
+    ("uneven-nchw", (5, 3, 2, 3), (3, 2), "contiguous", 0.1),
+    ("uneven-channels-last", (5, 4, 3, 2), (1, 4), "channels_last", None),
+    ("empty-rank", (4, 3, 2, 2), (4, 0), "contiguous", 0.1),
+    ("2d-one-row", (3, 6), (2, 1), "contiguous", 0.3),
+]
+STEPS = 2
+
+
+def _case_data(shape, layout, step):
+    g = torch.Generator().manual_seed(1000 * step + shape[0])
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 5).float()
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, dy
+
+
+def _make_bn(shape, momentum):
+    c = shape[1]
+    bn = nn.BatchNorm2d(c, momentum=momentum) if len(shape) == 4 else nn.BatchNorm1d(c, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, c))
+        bn.bias.copy_(torch.linspace(-1.0, 1.0, c))
+    return bn
+
+
+def _worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results = {}
+        for name, shape, sizes, layout, momentum in CASES:
+            bn = tritonbn.convert_sync_batchnorm(_make_bn(shape, momentum))
+            assert isinstance(bn, tritonbn.SyncBatchNorm)
+            start = sum(sizes[:rank])
+            steps = []
+            for step in range(STEPS):
+                x, dy = _case_data(shape, layout, step)
+                x = x[start:start + sizes[rank]].clone().requires_grad_(True)
+                dy = dy[start:start + sizes[rank]]
+                bn.weight.grad = bn.bias.grad = None
+                y = bn(x)
+                y.backward(dy)
+                steps.append((y.detach(), x.grad, bn.weight.grad.clone(), bn.bias.grad.clone(),
+                              bn.running_mean.clone(), bn.running_var.clone()))
+            results[name] = (steps, int(bn.num_batches_tracked))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sync_results(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if torch.cuda.is_available():
+        pytest.skip("gloo test of the CPU path; GPU runs use NCCL (see README)")
+    tmp = tmp_path_factory.mktemp("syncbn")
+    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the spawned workers before they import triton
+    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_sync_batchnorm_matches_single_process(case, sync_results):
+    name, shape, sizes, layout, momentum = case
+    bn = _make_bn(shape, momentum).double()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    for step in range(STEPS):
+        x, dy = _case_data(shape, layout, step)
+        factor = momentum if momentum is not None else 1.0 / (step + 1)
+        expect = ref.bn_forward(x, rm, rv, bn.weight, bn.bias, True, factor, 1e-5)
+        e_dx, e_dw, e_db = ref.bn_backward(dy, x, bn.weight, expect.mean, expect.invstd, True)
+        rm, rv = expect.running_mean, expect.running_var
+        parts = [sync_results[r][name][0][step] for r in range(2)]
+        y = torch.cat([p[0] for p in parts])
+        dx = torch.cat([p[1] for p in parts])
+        assert ref.rel_err(y, expect.y) < 1e-5
+        assert ref.rel_err(dx, e_dx) < 1e-5
+        # dγ, dβ: each rank's local share; their sum (what DDP reduces) is the global gradient.
+        assert ref.rel_err(parts[0][2] + parts[1][2], e_dw) < 1e-5
+        assert ref.rel_err(parts[0][3] + parts[1][3], e_db) < 1e-5
+        for r in range(2):
+            assert ref.rel_err(parts[r][4], rm) < 1e-6
+            assert ref.rel_err(parts[r][5], rv) < 1e-6
+    assert all(sync_results[r][name][1] == STEPS for r in range(2))
+
+
+def test_sync_batchnorm_without_process_group_is_batchnorm(device):
+    """Single process (no process group) and eval mode: plain tritonbn batch norm."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).to(device)
+    sync = tritonbn.convert_sync_batchnorm(nn.Sequential(nn.Identity(), bn)).to(device)
+    assert isinstance(sync[1], tritonbn.SyncBatchNorm) and sync[1].weight is bn.weight
+    ref_bn = tritonbn.BatchNorm2d(3).to(device)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    torch.testing.assert_close(sync(x), ref_bn(x))
+    torch.testing.assert_close(sync[1].running_var, ref_bn.running_var)
+    sync.eval()
+    ref_bn.eval()
+    torch.testing.assert_close(sync(x), ref_bn(x))

@@ -1,0 +1,205 @@
+"""``tritonbn.SyncBatchNorm``: batch statistics synchronised over ``torch.distributed``.
+
+Forward: each rank computes its partial per-channel ``(count, mean, M2)`` with the Triton statistics
+kernel (shifted blockwise Welford, partials merged here in float64), one ``all_gather`` exchanges
+``3 × C`` float64 values per rank, and Chan's parallel merge (in rank order, so deterministic) gives the
+global mean and biased variance; running stats are updated with the global *unbiased* variance, with
+``momentum`` or the cumulative factor ``1/num_batches_tracked`` read on the device (no host sync, unlike
+torch's SyncBatchNorm). Uneven per-rank batches are weighted by their counts; an empty local batch
+contributes count 0.
+
+Backward: the local ``Σdy`` and ``Σdy·x̂`` (x̂ from the global statistics) are all-reduced once; dγ and
+dβ are the rank's local shares, as in ``torch.nn.SyncBatchNorm`` (DDP then reduces them); dx uses the
+global sums divided by the global count on the device, so nothing waits on the host.
+
+Outside a multi-process training context (eval mode, no process group, world size 1) the module behaves
+like ``tritonbn.BatchNorm*d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tritonbn import ops
+from tritonbn.functional import _param, check_inputs, uses_triton
+from tritonbn.modules import _TritonBatchNormMixin
+
+
+def local_stats(x: torch.Tensor, view: ops.View) -> torch.Tensor:
+    """Per-channel ``[count, mean, M2]`` (float64, shape ``[3, C]``) of the local batch ``x``."""
+    c = view.c
+    if x.numel() == 0:
+        return torch.zeros((3, c), dtype=torch.float64, device=x.device)
+    k = ops._kernels()
+    acc = ops._acc_dtype(x.dtype)
+    p = ops._reduce_plan(view, x.device)
+    parts = torch.empty((3, p.splits, c), dtype=acc, device=x.device)
+    ops._launch(
+        k._bn_stats_kernel, (p.num_cblocks, p.splits),
+        x, parts[0], parts[1], parts[2],
+        c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
+        BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=ops._tl_dtype(acc), num_warps=ops.TUNING.reduce_warps,
+    )
+    # The kernel writes (mean − K_c, M2, count) partials, shifted by K_c = x[0, c, 0].
+    shift = torch.as_strided(x, (c,), (view.stride_c,), x.storage_offset()).double()
+    return _merge(parts[[2, 0, 1]].double(), shift)
+
+
+def _merge(stats: torch.Tensor, shift=None) -> torch.Tensor:
+    """Chan's merge of ``[3, K, C]`` (count, mean, M2) summaries along K, in one fixed order."""
+    n_k, mean_k, m2_k = stats[0], stats[1], stats[2]
+    n = n_k.sum(0)
+    mean = (n_k * mean_k).sum(0) / n.clamp_min(1.0)
+    m2 = m2_k.sum(0) + (n_k * (mean_k - mean) ** 2).sum(0)
+    if shift is not None:
+        mean = mean + shift
+    return torch.stack((n, mean, m2))
+
+
+def _local_backward_sums(dy, x, view, mean, invstd) -> torch.Tensor:
+    """``[Σdy, Σdy·x̂]`` per channel (accumulation dtype) of the local batch."""
+    c = view.c
+    acc = ops._acc_dtype(x.dtype)
+    sums = torch.zeros((2, c), dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return sums
+    k = ops._kernels()
+    tl_acc = ops._tl_dtype(acc)
+    p = ops._reduce_plan(view, x.device)
+    parts = torch.empty((2, p.splits, c), dtype=acc, device=x.device)
+    ops._launch(
+        k._bn_backward_reduce_kernel, (p.num_cblocks, p.splits),
+        x, dy, mean, invstd, parts[0], parts[1],
+        c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
+        BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=tl_acc, num_warps=ops.TUNING.reduce_warps,
+    )
+    block_k, fblock_c = ops._finalize_blocks(c, p.splits)
+    ops._launch(
+        k._bn_backward_finalize_kernel, (ops._cdiv(c, fblock_c),),
+        parts[0], parts[1], sums[0], sums[1], sums, sums, c, p.splits,
+        HAS_DWEIGHT=False, HAS_DBIAS=False, BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=tl_acc, num_warps=4,
+    )
+    return sums
+
+
+def _backward_dx(dy, x, view, weight, mean, invstd, mean_dy, mean_dy_xhat) -> torch.Tensor:
+    """dx from the global means of dy and dy·x̂ (the kernel's count is 1: the sums are pre-divided)."""
+    k = ops._kernels()
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx
+    block_s, block_c = ops._tiles(view, ops.TUNING.elementwise_tile)
+    num_sblocks = ops._cdiv(view.s, block_s)
+    num_cblocks = ops._cdiv(view.c, block_c)
+    ops._launch(
+        k._bn_backward_dx_kernel, (view.n * num_sblocks * num_cblocks,),
+        x, dy, dx, mean, invstd, weight if weight is not None else invstd, mean_dy, mean_dy_xhat,
+        view.c, view.s, num_sblocks, num_cblocks, 1, *view.strides,
+        HAS_WEIGHT=weight is not None, TRAINING=True,
+        BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=ops._tl_dtype(ops._acc_dtype(x.dtype)),
+        num_warps=ops.TUNING.elementwise_warps,
+    )
+    return dx
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                process_group, world_size):
+        x, view = ops._prepare(x)
+        acc = ops._acc_dtype(x.dtype)
+        local = local_stats(x, view)
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=process_group)
+        n, mean64, m2 = _merge(torch.stack(gathered, dim=1))
+        var = m2 / n.clamp_min(1.0)
+        mean = mean64.to(acc)
+        invstd = torch.rsqrt(var + eps).to(acc)
+        if running_mean is not None:
+            if momentum is None:
+                factor = (1.0 / num_batches_tracked.double()) if num_batches_tracked is not None else 0.0
+            else:
+                factor = momentum
+            unbiased = m2 / (n - 1.0).clamp_min(1.0)
+            running_mean.copy_(running_mean.double() * (1.0 - factor) + factor * mean64)
+            running_var.copy_(running_var.double() * (1.0 - factor) + factor * unbiased)
+        if x.numel() > 0:
+            y = ops.bn_normalize(x, view, mean, invstd, weight, bias, eps, from_var=False)
+        else:
+            y = torch.empty_like(x)
+        ctx.save_for_backward(x, weight, mean, invstd, n.to(acc))
+        ctx.view = view
+        ctx.process_group = process_group
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd, n = ctx.saved_tensors
+        view = ctx.view
+        dy = ops._like(x, dy)
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        sums = _local_backward_sums(dy, x, view, mean, invstd)
+        dw = sums[1].to(weight.dtype) if need_dw and weight is not None else None
+        db = sums[0].to(ctx.bias_dtype) if need_db and ctx.bias_dtype is not None else None
+        dx = None
+        if need_dx:
+            sums = sums.clone()
+            dist.all_reduce(sums, group=ctx.process_group)
+            sums = sums / n.clamp_min(1.0)
+            dx = _backward_dx(dy, x, view, weight, mean, invstd, sums[0], sums[1])
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+class SyncBatchNorm(_TritonBatchNormMixin, nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on tritonbn kernels: same arguments, state and semantics (statistics
+    synchronised over ``process_group`` in training mode when more than one process takes part)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        world_size = 1
+        process_group = None
+        if self.training and dist.is_available() and dist.is_initialized():
+            process_group = self.process_group or dist.group.WORLD
+            world_size = dist.get_world_size(process_group)
+        if world_size <= 1 or not uses_triton(input):
+            # Local batch norm (eval, single process), or torch's own SyncBatchNorm off tritonbn devices.
+            return super().forward(input)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        weight, bias = _param(self.weight), _param(self.bias)
+        # Checked on an empty slice: one value per channel locally is fine (the global batch is larger).
+        check_inputs(input.narrow(0, 0, 0), running_mean, running_var, weight, bias, True)
+        num_batches = None
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            num_batches = self.num_batches_tracked
+        return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, num_batches,
+                                           self.momentum, self.eps, process_group, world_size)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every batch-norm layer (torch's or tritonbn's ``BatchNorm*d``, ``torch.nn.SyncBatchNorm``)
+    in ``module`` by ``tritonbn.SyncBatchNorm``, sharing its parameters and buffers, like
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. Returns the converted module."""
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats, process_group)
+        if module.affine:
+            with torch.no_grad():
+                out.weight = module.weight
+                out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out
