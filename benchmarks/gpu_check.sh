@@ -10,7 +10,9 @@
 # and this whole console output                                  -> OUTDIR/gpu_check.log
 # Eight files, no subfolders. Installs nothing; runs the tree in place (PYTHONPATH=repo). Every step runs
 # even if an earlier one failed; the exit status is non-zero if any step failed. Sized for < 7 minutes on
-# an H100; tune with BENCH_BUDGET (s, default 240), TEST_TIMEOUT (s, default 150), PYTHON.
+# an H100. Every step has a hard timeout and the steps share DEADLINE (s, default 540: under a 10-minute
+# remote-command limit even when every step runs into its cap). Tune with BENCH_BUDGET (s, default 240),
+# TEST_TIMEOUT (s, default 120), TRAIN_TIMEOUT (s, default 120), DEADLINE, PYTHON.
 set -u
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,13 +21,17 @@ mkdir -p "$out" && out="$(cd "$out" && pwd)" || { echo "gpu_check: cannot create
 cd "$repo" || exit 2
 PY="${PYTHON:-python3}"
 BENCH_BUDGET="${BENCH_BUDGET:-240}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
+TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-120}"
+DEADLINE="${DEADLINE:-540}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the interpreter would silently turn every GPU number into a CPU one
 
 exec > >(tee -a "$out/gpu_check.log") 2>&1
 tee_pid=$!
 t_all=$SECONDS
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+left() { echo $((DEADLINE - (SECONDS - t_all))); }  # seconds until the whole-script deadline
 declare -a names=() codes=() secs=()
 step() {  # step NAME CMD...: run, record status and duration, never abort
     local name="$1" t0=$SECONDS rc
@@ -93,11 +99,14 @@ step env env_to_file
 run_tests() {
     local extra=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 60)  # per test, where the plugin exists
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m cuda -q -p no:cacheprovider "${extra[@]}" tests \
+    local cap
+    cap=$(min "$TEST_TIMEOUT" $(($(left) - TRAIN_TIMEOUT - 120)))  # leave the bench at least 2 minutes
+    [ "$cap" -lt 30 ] && cap=30
+    timeout -k 10 "$cap" "$PY" -m pytest -m cuda -q -p no:cacheprovider "${extra[@]}" tests \
         >"$out/pytest_cuda.log" 2>&1
     local rc=$?
     tail -n 25 "$out/pytest_cuda.log"
-    [ "$rc" -eq 124 ] && echo "pytest: killed after ${TEST_TIMEOUT}s"
+    [ "$rc" -eq 124 ] && echo "pytest: killed after ${cap}s"
     [ "$rc" -eq 5 ] && { echo "pytest: no CUDA-marked tests collected"; return 0; }
     return "$rc"
 }
@@ -106,11 +115,12 @@ step cuda_tests run_tests
 # --- 3. benchmark ---------------------------------------------------------------------------------------
 # bench stops starting new shapes at BENCH_BUDGET and writes what it has; the hard timeout is a backstop
 # (SIGTERM also makes it write its files before exiting).
-step bench timeout -k 20 "$((BENCH_BUDGET + 90))" "$PY" -m benchmarks.bench --quick --out "$out" \
-    --time-budget "$BENCH_BUDGET"
+budget=$(min "$BENCH_BUDGET" $(($(left) - TRAIN_TIMEOUT - 60)))
+[ "$budget" -lt 60 ] && budget=60
+step bench timeout -k 15 "$((budget + 40))" "$PY" -m benchmarks.bench --quick --out "$out" --time-budget "$budget"
 
 # --- 4. training check ----------------------------------------------------------------------------------
-step train_check timeout -k 10 180 "$PY" -m benchmarks.train_check --out "$out"
+step train_check timeout -k 10 "$(min "$TRAIN_TIMEOUT" $(($(left) - 10)))" "$PY" -m benchmarks.train_check --out "$out"
 
 # --- summary (last in the log, where a truncated console still shows it) -----------------------------
 echo
