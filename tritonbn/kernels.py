@@ -42,7 +42,7 @@ def _invstd(var, eps):
 
 @triton.jit
 def _bn_stats_kernel(
-    x_ptr, mean_part_ptr, m2_part_ptr, count_part_ptr,
+    x_ptr, part_ptr,
     C, S, num_sblocks, blocks_per_split, total_blocks,
     stride_xn, stride_xc, stride_xs,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -53,7 +53,7 @@ def _bn_stats_kernel(
     (mean += δ/n, M2 += δ·(x − mean_new)); the lanes are then merged along the row axis with Chan's formula.
     Values are shifted by K_c = x[0, c, 0] first: with |μ| ≫ σ (say μ = 1e4, σ = 1e-2 in fp32) an unshifted
     running mean cannot absorb increments δ/n below its ulp and the variance is lost; shifted, every
-    quantity is O(σ). Writes shifted ``mean − K, M2, count`` of shape ``[splits, C]`` (ACC_DTYPE).
+    quantity is O(σ). Writes shifted ``mean − K, M2, count`` into ``part[3, splits, C]`` (ACC_DTYPE).
 
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
@@ -85,21 +85,22 @@ def _bn_stats_kernel(
         m2 += delta * (x - mean) * w
 
     mean_c, m2_c, count_c = tl.reduce((mean, m2, count), 0, _welford_combine)
-    out = pid_k * C + c0 + offs_c
-    tl.store(mean_part_ptr + out, mean_c, mask=mask_c)
-    tl.store(m2_part_ptr + out, m2_c, mask=mask_c)
-    tl.store(count_part_ptr + out, count_c, mask=mask_c)
+    out = part_ptr + pid_k * C + c0 + offs_c
+    plane = tl.num_programs(1) * C
+    tl.store(out, mean_c, mask=mask_c)
+    tl.store(out + plane, m2_c, mask=mask_c)
+    tl.store(out + 2 * plane, count_c, mask=mask_c)
 
 
 @triton.jit
 def _bn_stats_finalize_kernel(
-    x_ptr, mean_part_ptr, m2_part_ptr, count_part_ptr,
+    x_ptr, part_ptr,
     mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
     C, num_splits, momentum: tl.float64, eps: tl.float64, stride_xc,
     HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Merge ``[splits, C]`` shifted partials into mean (K_c = x[0, c, 0] added back) and
+    """Merge the ``part[3, splits, C]`` shifted partials into mean (K_c = x[0, c, 0] added back) and
     invstd = 1/√(σ²+ε) (biased σ²), and update running stats.
 
     running ← (1 − f)·running + f·batch, with the unbiased variance σ²·m/(m − 1) for running_var and
@@ -111,15 +112,16 @@ def _bn_stats_finalize_kernel(
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     offs_k = tl.arange(0, BLOCK_K)
+    plane = num_splits * C
     mean = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     m2 = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     count = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for k0 in range(0, num_splits, BLOCK_K):
         mask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
         idx = (k0 + offs_k)[:, None] * C + offs_c[None, :]
-        p_mean = tl.load(mean_part_ptr + idx, mask=mask, other=0.0)
-        p_m2 = tl.load(m2_part_ptr + idx, mask=mask, other=0.0)
-        p_count = tl.load(count_part_ptr + idx, mask=mask, other=0.0)
+        p_mean = tl.load(part_ptr + idx, mask=mask, other=0.0)
+        p_m2 = tl.load(part_ptr + plane + idx, mask=mask, other=0.0)
+        p_count = tl.load(part_ptr + 2 * plane + idx, mask=mask, other=0.0)
         b_mean, b_m2, b_count = tl.reduce((p_mean, p_m2, p_count), 0, _welford_combine)
         mean, m2, count = _welford_combine(mean, m2, count, b_mean, b_m2, b_count)
 
@@ -193,14 +195,14 @@ def _bn_forward_kernel(
 
 @triton.jit
 def _bn_backward_reduce_kernel(
-    x_ptr, dy_ptr, mean_ptr, invstd_ptr, sum_dy_part_ptr, sum_dy_xhat_part_ptr,
+    x_ptr, dy_ptr, mean_ptr, invstd_ptr, part_ptr,
     C, S, num_sblocks, blocks_per_split, total_blocks,
     stride_xn, stride_xc, stride_xs,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Partial sums Σdy and Σ(dy·x̂), x̂ = (x − μ)·invstd, from the saved μ and invstd.
 
-    Same view, tiling and split as ``_bn_stats_kernel``; writes ``[splits, C]`` partials (ACC_DTYPE).
+    Same view, tiling and split as ``_bn_stats_kernel``; writes ``part[2, splits, C]`` (ACC_DTYPE).
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
     pid_c = tl.program_id(0)
@@ -228,19 +230,20 @@ def _bn_backward_reduce_kernel(
         sum_dy_xc += dy * tl.where(mask, x - mean[None, :], 0.0)
 
     invstd = tl.load(invstd_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    out = pid_k * C + c0 + offs_c
-    tl.store(sum_dy_part_ptr + out, tl.sum(sum_dy, axis=0), mask=mask_c)
-    tl.store(sum_dy_xhat_part_ptr + out, tl.sum(sum_dy_xc, axis=0) * invstd, mask=mask_c)
+    out = part_ptr + pid_k * C + c0 + offs_c
+    tl.store(out, tl.sum(sum_dy, axis=0), mask=mask_c)
+    tl.store(out + tl.num_programs(1) * C, tl.sum(sum_dy_xc, axis=0) * invstd, mask=mask_c)
 
 
 @triton.jit
 def _bn_backward_finalize_kernel(
-    sum_dy_part_ptr, sum_dy_xhat_part_ptr, sum_dy_ptr, sum_dy_xhat_ptr, dweight_ptr, dbias_ptr,
+    part_ptr, sums_ptr, dweight_ptr, dbias_ptr,
     C, num_splits,
     HAS_DWEIGHT: tl.constexpr, HAS_DBIAS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Sum ``[splits, C]`` partials in a fixed order: Σdy, Σ(dy·x̂) (ACC_DTYPE) and dβ = Σdy, dγ = Σ(dy·x̂).
+    """Sum the ``part[2, splits, C]`` partials in a fixed order into ``sums[2, C]`` = (Σdy, Σ(dy·x̂))
+    (ACC_DTYPE), and dβ = Σdy, dγ = Σ(dy·x̂) in the parameters' dtypes.
 
     Grid: ``(cdiv(C, BLOCK_C),)``.
     """
@@ -253,10 +256,10 @@ def _bn_backward_finalize_kernel(
     for k0 in range(0, num_splits, BLOCK_K):
         mask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
         idx = (k0 + offs_k)[:, None] * C + offs_c[None, :]
-        acc_dy += tl.sum(tl.load(sum_dy_part_ptr + idx, mask=mask, other=0.0), axis=0)
-        acc_dy_xhat += tl.sum(tl.load(sum_dy_xhat_part_ptr + idx, mask=mask, other=0.0), axis=0)
-    tl.store(sum_dy_ptr + offs_c, acc_dy, mask=mask_c)
-    tl.store(sum_dy_xhat_ptr + offs_c, acc_dy_xhat, mask=mask_c)
+        acc_dy += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), axis=0)
+        acc_dy_xhat += tl.sum(tl.load(part_ptr + num_splits * C + idx, mask=mask, other=0.0), axis=0)
+    tl.store(sums_ptr + offs_c, acc_dy, mask=mask_c)
+    tl.store(sums_ptr + C + offs_c, acc_dy_xhat, mask=mask_c)
     if HAS_DWEIGHT:
         tl.store(dweight_ptr + offs_c, acc_dy_xhat.to(dweight_ptr.dtype.element_ty), mask=mask_c)
     if HAS_DBIAS:
@@ -265,7 +268,7 @@ def _bn_backward_finalize_kernel(
 
 @triton.jit(do_not_specialize=["count"])
 def _bn_backward_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, sum_dy_ptr, sum_dy_xhat_ptr,
+    x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr,
     C, S, num_sblocks, num_cblocks, count,
     stride_xn, stride_xc, stride_xs,
     HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
@@ -299,8 +302,8 @@ def _bn_backward_dx_kernel(
     if TRAINING:
         inv_count = 1.0 / count.to(ACC_DTYPE)
         mean = tl.load(mean_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-        mean_dy = tl.load(sum_dy_ptr + chan, mask=mask_c, other=0.0) * inv_count
-        mean_dy_xhat = tl.load(sum_dy_xhat_ptr + chan, mask=mask_c, other=0.0) * inv_count
+        mean_dy = tl.load(sums_ptr + chan, mask=mask_c, other=0.0) * inv_count
+        mean_dy_xhat = tl.load(sums_ptr + C + chan, mask=mask_c, other=0.0) * inv_count
         x = tl.load(x_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
         xhat = (x - mean[None, :]) * invstd[None, :]
         dx = (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]) * scale[None, :]

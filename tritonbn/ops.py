@@ -27,7 +27,7 @@ import torch
 _launch_hook = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Tuning:
     reduce_tile: int = 2048
     elementwise_tile: int = 4096
@@ -41,11 +41,17 @@ class Tuning:
 TUNING = Tuning()
 
 
+_KERNELS = None
+
+
 def _kernels():
     # Imported on first use: TRITON_INTERPRET is read when @triton.jit runs, and imports stay free of work.
-    from tritonbn import kernels
+    global _KERNELS
+    if _KERNELS is None:
+        from tritonbn import kernels
 
-    return kernels
+        _KERNELS = kernels
+    return _KERNELS
 
 
 @functools.cache
@@ -71,6 +77,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.cache
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
@@ -96,11 +103,16 @@ class View:
 def _view3d(x: torch.Tensor) -> View | None:
     """``[N, C, S]`` view of ``x`` with spatial dims merged, and batch merged too when rows are evenly
     spaced (channels_last, ``(N, C)``); None when the spatial dims cannot be merged."""
-    n, c = x.shape[0], x.shape[1]
-    sn, sc = x.stride(0), x.stride(1)
-    spatial = [(d, st) for d, st in zip(x.shape[2:], x.stride()[2:]) if d != 1]
+    return _view3d_cached(tuple(x.shape), x.stride())
+
+
+@functools.lru_cache(maxsize=4096)
+def _view3d_cached(shape: tuple[int, ...], strides: tuple[int, ...]) -> View | None:
+    n, c = shape[0], shape[1]
+    sn, sc = strides[0], strides[1]
+    spatial = [(d, st) for d, st in zip(shape[2:], strides[2:]) if d != 1]
     s = 1
-    for d in x.shape[2:]:
+    for d in shape[2:]:
         s *= d
     for (_, outer), (d_in, inner) in zip(spatial, spatial[1:]):
         if outer != inner * d_in:
@@ -138,6 +150,7 @@ def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
+@functools.lru_cache(maxsize=4096)
 def _tiles(view: View, tile: int) -> tuple[int, int]:
     max_c = min(_next_pow2(view.c), TUNING.max_block_c)
     if view.stride_c == 1 and view.stride_s != 1:
@@ -173,15 +186,21 @@ class ReducePlan:
 
 
 def _reduce_plan(view: View, device: torch.device) -> ReducePlan:
-    block_s, block_c = _tiles(view, TUNING.reduce_tile)
+    return _reduce_plan_cached(view, _target_programs(device), TUNING)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduce_plan_cached(view: View, target_programs: int, tuning: Tuning) -> ReducePlan:
+    block_s, block_c = _tiles(view, tuning.reduce_tile)
     num_sblocks = _cdiv(view.s, block_s)
     num_cblocks = _cdiv(view.c, block_c)
     total = view.n * num_sblocks
-    splits = max(1, min(total, _cdiv(_target_programs(device), num_cblocks)))
+    splits = max(1, min(total, _cdiv(target_programs, num_cblocks)))
     per_split = _cdiv(total, splits)
     return ReducePlan(block_s, block_c, num_sblocks, num_cblocks, total, _cdiv(total, per_split), per_split)
 
 
+@functools.lru_cache(maxsize=4096)
 def _finalize_blocks(c: int, splits: int) -> tuple[int, int]:
     block_c = min(_next_pow2(c), 128)
     block_k = min(_next_pow2(splits), max(1, 2048 // block_c))
@@ -197,7 +216,7 @@ def bn_stats(x: torch.Tensor, view: View, running_mean, running_var, num_batches
     parts = torch.empty((3, p.splits, view.c), dtype=acc, device=x.device)
     _launch(
         k._bn_stats_kernel, (p.num_cblocks, p.splits),
-        x, parts[0], parts[1], parts[2],
+        x, parts,
         view.c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
         BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=_tl_dtype(acc), num_warps=TUNING.reduce_warps,
     )
@@ -210,7 +229,7 @@ def bn_stats(x: torch.Tensor, view: View, running_mean, running_var, num_batches
     block_k, fblock_c = _finalize_blocks(view.c, p.splits)
     _launch(
         k._bn_stats_finalize_kernel, (_cdiv(view.c, fblock_c),),
-        x, parts[0], parts[1], parts[2], mean, invstd,
+        x, parts, mean, invstd,
         running_mean if has_running else mean, running_var if has_running else invstd,
         num_batches_tracked if cumulative else mean,
         view.c, p.splits, float(momentum or 0.0), float(eps), view.stride_c,
@@ -282,14 +301,14 @@ def bn_backward(dy, x, weight, mean, invstd, training: bool, need_dx: bool, need
             parts = torch.empty((2, p.splits, c), dtype=acc, device=x.device)
             _launch(
                 k._bn_backward_reduce_kernel, (p.num_cblocks, p.splits),
-                x, dy, mean, invstd, parts[0], parts[1],
+                x, dy, mean, invstd, parts,
                 c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
                 BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=tl_acc, num_warps=TUNING.reduce_warps,
             )
             block_k, fblock_c = _finalize_blocks(c, p.splits)
             _launch(
                 k._bn_backward_finalize_kernel, (_cdiv(c, fblock_c),),
-                parts[0], parts[1], sums[0], sums[1],
+                parts, sums,
                 dweight if need_dweight else sums, dbias if need_dbias else sums,
                 c, p.splits,
                 HAS_DWEIGHT=need_dweight, HAS_DBIAS=need_dbias,
@@ -310,7 +329,7 @@ def bn_backward(dy, x, weight, mean, invstd, training: bool, need_dx: bool, need
             _launch(
                 k._bn_backward_dx_kernel, (view.n * num_sblocks * num_cblocks,),
                 x, dy, dx, mean, invstd, weight if weight is not None else invstd,
-                sums[0] if sums is not None else invstd, sums[1] if sums is not None else invstd,
+                sums if sums is not None else invstd,
                 c, view.s, num_sblocks, num_cblocks, view.n * view.s, *view.strides,
                 HAS_WEIGHT=weight is not None, TRAINING=training,
                 BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=tl_acc, num_warps=TUNING.elementwise_warps,
