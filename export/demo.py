@@ -59,14 +59,17 @@ class DemoNet(nn.Module):
         return self.fc(self.head_bn(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
 
-def train(model: nn.Module, device, steps: int = 30, batch: int = 32, seed: int = 0) -> float:
+TRAIN_STEPS = 12
+
+
+def train(model: nn.Module, device, steps: int | None = None, batch: int = 16, seed: int = 0) -> float:
     """A few SGD steps on synthetic data whose labels follow a fixed random projection."""
     gen = torch.Generator().manual_seed(seed)
     proj = torch.randn(3 * 16 * 16, 10, generator=gen)
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss = torch.tensor(0.0)
-    for _ in range(steps):
+    for _ in range(TRAIN_STEPS if steps is None else steps):
         x = torch.randn(batch, 3, 16, 16, generator=gen) * 2 + 0.5
         y = (x.flatten(1) @ proj).argmax(1)
         x, y = x.to(device), y.to(device)
@@ -132,7 +135,7 @@ def run_demo(output: str | None = None, report_path: str | None = None, opset: i
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, source, loss = build_and_train(device)
-    print(f"trained DemoNet ({source} BatchNorm) for 30 steps on {device}: loss {loss:.3f}")
+    print(f"trained DemoNet ({source} BatchNorm) for {TRAIN_STEPS} steps on {device}: loss {loss:.3f}")
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with tempfile.TemporaryDirectory() as tmp:
         path = output or os.path.join(tmp, "demo_folded.onnx")
