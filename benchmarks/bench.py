@@ -33,12 +33,15 @@ from pathlib import Path
 from . import harness as H
 from .shapes import FULL, QUICK, SMOKE, Case, select
 
-PROVIDERS = ("tritonbn", "eager", "compile")
+PROVIDERS = ("tritonbn", "eager", "compile")  # the default set; speed-ups are tritonbn vs the other two
+# opt-in: torch.compile of the tritonbn module (its custom ops inside an Inductor graph)
+ALL_PROVIDERS = (*PROVIDERS, "tritonbn_compile")
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("contiguous", "channels_last")
 # Max error normalised by max |reference| (fp64) above which a row is flagged -- and only when
 # tritonbn is also more than 2x worse than eager in the same dtype.
 TOL = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 1e-3}
+PSHORT = {"tritonbn": "tbn", "eager": "eag", "compile": "cmp", "tritonbn_compile": "tbn+cmp"}
 SHORT = {"contiguous": "contig", "channels_last": "cl", "train_fwd": "fwd", "eval_fwd": "eval"}
 
 
@@ -68,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16,fp32 (quick: bf16,fp32)")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of contiguous,channels_last")
     p.add_argument("--shapes", default=None, help="comma list of shape names, groups, globs or substrings")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of " + ",".join(PROVIDERS))
+    p.add_argument(
+        "--providers", default=",".join(PROVIDERS), help="comma list of " + ",".join(ALL_PROVIDERS)
+    )
     p.add_argument(
         "--param-dtype",
         choices=("fp32", "same"),
@@ -96,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer MiB (default 1024)")
     p.add_argument("--no-png", action="store_true", help="skip the plot")
     a = p.parse_args(argv)
-    for name, allowed in (("modes", H.MODES), ("layouts", LAYOUTS), ("providers", PROVIDERS)):
+    for name, allowed in (("modes", H.MODES), ("layouts", LAYOUTS), ("providers", ALL_PROVIDERS)):
         setattr(a, name, _csv(getattr(a, name), allowed, p, name))
     default_dtypes = "fp32" if a.smoke else "bf16,fp32" if a.quick else ",".join(DTYPES)
     a.dtypes = _csv(a.dtypes or default_dtypes, DTYPES, p, "dtypes")
@@ -170,7 +175,7 @@ def bn_state(torch, nd, C, pdtype, device, seed):
 def make_modules(torch, providers, tb, nd, C, pdtype, device, state, backend):
     mods = {}
     for p in providers:
-        if p == "tritonbn":
+        if p.startswith("tritonbn"):
             if isinstance(tb, Exception):
                 mods[p] = tb
                 continue
@@ -179,7 +184,7 @@ def make_modules(torch, providers, tb, nd, C, pdtype, device, state, backend):
             m = getattr(torch.nn, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
         m.load_state_dict(state)
         params = [m.weight, m.bias]
-        if p == "compile":
+        if p.endswith("compile"):
             m = torch.compile(m, dynamic=False, backend=backend)
         mods[p] = (m, params)
     return mods
@@ -449,7 +454,12 @@ def plot_png(doc, path: Path) -> None:
     fig, axes = plt.subplots(
         len(modes), 2, figsize=(min(40, 4 + 0.22 * n) * 1.0 + 4, 3.2 * len(modes)), squeeze=False
     )
-    colors = {"tritonbn": "tab:red", "eager": "tab:blue", "compile": "tab:green"}
+    colors = {
+        "tritonbn": "tab:red",
+        "eager": "tab:blue",
+        "compile": "tab:green",
+        "tritonbn_compile": "tab:orange",
+    }
     for i, mode in enumerate(modes):
         rs = [r for r in rows if r["mode"] == mode]
         labels = [f"{r['case']}|{r['dtype']}|{SHORT.get(r['layout'], r['layout'])}" for r in rs]
@@ -741,7 +751,7 @@ def _short(e: Exception) -> str:
 
 def progress(r, i, n, elapsed) -> str:
     P = r["providers"]
-    times = " ".join(f"{p[:4]} {'ERR' if P[p].get('error') else _us(P[p].get('ms'))}" for p in P)
+    times = " ".join(f"{PSHORT.get(p, p)} {'ERR' if P[p].get('error') else _us(P[p].get('ms'))}" for p in P)
     return (
         f"[{i:4d}/{n} {elapsed:5.0f}s] {r['case']:<24} {r['dtype']} {SHORT.get(r['layout']):<6} "
         f"{SHORT.get(r['mode'], r['mode']):<7} us: {times} | {_x(r['speedup_vs_eager'])} vs eager "
