@@ -118,8 +118,21 @@ def _export_dynamo(model, args, dynamic_batch, opset, optimize) -> onnx.ModelPro
     return prog.model_proto
 
 
+class _Wrapper(nn.Module):
+    """Hides an FX GraphModule from the TorchScript exporter, which mistakes its ``.graph`` for a
+    TorchScript graph."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        return self.inner(*args)
+
+
 def _export_torchscript(model, args, dynamic_batch, opset) -> onnx.ModelProto:
     buf = io.BytesIO()
+    model = _Wrapper(model).eval()
     names = [f"input_{i}" for i in range(len(args))]
     axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -79,6 +79,18 @@ def test_verification_failure_writes_nothing_and_keeps_old_file(resnet, tmp_path
     assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.onnx"]
 
 
+def test_torchscript_exporter_fallback(resnet, tmp_path, monkeypatch):
+    import export.onnx_io as onnx_io
+
+    def broken(*a, **k):
+        raise RuntimeError("no dynamo today")
+
+    monkeypatch.setattr(onnx_io, "_export_dynamo", broken)
+    result = export_onnx(resnet, torch.randn(1, 3, 8, 8), str(tmp_path / "ts.onnx"))
+    assert result.exporter == "torchscript" and "no dynamo today" in result.notes[0]
+    assert result.check.ok and [r["batch"] for r in result.check.runs] == [1, 3, 5]
+
+
 def test_training_mode_model_is_refused(tmp_path):
     m = TinyResNet().train()
     with pytest.raises(FoldError, match="training mode"):
@@ -128,9 +140,10 @@ def train_factory():
 
 
 def test_cli_model_and_report(tmp_path, capsys):
-    out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
-    rc = main(["--model", "test_export_e2e:factory", "--input-shape", "2,3,8,8", "-o", str(out),
-               "--report", str(rep), "--no-dynamic-batch"])
+    out, rep, ckpt = tmp_path / "m.onnx", tmp_path / "r.json", tmp_path / "w.pt"
+    torch.save({"state_dict": factory().state_dict()}, ckpt)
+    rc = main(["--model", "test_export_e2e:factory", "--checkpoint", str(ckpt), "--input-shape", "2,3,8,8",
+               "-o", str(out), "--report", str(rep), "--no-dynamic-batch"])
     assert rc == 0 and out.exists()
     data = json.loads(rep.read_text())
     assert data["verification"]["ok"] and len(data["module_report"]["folded"]) == 6
