@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import tritonbn
-from tritonbn import custom_ops, ops
+from tritonbn import custom_ops
 
 
 def _convnet(momentum=0.1, seed=0):
@@ -36,20 +36,21 @@ def _randomize_stats(model):
     return model
 
 
-@pytest.fixture
-def launch_counter(monkeypatch):
-    """Counts the launcher calls, to prove the compiled graph runs tritonbn's kernels."""
-    calls = {"train": 0, "eval": 0, "backward": 0}
-    names = (("bn_forward_train", "train"), ("bn_forward_eval", "eval"), ("bn_backward", "backward"))
-    for name, key in names:
-        fn = getattr(ops, name)
+def _recording_aot_eager(targets):
+    """``aot_eager`` that records the call targets of the forward and backward graphs it runs."""
+    from torch._dynamo.backends.common import aot_autograd
 
-        def wrapped(*args, _fn=fn, _key=key, **kwargs):
-            calls[_key] += 1
-            return _fn(*args, **kwargs)
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
 
-        monkeypatch.setattr(ops, name, wrapped)
-    return calls
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def _exact(device):
+    # Bit-identical on CPU; on a GPU cuDNN/cuBLAS (TF32 convolutions) may pick other algorithms in the
+    # traced graph, so the convolution gradients differ by rounding.
+    return dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-4, atol=1e-4)
 
 
 def _train_steps_match(eager, compiled_model, compiled, steps, device, tol):
@@ -71,16 +72,17 @@ def _train_steps_match(eager, compiled_model, compiled, steps, device, tol):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_compile_fullgraph_aot_eager_matches_eager(momentum, device, launch_counter):
+def test_compile_fullgraph_aot_eager_matches_eager(momentum, device):
     eager = _convnet(momentum).to(device)
     model = copy.deepcopy(eager)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch._dynamo.reset()
-    _train_steps_match(eager, model, compiled, 2, device, dict(rtol=0, atol=0))
-    # The compiled graph ran the custom ops (kernels), not torch's batch norm: 3 layers x 2 steps, twice
-    # (eager and compiled), plus the eval pass.
-    assert launch_counter["train"] == 12 and launch_counter["backward"] == 12
-    assert launch_counter["eval"] == 6
+    targets = []
+    compiled = torch.compile(model, fullgraph=True, backend=_recording_aot_eager(targets))
+    _train_steps_match(eager, model, compiled, 2, device, _exact(device))
+    # The compiled graphs run the custom ops (tritonbn's kernels), not torch's batch norm.
+    for op in ("bn_forward_train", "bn_backward", "bn_forward_eval"):
+        assert sum(t.startswith(f"tritonbn.{op}") for t in targets) == 3, (op, targets)
+    assert not any("batch_norm" in t for t in targets)
     assert int(model[1].num_batches_tracked) == 2
 
 
@@ -103,11 +105,11 @@ def test_compile_functional_batch_norm_no_graph_break(device):
     rm_c, rv_c = rm_e.clone(), rv_e.clone()
     y_e = f(x, rm_e, rv_e, w, b)
     y_c = torch.compile(f, fullgraph=True, backend="aot_eager")(x, rm_c, rv_c, w, b)
-    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
-    torch.testing.assert_close((rm_c, rv_c), (rm_e, rv_e), rtol=0, atol=0)
+    torch.testing.assert_close(y_c, y_e, **_exact(device))
+    torch.testing.assert_close((rm_c, rv_c), (rm_e, rv_e), **_exact(device))
     g_e = torch.autograd.grad(y_e.sum(), (x, w, b))
     g_c = torch.autograd.grad(y_c.sum(), (x, w, b))
-    torch.testing.assert_close(g_c, g_e, rtol=0, atol=0)
+    torch.testing.assert_close(g_c, g_e, **_exact(device))
 
 
 def test_compiled_training_is_bitwise_deterministic(device):

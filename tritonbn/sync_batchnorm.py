@@ -38,7 +38,7 @@ def local_stats(x: torch.Tensor, view: ops.View) -> torch.Tensor:
     parts = torch.empty((3, p.splits, c), dtype=acc, device=x.device)
     ops._launch(
         k._bn_stats_kernel, (p.num_cblocks, p.splits),
-        x, parts[0], parts[1], parts[2],
+        x, parts,
         c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
         BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=ops._tl_dtype(acc), num_warps=ops.TUNING.reduce_warps,
     )
@@ -71,21 +71,21 @@ def _local_backward_sums(dy, x, view, mean, invstd) -> torch.Tensor:
     parts = torch.empty((2, p.splits, c), dtype=acc, device=x.device)
     ops._launch(
         k._bn_backward_reduce_kernel, (p.num_cblocks, p.splits),
-        x, dy, mean, invstd, parts[0], parts[1],
+        x, dy, mean, invstd, parts,
         c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
         BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=tl_acc, num_warps=ops.TUNING.reduce_warps,
     )
     block_k, fblock_c = ops._finalize_blocks(c, p.splits)
     ops._launch(
         k._bn_backward_finalize_kernel, (ops._cdiv(c, fblock_c),),
-        parts[0], parts[1], sums[0], sums[1], sums, sums, c, p.splits,
+        parts, sums, sums, sums, c, p.splits,
         HAS_DWEIGHT=False, HAS_DBIAS=False, BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=tl_acc, num_warps=4,
     )
     return sums
 
 
-def _backward_dx(dy, x, view, weight, mean, invstd, mean_dy, mean_dy_xhat) -> torch.Tensor:
-    """dx from the global means of dy and dy·x̂ (the kernel's count is 1: the sums are pre-divided)."""
+def _backward_dx(dy, x, view, weight, mean, invstd, mean_sums) -> torch.Tensor:
+    """dx from ``[2, C]`` global means of dy and dy·x̂ (the kernel's count is 1: the sums are pre-divided)."""
     k = ops._kernels()
     dx = torch.empty_like(x)
     if x.numel() == 0:
@@ -95,7 +95,7 @@ def _backward_dx(dy, x, view, weight, mean, invstd, mean_dy, mean_dy_xhat) -> to
     num_cblocks = ops._cdiv(view.c, block_c)
     ops._launch(
         k._bn_backward_dx_kernel, (view.n * num_sblocks * num_cblocks,),
-        x, dy, dx, mean, invstd, weight if weight is not None else invstd, mean_dy, mean_dy_xhat,
+        x, dy, dx, mean, invstd, weight if weight is not None else invstd, mean_sums,
         view.c, view.s, num_sblocks, num_cblocks, 1, *view.strides,
         HAS_WEIGHT=weight is not None, TRAINING=True,
         BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=ops._tl_dtype(ops._acc_dtype(x.dtype)),
@@ -149,8 +149,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if need_dx:
             sums = sums.clone()
             dist.all_reduce(sums, group=ctx.process_group)
-            sums = sums / n.clamp_min(1.0)
-            dx = _backward_dx(dy, x, view, weight, mean, invstd, sums[0], sums[1])
+            dx = _backward_dx(dy, x, view, weight, mean, invstd, (sums / n.clamp_min(1.0)).contiguous())
         return dx, dw, db, None, None, None, None, None, None, None
 
 
