@@ -412,8 +412,10 @@ def markdown(doc) -> str:
             + " | ".join(f"{p} µs" for p in provs)
             + " | tritonbn GB/s | % copy ("
             + "/".join(provs)
-            + ") | vs eager | vs compile | err tritonbn | err eager |",
-            "|---|---|---|" + "---|" * len(provs) + "---|---|---|---|---|---|",
+            + ") | vs eager | vs compile | host µs/call ("
+            + "/".join(provs)
+            + ") | err tritonbn | err eager |",
+            "|---|---|---|" + "---|" * len(provs) + "---|---|---|---|---|---|---|",
         ]
         for r in rs:
             P = r["providers"]
@@ -425,6 +427,8 @@ def markdown(doc) -> str:
                 + f" | {H.fmt(P.get('tritonbn', {}).get('gbs'), '.0f')} | "
                 + "/".join(_pct(P.get(p, {}).get("frac_copy_bw")) for p in provs)
                 + f" | {_x(r['speedup_vs_eager'])} | {_x(r['speedup_vs_compile'])} | "
+                + "/".join(H.fmt(P.get(p, {}).get("host_us"), ".0f") for p in provs)
+                + " | "
                 f"{H.fmt(r['err_tritonbn'], '.1e')}{' **FLAG**' if r['flagged'] else ''} | "
                 f"{H.fmt(r['err_eager'], '.1e')} |"
             )
@@ -566,7 +570,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timed = not args.smoke
     if timed:
-        timer = lambda fn, grad_to_none=None: H.gpu_time_ms(fn, args.warmup, args.rep, grad_to_none)
+
+        def timer(fn, grad_to_none=None):
+            t = H.gpu_time_ms(fn, args.warmup, args.rep, grad_to_none)
+            t["host_us"] = H.host_us_per_call(fn, grad_to_none=grad_to_none)
+            return t
+
     else:
         timer = lambda fn, grad_to_none=None: H.wall_time_ms(fn, 1, grad_to_none)
     try:

@@ -17,8 +17,11 @@ GB/s = model bytes / median time; "% of copy" divides by the bandwidth of a larg
 
 Timing uses `triton.testing.do_bench`, which zeroes a 256 MB buffer before every timed repetition
 (triton >= 3.0, `clear_cache`), so no shape is served from L2 (50 MB on H100, 60 MB on H200); the
-input sets therefore are not rotated. do_bench times with CUDA events while the GPU is busy with that
-flush, so host-side launch overhead is hidden: the numbers are GPU time, not wall time.
+input sets therefore are not rotated. do_bench records its start event behind that flush (~60-80 us of
+GPU work on H100/H200), so host-side launch cost is hidden only up to that much: a call that needs more
+host time than flush + kernels is timed at host speed. Each cell therefore also reports `host_us`, the
+CPU time to issue one call with the GPU not waited for (what a training loop pays per call); where
+host_us approaches the time column, the row measures host overhead, not kernels.
 """
 
 from __future__ import annotations
@@ -92,6 +95,23 @@ def gpu_time_ms(fn, warmup_ms: int, rep_ms: int, grad_to_none=None) -> dict:
         kw["return_mode"] = "median"
     ms = float(do_bench(fn, **kw))
     return {"ms": ms, "p20_ms": None, "p80_ms": None}
+
+
+def host_us_per_call(fn, n: int = 20, grad_to_none=None) -> float:
+    """CPU microseconds to issue one call of fn, n calls queued back to back (far below the launch
+    queue depth, so the CPU never waits for the GPU), synchronized only before and after."""
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return dt / n * 1e6
 
 
 def wall_time_ms(fn, reps: int = 1, grad_to_none=None) -> dict:

@@ -204,3 +204,18 @@ def test_gpu_time_ms_across_do_bench_signatures(monkeypatch):
         monkeypatch.setattr(triton_testing, "do_bench", fake)
         assert harness.gpu_time_ms(lambda: None, 7, 11, grad_to_none=["g"])["ms"] == 2.0, fake.__name__
     assert seen == {"warmup": 7, "rep": 11, "grad_to_none": ["g"]}
+
+
+def test_host_us_per_call_resets_grads(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)  # the CPU stands in for the GPU here
+    t = torch.zeros(1, requires_grad=True)
+    calls = []
+
+    def fn():
+        assert t.grad is None
+        (t * 2).sum().backward()
+        calls.append(1)
+
+    assert harness.host_us_per_call(fn, n=5, grad_to_none=[t]) > 0
+    assert len(calls) == 5
