@@ -100,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=None, help="do_bench repetition ms (default 100, quick 30)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer MiB (default 1024)")
     p.add_argument("--no-png", action="store_true", help="skip the plot")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also time each call replayed from a CUDA graph (graph_ms: kernel time without host overhead)",
+    )
     a = p.parse_args(argv)
     for name, allowed in (("modes", H.MODES), ("layouts", LAYOUTS), ("providers", ALL_PROVIDERS)):
         setattr(a, name, _csv(getattr(a, name), allowed, p, name))
@@ -293,6 +298,8 @@ def summarize(rows, providers) -> dict:
                 "rows": len(rs),
                 "geomean_speedup_vs_eager": H.geomean(r["speedup_vs_eager"] for r in rs),
                 "geomean_speedup_vs_compile": H.geomean(r["speedup_vs_compile"] for r in rs),
+                "geomean_graph_speedup_vs_eager": H.geomean(r.get("graph_speedup_vs_eager") for r in rs),
+                "geomean_graph_speedup_vs_compile": H.geomean(r.get("graph_speedup_vs_compile") for r in rs),
                 "geomean_frac_copy_bw": {
                     p: H.geomean(r["providers"].get(p, {}).get("frac_copy_bw") for r in rs) for p in providers
                 },
@@ -376,14 +383,21 @@ def markdown(doc) -> str:
         "",
         "| mode | dtype | layout | rows | vs eager | vs compile | "
         + " | ".join(f"{p} % copy" for p in provs)
+        + (" | vs eager (graphs) | vs compile (graphs)" if meta.get("cuda_graphs") else "")
         + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(provs),
+        "|---|---|---|---|---|---|" + "---|" * (len(provs) + 2 * bool(meta.get("cuda_graphs"))),
     ]
     for s in summ["groups"]:
         L.append(
             f"| {s['mode']} | {s['dtype']} | {s['layout']} | {s['rows']} | "
             f"{_x(s['geomean_speedup_vs_eager'])} | {_x(s['geomean_speedup_vs_compile'])} | "
             + " | ".join(_pct(s["geomean_frac_copy_bw"].get(p)) for p in provs)
+            + (
+                f" | {_x(s.get('geomean_graph_speedup_vs_eager'))}"
+                f" | {_x(s.get('geomean_graph_speedup_vs_compile'))}"
+                if meta.get("cuda_graphs")
+                else ""
+            )
             + " |"
         )
     if summ["resnet50_totals"]:
@@ -414,8 +428,10 @@ def markdown(doc) -> str:
             + "/".join(provs)
             + ") | vs eager | vs compile | host µs/call ("
             + "/".join(provs)
-            + ") | err tritonbn | err eager |",
-            "|---|---|---|" + "---|" * len(provs) + "---|---|---|---|---|---|---|",
+            + ") | "
+            + ("graph µs (" + "/".join(provs) + ") | " if meta.get("cuda_graphs") else "")
+            + "err tritonbn | err eager |",
+            "|---|---|---|" + "---|" * (len(provs) + 7 + bool(meta.get("cuda_graphs"))),
         ]
         for r in rs:
             P = r["providers"]
@@ -429,7 +445,12 @@ def markdown(doc) -> str:
                 + f" | {_x(r['speedup_vs_eager'])} | {_x(r['speedup_vs_compile'])} | "
                 + "/".join(H.fmt(P.get(p, {}).get("host_us"), ".0f") for p in provs)
                 + " | "
-                f"{H.fmt(r['err_tritonbn'], '.1e')}{' **FLAG**' if r['flagged'] else ''} | "
+                + (
+                    "/".join(_us(P.get(p, {}).get("graph_ms")) for p in provs) + " | "
+                    if meta.get("cuda_graphs")
+                    else ""
+                )
+                + f"{H.fmt(r['err_tritonbn'], '.1e')}{' **FLAG**' if r['flagged'] else ''} | "
                 f"{H.fmt(r['err_eager'], '.1e')} |"
             )
     bad = [r for r in rows if r["flagged"] or any(v.get("error") for v in r["providers"].values())]
@@ -574,6 +595,11 @@ def main(argv=None) -> int:
         def timer(fn, grad_to_none=None):
             t = H.gpu_time_ms(fn, args.warmup, args.rep, grad_to_none)
             t["host_us"] = H.host_us_per_call(fn, grad_to_none=grad_to_none)
+            if args.cuda_graphs:
+                try:
+                    t["graph_ms"] = H.graph_time_ms(fn, args.warmup, args.rep, grad_to_none)
+                except Exception as e:  # capture is best effort; the plain timing stands
+                    t["graph_ms"], t["graph_error"] = None, _short(e)
             return t
 
     else:
@@ -590,6 +616,7 @@ def main(argv=None) -> int:
         "dtypes": args.dtypes,
         "layouts": args.layouts,
         "param_dtype": args.param_dtype,
+        "cuda_graphs": args.cuda_graphs,
         "compile_backend": args.compile_backend,
         "warmup_ms": args.warmup,
         "rep_ms": args.rep,
@@ -718,6 +745,7 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
                 "providers": prov,
                 "speedup_vs_eager": ms["eager"] / t_tb if t_tb and ms.get("eager") else None,
                 "speedup_vs_compile": ms["compile"] / t_tb if t_tb and ms.get("compile") else None,
+                **_graph_speedups(prov),
                 "tritonbn_uses_triton": uses_triton,
                 "err_tritonbn": et,
                 "err_eager": ee,
@@ -728,6 +756,16 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
         )
     del mods, x, dy
     return rows
+
+
+def _graph_speedups(prov) -> dict:
+    """Speed-ups on CUDA-graph replay times (kernels only), where --cuda-graphs measured them."""
+    g = {p: c.get("graph_ms") for p, c in prov.items() if not c.get("error")}
+    tb = g.get("tritonbn")
+    return {
+        "graph_speedup_vs_eager": g["eager"] / tb if tb and g.get("eager") else None,
+        "graph_speedup_vs_compile": g["compile"] / tb if tb and g.get("compile") else None,
+    }
 
 
 def failed_row(case: Case, dt, lay, mode, providers, error) -> dict:

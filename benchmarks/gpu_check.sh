@@ -12,7 +12,8 @@
 # even if an earlier one failed; the exit status is non-zero if any step failed. Sized for < 7 minutes on
 # an H100. Every step has a hard timeout and the steps share DEADLINE (s, default 540: under a 10-minute
 # remote-command limit even when every step runs into its cap). Tune with BENCH_BUDGET (s, default 240),
-# TEST_TIMEOUT (s, default 120), TRAIN_TIMEOUT (s, default 120), DEADLINE, PYTHON.
+# TEST_TIMEOUT (s, default 120), TRAIN_TIMEOUT (s, default 120), DEADLINE, PYTHON, and BENCH_ARGS (extra
+# bench options, e.g. BENCH_ARGS="--cuda-graphs" for kernel-only replay times).
 set -u
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -117,7 +118,9 @@ step cuda_tests run_tests
 # (SIGTERM also makes it write its files before exiting).
 budget=$(min "$BENCH_BUDGET" $(($(left) - TRAIN_TIMEOUT - 60)))
 [ "$budget" -lt 60 ] && budget=60
-step bench timeout -k 15 "$((budget + 40))" "$PY" -m benchmarks.bench --quick --out "$out" --time-budget "$budget"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+step bench timeout -k 15 "$((budget + 40))" "$PY" -m benchmarks.bench --quick --out "$out" --time-budget "$budget" \
+    ${BENCH_ARGS:-}
 
 # --- 4. training check ----------------------------------------------------------------------------------
 step train_check timeout -k 10 "$(min "$TRAIN_TIMEOUT" $(($(left) - 10)))" "$PY" -m benchmarks.train_check --out "$out"

@@ -114,6 +114,31 @@ def host_us_per_call(fn, n: int = 20, grad_to_none=None) -> float:
     return dt / n * 1e6
 
 
+def graph_time_ms(fn, warmup_ms: int, rep_ms: int, grad_to_none=None) -> float:
+    """Median GPU time of fn captured once in a CUDA graph and replayed: kernels only, no host cost.
+    Grads are set to None before capture, so the captured backward writes fresh buffers each replay."""
+    import torch
+
+    for t in grad_to_none or ():
+        t.grad = None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        for _ in range(2):
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in grad_to_none or ():
+        t.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = gpu_time_ms(g.replay, warmup_ms, rep_ms)["ms"]
+    del g
+    return ms
+
+
 def wall_time_ms(fn, reps: int = 1, grad_to_none=None) -> dict:
     """CPU smoke timing: exercises the code path only (no warm-up); the numbers mean nothing."""
     ts = []
