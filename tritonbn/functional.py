@@ -16,6 +16,9 @@ from tritonbn import custom_ops
 from tritonbn.ops import BatchNormFunction
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ALLOWED_PARAM_DTYPES = {torch.float16: (torch.float16, torch.float32),
+                         torch.bfloat16: (torch.bfloat16, torch.float32),
+                         torch.float32: (torch.float32,), torch.float64: (torch.float64,)}
 
 
 def uses_triton(x: torch.Tensor) -> bool:
@@ -41,8 +44,8 @@ def check_inputs(input, running_mean, running_var, weight, bias, training: bool)
     if (running_mean is None) != (running_var is None):
         raise RuntimeError("batch_norm: running_mean and running_var must both be given or both be None")
     # fp16/bf16 input may carry fp32 parameters and statistics (mixed precision), as in torch.
-    low_precision = input.dtype in (torch.float16, torch.bfloat16)
-    allowed = {input.dtype, torch.float32} if low_precision else {input.dtype}
+    allowed = _ALLOWED_PARAM_DTYPES[input.dtype]
+    device = input.device
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
         if t is None:
@@ -52,11 +55,11 @@ def check_inputs(input, running_mean, running_var, weight, bias, training: bool)
         if t.numel() != c:
             raise RuntimeError(f"batch_norm: {name} should contain {c} elements (one per channel of input "
                                f"shape {tuple(input.shape)}), not {t.numel()}")
-        if t.device != input.device:
+        if t.device != device:
             raise RuntimeError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
         if t.dtype not in allowed:
             raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}, input has {input.dtype}; "
-                               f"expected one of {sorted(str(d) for d in allowed)}")
+                               f"expected one of {[str(d) for d in allowed]}")
         if name.startswith("running") and not t.is_contiguous():
             raise RuntimeError(f"batch_norm: {name} must be contiguous (it is updated in place)")
     if training:
@@ -73,9 +76,9 @@ def _param(t):
 
 def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
                     num_batches_tracked=None):
-    """Checked entry point shared by ``batch_norm`` and the modules. ``momentum=None`` with
-    ``num_batches_tracked`` uses the cumulative average 1/num_batches_tracked, read on the device."""
-    check_inputs(input, running_mean, running_var, weight, bias, training)
+    """Entry point shared by ``batch_norm`` and the modules, for inputs that already passed
+    ``check_inputs``. ``momentum=None`` with ``num_batches_tracked`` uses the cumulative average
+    1/num_batches_tracked, read on the device."""
     if custom_ops.graph_capture():  # torch.compile / export / tracing: custom ops or aten (custom_ops.py)
         return custom_ops.dispatch(input, running_mean, running_var, _param(weight), _param(bias), training,
                                    momentum, eps, num_batches_tracked)
@@ -89,4 +92,5 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ``torch.nn.functional.batch_norm``; differentiable w.r.t. input, weight and bias."""
     if isinstance(input, torch.Tensor) and not uses_triton(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_inputs(input, running_mean, running_var, weight, bias, training)
     return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
