@@ -147,6 +147,27 @@ def _bn_stats_finalize_kernel(
 
 
 @triton.jit
+def _elementwise_tile(C, S, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs,
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of an elementwise kernel: int64 base offset, int32 tile offsets, channel
+    indices and masks. Programs are ordered (channel tile, row block, n), channel tiles fastest."""
+    pid = tl.program_id(0)
+    pid_c = pid % num_cblocks
+    rest = pid // num_cblocks
+    pid_s = rest % num_sblocks
+    n = rest // num_sblocks
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    c0 = pid_c * BLOCK_C
+    chan = c0 + offs_c
+    mask_c = chan < C
+    mask = (offs_s < S)[:, None] & mask_c[None, :]
+    base = n.to(tl.int64) * stride_xn + c0.to(tl.int64) * stride_xc
+    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
+    return base, tile, chan, mask_c, mask
+
+
+@triton.jit
 def _bn_forward_kernel(
     x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
     C, S, num_sblocks, num_cblocks, eps: tl.float64,
@@ -161,17 +182,8 @@ def _bn_forward_kernel(
 
     Grid: ``(N * cdiv(S, BLOCK_S) * cdiv(C, BLOCK_C),)``, channel tiles fastest.
     """
-    pid = tl.program_id(0)
-    pid_c = pid % num_cblocks
-    rest = pid // num_cblocks
-    pid_s = rest % num_sblocks
-    n = rest // num_sblocks
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
-    c0 = pid_c * BLOCK_C
-    chan = c0 + offs_c
-    mask_c = chan < C
-    mask = (offs_s < S)[:, None] & mask_c[None, :]
+    base, tile, chan, mask_c, mask = _elementwise_tile(C, S, num_sblocks, num_cblocks, stride_xn, stride_xc,
+                                                       stride_xs, BLOCK_S, BLOCK_C)
 
     mean = tl.load(mean_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
     if FROM_VAR:
@@ -186,8 +198,6 @@ def _bn_forward_kernel(
     else:
         shift = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
 
-    base = n.to(tl.int64) * stride_xn + c0.to(tl.int64) * stride_xc
-    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
     x = tl.load(x_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
     y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
     tl.store(y_ptr + base + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -280,24 +290,13 @@ def _bn_backward_dx_kernel(
 
     Grid: ``(N * cdiv(S, BLOCK_S) * cdiv(C, BLOCK_C),)``, channel tiles fastest.
     """
-    pid = tl.program_id(0)
-    pid_c = pid % num_cblocks
-    rest = pid // num_cblocks
-    pid_s = rest % num_sblocks
-    n = rest // num_sblocks
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
-    c0 = pid_c * BLOCK_C
-    chan = c0 + offs_c
-    mask_c = chan < C
-    mask = (offs_s < S)[:, None] & mask_c[None, :]
+    base, tile, chan, mask_c, mask = _elementwise_tile(C, S, num_sblocks, num_cblocks, stride_xn, stride_xc,
+                                                       stride_xs, BLOCK_S, BLOCK_C)
 
     invstd = tl.load(invstd_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    base = n.to(tl.int64) * stride_xn + c0.to(tl.int64) * stride_xc
-    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
     dy = tl.load(dy_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
     if TRAINING:
         inv_count = 1.0 / count.to(ACC_DTYPE)
