@@ -207,32 +207,39 @@ def _finalize_blocks(c: int, splits: int) -> tuple[int, int]:
     return block_k, block_c
 
 
-def bn_stats(x: torch.Tensor, view: View, running_mean, running_var, num_batches_tracked,
-             momentum: float | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and invstd (fp32, fp64 for fp64 input); updates the running stats in place if given."""
-    k = _kernels()
+def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
+    """Per-split batch statistics ``[3, splits, C]`` = (mean − K_c, M2, count), shifted by
+    K_c = x[0, c, 0] (see ``_bn_stats_kernel``), and the number of splits."""
     acc = _acc_dtype(x.dtype)
     p = _reduce_plan(view, x.device)
     parts = torch.empty((3, p.splits, view.c), dtype=acc, device=x.device)
     _launch(
-        k._bn_stats_kernel, (p.num_cblocks, p.splits),
+        _kernels()._bn_stats_kernel, (p.num_cblocks, p.splits),
         x, parts,
         view.c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
         BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=_tl_dtype(acc), num_warps=TUNING.reduce_warps,
     )
+    return parts, p.splits
+
+
+def bn_stats(x: torch.Tensor, view: View, running_mean, running_var, num_batches_tracked,
+             momentum: float | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and invstd (fp32, fp64 for fp64 input); updates the running stats in place if given."""
+    acc = _acc_dtype(x.dtype)
+    parts, splits = bn_stat_partials(x, view)
     mean = torch.empty(view.c, dtype=acc, device=x.device)
     invstd = torch.empty(view.c, dtype=acc, device=x.device)
     has_running = running_mean is not None
     cumulative = momentum is None and num_batches_tracked is not None
     if momentum is None and not cumulative:
         momentum = 0.0  # torch's factor when momentum=None and num_batches_tracked is missing
-    block_k, fblock_c = _finalize_blocks(view.c, p.splits)
+    block_k, fblock_c = _finalize_blocks(view.c, splits)
     _launch(
-        k._bn_stats_finalize_kernel, (_cdiv(view.c, fblock_c),),
+        _kernels()._bn_stats_finalize_kernel, (_cdiv(view.c, fblock_c),),
         x, parts, mean, invstd,
         running_mean if has_running else mean, running_var if has_running else invstd,
         num_batches_tracked if cumulative else mean,
-        view.c, p.splits, float(momentum or 0.0), float(eps), view.stride_c,
+        view.c, splits, float(momentum or 0.0), float(eps), view.stride_c,
         HAS_RUNNING=has_running, CUMULATIVE=cumulative,
         BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=_tl_dtype(acc), num_warps=4,
     )
@@ -279,6 +286,60 @@ def bn_forward_eval(x, weight, bias, running_mean, running_var, eps):
     return bn_normalize(x, view, running_mean, running_var, weight, bias, eps, from_var=True)
 
 
+def bn_backward_sums(x: torch.Tensor, dy: torch.Tensor, view: View, mean, invstd, dweight=None,
+                     dbias=None) -> torch.Tensor:
+    """``[Σdy, Σ(dy·x̂)]`` per channel (accumulation dtype), summed in a fixed order; also written to
+    ``dbias`` / ``dweight`` (dβ = Σdy, dγ = Σ(dy·x̂)) when given. ``dy`` has ``x``'s strides."""
+    acc = _acc_dtype(x.dtype)
+    c = view.c
+    if x.numel() == 0:
+        for t in (dweight, dbias):
+            if t is not None:
+                t.zero_()
+        return torch.zeros((2, c), dtype=acc, device=x.device)
+    k = _kernels()
+    p = _reduce_plan(view, x.device)
+    parts = torch.empty((2, p.splits, c), dtype=acc, device=x.device)
+    _launch(
+        k._bn_backward_reduce_kernel, (p.num_cblocks, p.splits),
+        x, dy, mean, invstd, parts,
+        c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
+        BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=_tl_dtype(acc), num_warps=TUNING.reduce_warps,
+    )
+    sums = torch.empty((2, c), dtype=acc, device=x.device)
+    block_k, fblock_c = _finalize_blocks(c, p.splits)
+    _launch(
+        k._bn_backward_finalize_kernel, (_cdiv(c, fblock_c),),
+        parts, sums, dweight if dweight is not None else sums, dbias if dbias is not None else sums,
+        c, p.splits,
+        HAS_DWEIGHT=dweight is not None, HAS_DBIAS=dbias is not None,
+        BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=_tl_dtype(acc), num_warps=4,
+    )
+    return sums
+
+
+def bn_backward_dx(x: torch.Tensor, dy: torch.Tensor, view: View, weight, mean, invstd, sums, count: int,
+                   training: bool) -> torch.Tensor:
+    """dx from ``sums = [Σdy, Σ(dy·x̂)]`` over ``count`` values per channel (training), or dx = γ·invstd·dy
+    (constant statistics: ``sums`` unused). ``dy`` has ``x``'s strides."""
+    dx = torch.empty_like(x)
+    if x.numel() == 0:
+        return dx
+    block_s, block_c = _tiles(view, TUNING.elementwise_tile)
+    num_sblocks = _cdiv(view.s, block_s)
+    num_cblocks = _cdiv(view.c, block_c)
+    _launch(
+        _kernels()._bn_backward_dx_kernel, (view.n * num_sblocks * num_cblocks,),
+        x, dy, dx, mean, invstd, weight if weight is not None else invstd,
+        sums if sums is not None else invstd,
+        view.c, view.s, num_sblocks, num_cblocks, count, *view.strides,
+        HAS_WEIGHT=weight is not None, TRAINING=training,
+        BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=_tl_dtype(_acc_dtype(x.dtype)),
+        num_warps=TUNING.elementwise_warps,
+    )
+    return dx
+
+
 def bn_backward(dy, x, weight, mean, invstd, training: bool, need_dx: bool, need_dweight: bool,
                 dbias_dtype: torch.dtype | None):
     """Gradients (dx, dγ, dβ), each None unless asked for (dβ when ``dbias_dtype`` is given).
@@ -286,54 +347,15 @@ def bn_backward(dy, x, weight, mean, invstd, training: bool, need_dx: bool, need
     accumulation dtype."""
     x, view = _prepare(x)
     dy = _like(x, dy)
-    k = _kernels()
-    acc = _acc_dtype(x.dtype)
-    tl_acc = _tl_dtype(acc)
     c = view.c
     dweight = torch.empty(c, dtype=weight.dtype, device=x.device) if need_dweight else None
-    need_dbias = dbias_dtype is not None
-    dbias = torch.empty(c, dtype=dbias_dtype, device=x.device) if need_dbias else None
+    dbias = torch.empty(c, dtype=dbias_dtype, device=x.device) if dbias_dtype is not None else None
     sums = None
-    if need_dweight or need_dbias or (training and need_dx):
-        if x.numel() > 0:
-            sums = torch.empty((2, c), dtype=acc, device=x.device)
-            p = _reduce_plan(view, x.device)
-            parts = torch.empty((2, p.splits, c), dtype=acc, device=x.device)
-            _launch(
-                k._bn_backward_reduce_kernel, (p.num_cblocks, p.splits),
-                x, dy, mean, invstd, parts,
-                c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
-                BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=tl_acc, num_warps=TUNING.reduce_warps,
-            )
-            block_k, fblock_c = _finalize_blocks(c, p.splits)
-            _launch(
-                k._bn_backward_finalize_kernel, (_cdiv(c, fblock_c),),
-                parts, sums,
-                dweight if need_dweight else sums, dbias if need_dbias else sums,
-                c, p.splits,
-                HAS_DWEIGHT=need_dweight, HAS_DBIAS=need_dbias,
-                BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=tl_acc, num_warps=4,
-            )
-        else:
-            if need_dweight:
-                dweight.zero_()
-            if need_dbias:
-                dbias.zero_()
+    if dweight is not None or dbias is not None or (training and need_dx):
+        sums = bn_backward_sums(x, dy, view, mean, invstd, dweight, dbias)
     dx = None
     if need_dx:
-        dx = torch.empty_like(x)
-        if x.numel() > 0:
-            block_s, block_c = _tiles(view, TUNING.elementwise_tile)
-            num_sblocks = _cdiv(view.s, block_s)
-            num_cblocks = _cdiv(view.c, block_c)
-            _launch(
-                k._bn_backward_dx_kernel, (view.n * num_sblocks * num_cblocks,),
-                x, dy, dx, mean, invstd, weight if weight is not None else invstd,
-                sums if sums is not None else invstd,
-                c, view.s, num_sblocks, num_cblocks, view.n * view.s, *view.strides,
-                HAS_WEIGHT=weight is not None, TRAINING=training,
-                BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=tl_acc, num_warps=TUNING.elementwise_warps,
-            )
+        dx = bn_backward_dx(x, dy, view, weight, mean, invstd, sums, view.n * view.s, training)
     return dx, dweight, dbias
 
 

@@ -29,21 +29,11 @@ from tritonbn.modules import _TritonBatchNormMixin
 
 def local_stats(x: torch.Tensor, view: ops.View) -> torch.Tensor:
     """Per-channel ``[count, mean, M2]`` (float64, shape ``[3, C]``) of the local batch ``x``."""
-    c = view.c
     if x.numel() == 0:
-        return torch.zeros((3, c), dtype=torch.float64, device=x.device)
-    k = ops._kernels()
-    acc = ops._acc_dtype(x.dtype)
-    p = ops._reduce_plan(view, x.device)
-    parts = torch.empty((3, p.splits, c), dtype=acc, device=x.device)
-    ops._launch(
-        k._bn_stats_kernel, (p.num_cblocks, p.splits),
-        x, parts,
-        c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
-        BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=ops._tl_dtype(acc), num_warps=ops.TUNING.reduce_warps,
-    )
+        return torch.zeros((3, view.c), dtype=torch.float64, device=x.device)
+    parts, _ = ops.bn_stat_partials(x, view)
     # The kernel writes (mean − K_c, M2, count) partials, shifted by K_c = x[0, c, 0].
-    shift = torch.as_strided(x, (c,), (view.stride_c,), x.storage_offset()).double()
+    shift = torch.as_strided(x, (view.c,), (view.stride_c,), x.storage_offset()).double()
     return _merge(parts[[2, 0, 1]].double(), shift)
 
 
@@ -56,52 +46,6 @@ def _merge(stats: torch.Tensor, shift=None) -> torch.Tensor:
     if shift is not None:
         mean = mean + shift
     return torch.stack((n, mean, m2))
-
-
-def _local_backward_sums(dy, x, view, mean, invstd) -> torch.Tensor:
-    """``[Σdy, Σdy·x̂]`` per channel (accumulation dtype) of the local batch."""
-    c = view.c
-    acc = ops._acc_dtype(x.dtype)
-    sums = torch.zeros((2, c), dtype=acc, device=x.device)
-    if x.numel() == 0:
-        return sums
-    k = ops._kernels()
-    tl_acc = ops._tl_dtype(acc)
-    p = ops._reduce_plan(view, x.device)
-    parts = torch.empty((2, p.splits, c), dtype=acc, device=x.device)
-    ops._launch(
-        k._bn_backward_reduce_kernel, (p.num_cblocks, p.splits),
-        x, dy, mean, invstd, parts,
-        c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
-        BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=tl_acc, num_warps=ops.TUNING.reduce_warps,
-    )
-    block_k, fblock_c = ops._finalize_blocks(c, p.splits)
-    ops._launch(
-        k._bn_backward_finalize_kernel, (ops._cdiv(c, fblock_c),),
-        parts, sums, sums, sums, c, p.splits,
-        HAS_DWEIGHT=False, HAS_DBIAS=False, BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=tl_acc, num_warps=4,
-    )
-    return sums
-
-
-def _backward_dx(dy, x, view, weight, mean, invstd, mean_sums) -> torch.Tensor:
-    """dx from ``[2, C]`` global means of dy and dy·x̂ (the kernel's count is 1: the sums are pre-divided)."""
-    k = ops._kernels()
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
-        return dx
-    block_s, block_c = ops._tiles(view, ops.TUNING.elementwise_tile)
-    num_sblocks = ops._cdiv(view.s, block_s)
-    num_cblocks = ops._cdiv(view.c, block_c)
-    ops._launch(
-        k._bn_backward_dx_kernel, (view.n * num_sblocks * num_cblocks,),
-        x, dy, dx, mean, invstd, weight if weight is not None else invstd, mean_sums,
-        view.c, view.s, num_sblocks, num_cblocks, 1, *view.strides,
-        HAS_WEIGHT=weight is not None, TRAINING=True,
-        BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=ops._tl_dtype(ops._acc_dtype(x.dtype)),
-        num_warps=ops.TUNING.elementwise_warps,
-    )
-    return dx
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -142,14 +86,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         view = ctx.view
         dy = ops._like(x, dy)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        sums = _local_backward_sums(dy, x, view, mean, invstd)
+        sums = ops.bn_backward_sums(x, dy, view, mean, invstd)
         dw = sums[1].to(weight.dtype) if need_dw and weight is not None else None
         db = sums[0].to(ctx.bias_dtype) if need_db and ctx.bias_dtype is not None else None
         dx = None
         if need_dx:
             sums = sums.clone()
             dist.all_reduce(sums, group=ctx.process_group)
-            dx = _backward_dx(dy, x, view, weight, mean, invstd, (sums / n.clamp_min(1.0)).contiguous())
+            # The sums are pre-divided by the global count, so the kernel's count is 1.
+            dx = ops.bn_backward_dx(x, dy, view, weight, mean, invstd, (sums / n.clamp_min(1.0)).contiguous(),
+                                    1, True)
         return dx, dw, db, None, None, None, None, None, None, None
 
 
