@@ -41,6 +41,15 @@ def _invstd(var, eps):
 
 
 @triton.jit
+def _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S: tl.constexpr):
+    """Row block ``b`` of a reduction's ``N * num_sblocks`` blocks: its int64 offset and tile mask."""
+    n = b // num_sblocks
+    s0 = (b - n * num_sblocks) * BLOCK_S
+    mask = ((s0 + offs_s) < S)[:, None] & mask_c[None, :]
+    return n.to(tl.int64) * stride_xn + s0.to(tl.int64) * stride_xs, mask
+
+
+@triton.jit
 def _bn_stats_kernel(
     x_ptr, part_ptr,
     C, S, num_sblocks, blocks_per_split, total_blocks,
@@ -73,11 +82,8 @@ def _bn_stats_kernel(
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, total_blocks)
     for b in range(b_start, b_end):
-        n = b // num_sblocks
-        s0 = (b - n * num_sblocks) * BLOCK_S
-        mask = ((s0 + offs_s) < S)[:, None] & mask_c[None, :]
-        base = x_base + n.to(tl.int64) * stride_xn + s0.to(tl.int64) * stride_xs
-        x = tl.load(base + tile, mask=mask, other=0.0).to(ACC_DTYPE) - shift[None, :]
+        row, mask = _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S)
+        x = tl.load(x_base + row + tile, mask=mask, other=0.0).to(ACC_DTYPE) - shift[None, :]
         w = mask.to(ACC_DTYPE)
         count += w
         delta = x - mean
@@ -230,10 +236,8 @@ def _bn_backward_reduce_kernel(
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(b_start + blocks_per_split, total_blocks)
     for b in range(b_start, b_end):
-        n = b // num_sblocks
-        s0 = (b - n * num_sblocks) * BLOCK_S
-        mask = ((s0 + offs_s) < S)[:, None] & mask_c[None, :]
-        base = c_base + n.to(tl.int64) * stride_xn + s0.to(tl.int64) * stride_xs
+        row, mask = _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S)
+        base = c_base + row
         x = tl.load(x_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
         dy = tl.load(dy_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
         sum_dy += dy

@@ -201,6 +201,14 @@ def _reduce_plan_cached(view: View, target_programs: int, tuning: Tuning) -> Red
 
 
 @functools.lru_cache(maxsize=4096)
+def _elementwise_plan(view: View, tuning: Tuning):
+    """(BLOCK_S, BLOCK_C, num_sblocks, num_cblocks, grid) of the elementwise kernels."""
+    block_s, block_c = _tiles(view, tuning.elementwise_tile)
+    num_sblocks, num_cblocks = _cdiv(view.s, block_s), _cdiv(view.c, block_c)
+    return block_s, block_c, num_sblocks, num_cblocks, (view.n * num_sblocks * num_cblocks,)
+
+
+@functools.lru_cache(maxsize=4096)
 def _finalize_blocks(c: int, splits: int) -> tuple[int, int]:
     block_c = min(_next_pow2(c), 128)
     block_k = min(_next_pow2(splits), max(1, 2048 // block_c))
@@ -249,15 +257,12 @@ def bn_stats(x: torch.Tensor, view: View, running_mean, running_var, num_batches
 def bn_normalize(x: torch.Tensor, view: View, mean, invstd_or_var, weight, bias, eps: float,
                  from_var: bool) -> torch.Tensor:
     """y = (x − mean)·invstd·γ + β; with ``from_var`` the second vector is a variance (inference)."""
-    k = _kernels()
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    block_s, block_c = _tiles(view, TUNING.elementwise_tile)
-    num_sblocks = _cdiv(view.s, block_s)
-    num_cblocks = _cdiv(view.c, block_c)
+    block_s, block_c, num_sblocks, num_cblocks, grid = _elementwise_plan(view, TUNING)
     _launch(
-        k._bn_forward_kernel, (view.n * num_sblocks * num_cblocks,),
+        _kernels()._bn_forward_kernel, grid,
         x, y, mean, invstd_or_var,
         weight if weight is not None else mean, bias if bias is not None else mean,
         view.c, view.s, num_sblocks, num_cblocks, float(eps), *view.strides,
@@ -325,11 +330,9 @@ def bn_backward_dx(x: torch.Tensor, dy: torch.Tensor, view: View, weight, mean, 
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx
-    block_s, block_c = _tiles(view, TUNING.elementwise_tile)
-    num_sblocks = _cdiv(view.s, block_s)
-    num_cblocks = _cdiv(view.c, block_c)
+    block_s, block_c, num_sblocks, num_cblocks, grid = _elementwise_plan(view, TUNING)
     _launch(
-        _kernels()._bn_backward_dx_kernel, (view.n * num_sblocks * num_cblocks,),
+        _kernels()._bn_backward_dx_kernel, grid,
         x, dy, dx, mean, invstd, weight if weight is not None else invstd,
         sums if sums is not None else invstd,
         view.c, view.s, num_sblocks, num_cblocks, count, *view.strides,
