@@ -68,6 +68,20 @@ def test_module_matches_torch_over_steps_and_modes(torch_cls, ours_cls, shape, k
     assert_same_state(ours, theirs)
 
 
+def test_no_grad_path_matches_torch(device):
+    """Under no_grad the layers skip the autograd.Function: same outputs and running stats."""
+    theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 5, device, momentum=None)
+    x = make_input((3, 5, 4, 4), "channels_last", device=device)
+    with torch.no_grad():
+        for train in (True, True, False):
+            for m in (theirs, ours):
+                m.train(train)
+            y_o, y_t = ours(x), theirs(x)
+            assert not y_o.requires_grad and y_o.stride() == x.stride()
+            torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-5)
+            assert_same_state(ours, theirs)
+
+
 def test_momentum_none_is_cumulative_average(device):
     """running stats = plain average of the batch statistics so far, against the float64 reference."""
     m = tritonbn.BatchNorm2d(3, momentum=None).to(device)

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tritonbn import custom_ops
+from tritonbn import custom_ops, ops
 from tritonbn.ops import BatchNormFunction
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,8 +82,20 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     if custom_ops.graph_capture():  # torch.compile / export / tracing: custom ops or aten (custom_ops.py)
         return custom_ops.dispatch(input, running_mean, running_var, _param(weight), _param(bias), training,
                                    momentum, eps, num_batches_tracked)
-    return BatchNormFunction.apply(input, _param(weight), _param(bias), running_mean, running_var,
-                                   num_batches_tracked, training, momentum, eps)
+    weight, bias = _param(weight), _param(bias)
+    needs_graph = input.requires_grad or _requires_grad(weight) or _requires_grad(bias)
+    if not (needs_graph and torch.is_grad_enabled()):
+        # No graph to record (inference, no_grad): skip the autograd.Function machinery on the hot path.
+        if training:
+            return ops.bn_forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                        momentum, eps)[0]
+        return ops.bn_forward_eval(input, weight, bias, running_mean, running_var, eps)
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                   training, momentum, eps)
+
+
+def _requires_grad(t) -> bool:
+    return t is not None and t.requires_grad
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
