@@ -4,6 +4,7 @@
 #     benchmarks/gpu_check.sh OUTDIR            # e.g. benchmarks/gpu_check.sh "$OUT"
 #
 # 1. environment (GPU, driver, python, torch, triton, commit)  -> OUTDIR/env.txt
+#    host time per call (benchmarks/host_overhead.py)          -> console / gpu_check.log
 # 2. CUDA-marked tests (pytest -m cuda)                         -> OUTDIR/pytest_cuda.log
 # 3. benchmark suite, --quick, under a time budget              -> OUTDIR/bench.{json,md,png}
 # 4. end-to-end training check                                  -> OUTDIR/train.{json,md}
@@ -95,6 +96,9 @@ env_to_file() {
     return "${PIPESTATUS[0]}"
 }
 step env env_to_file
+
+# --- 1b. host time per call: tritonbn's Python vs one Triton launch vs the whole module call ---------
+step host_overhead timeout -k 5 60 "$PY" -m benchmarks.host_overhead
 
 # --- 2. CUDA tests --------------------------------------------------------------------------------------
 run_tests() {
