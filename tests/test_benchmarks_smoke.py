@@ -219,3 +219,13 @@ def test_host_us_per_call_resets_grads(monkeypatch):
 
     assert harness.host_us_per_call(fn, n=5, grad_to_none=[t]) > 0
     assert len(calls) == 5
+
+
+def test_host_overhead_runs_on_cpu(capsys):
+    from benchmarks import host_overhead
+    from tritonbn import ops
+
+    assert host_overhead.main([]) == 0
+    out = capsys.readouterr().out
+    assert "python: module train forward" in out and "python: backward" in out
+    assert ops._launch_hook is None     # the recording hook is always removed
