@@ -96,3 +96,15 @@ def test_cuda_module_trains_like_torch_channels_last():
         torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5, msg=k)
     for a, b_ in zip(ours.parameters(), net.parameters()):
         torch.testing.assert_close(a.grad, b_.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_tensors_on_a_non_current_device():
+    """Triton launches on the current device: the launchers must follow the tensors' device."""
+    x = make_input((4, 5, 6, 7), "channels_last", device="cuda:1").requires_grad_(True)
+    m = tritonbn.BatchNorm2d(5).to("cuda:1")
+    with torch.cuda.device(0):
+        y = m(x)
+        y.sum().backward()
+    expect = bn_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    assert rel_err(y, expect.y) < 1e-5 and torch.isfinite(x.grad).all()

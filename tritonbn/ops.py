@@ -169,6 +169,12 @@ def _launch(kernel, grid, *args, num_warps, **constexprs):
     if _launch_hook is not None:
         _launch_hook(kernel, grid, args, constexprs, num_warps)
         return
+    device = args[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on the current device and stream: follow the tensors (e.g. a model on cuda:1).
+        with torch.cuda.device(device):
+            kernel[grid](*args, num_warps=num_warps, **constexprs)
+        return
     kernel[grid](*args, num_warps=num_warps, **constexprs)
 
 
