@@ -41,6 +41,22 @@ def _invstd(var, eps):
 
 
 @triton.jit
+def _reduce_tile(C, blocks_per_split, total_blocks, stride_xc, stride_xs,
+                 BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's channel tile and row-block range in a reduction kernel (grid ``(channel tiles,
+    splits)``): first channel, lane offsets, channel mask, int32 tile offsets, int64 channel base, and the
+    row blocks ``[b_start, b_end)`` of its split."""
+    c0 = tl.program_id(0) * BLOCK_C
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = (c0 + offs_c) < C
+    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
+    b_start = tl.program_id(1) * blocks_per_split
+    b_end = tl.minimum(b_start + blocks_per_split, total_blocks)
+    return c0, offs_s, offs_c, mask_c, tile, c0.to(tl.int64) * stride_xc, b_start, b_end
+
+
+@triton.jit
 def _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S: tl.constexpr):
     """Row block ``b`` of a reduction's ``N * num_sblocks`` blocks: its int64 offset and tile mask."""
     n = b // num_sblocks
@@ -66,21 +82,14 @@ def _bn_stats_kernel(
 
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
-    pid_c = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
-    c0 = pid_c * BLOCK_C
-    mask_c = (c0 + offs_c) < C
-    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
-    x_base = x_ptr + c0.to(tl.int64) * stride_xc
+    c0, offs_s, offs_c, mask_c, tile, c_base, b_start, b_end = _reduce_tile(
+        C, blocks_per_split, total_blocks, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
+    x_base = x_ptr + c_base
     shift = tl.load(x_base + offs_c * stride_xc, mask=mask_c, other=0.0).to(ACC_DTYPE)
 
     mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
     m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
     count = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
-    b_start = pid_k * blocks_per_split
-    b_end = tl.minimum(b_start + blocks_per_split, total_blocks)
     for b in range(b_start, b_end):
         row, mask = _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S)
         x = tl.load(x_base + row + tile, mask=mask, other=0.0).to(ACC_DTYPE) - shift[None, :]
@@ -91,7 +100,7 @@ def _bn_stats_kernel(
         m2 += delta * (x - mean) * w
 
     mean_c, m2_c, count_c = tl.reduce((mean, m2, count), 0, _welford_combine)
-    out = part_ptr + pid_k * C + c0 + offs_c
+    out = part_ptr + tl.program_id(1) * C + c0 + offs_c
     plane = tl.num_programs(1) * C
     tl.store(out, mean_c, mask=mask_c)
     tl.store(out + plane, m2_c, mask=mask_c)
@@ -221,20 +230,12 @@ def _bn_backward_reduce_kernel(
     Same view, tiling and split as ``_bn_stats_kernel``; writes ``part[2, splits, C]`` (ACC_DTYPE).
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
-    pid_c = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
-    c0 = pid_c * BLOCK_C
-    mask_c = (c0 + offs_c) < C
+    c0, offs_s, offs_c, mask_c, tile, c_base, b_start, b_end = _reduce_tile(
+        C, blocks_per_split, total_blocks, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
     mean = tl.load(mean_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
-    c_base = c0.to(tl.int64) * stride_xc
 
     sum_dy = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
     sum_dy_xc = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
-    b_start = pid_k * blocks_per_split
-    b_end = tl.minimum(b_start + blocks_per_split, total_blocks)
     for b in range(b_start, b_end):
         row, mask = _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S)
         base = c_base + row
@@ -244,7 +245,7 @@ def _bn_backward_reduce_kernel(
         sum_dy_xc += dy * tl.where(mask, x - mean[None, :], 0.0)
 
     invstd = tl.load(invstd_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    out = part_ptr + pid_k * C + c0 + offs_c
+    out = part_ptr + tl.program_id(1) * C + c0 + offs_c
     tl.store(out, tl.sum(sum_dy, axis=0), mask=mask_c)
     tl.store(out + tl.num_programs(1) * C, tl.sum(sum_dy_xc, axis=0) * invstd, mask=mask_c)
 
