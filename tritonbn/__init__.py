@@ -5,9 +5,17 @@ Layers: kernels (``tritonbn.kernels``, ``_bn_*_kernel``) → launchers and autog
 """
 
 from tritonbn.functional import batch_norm, uses_triton
-from tritonbn.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from tritonbn.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    convert_model,
+)
 from tritonbn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert_model",
-           "convert_sync_batchnorm", "uses_triton"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+           "SyncBatchNorm", "batch_norm", "convert_model", "convert_sync_batchnorm", "uses_triton"]
 __version__ = "0.1.0"

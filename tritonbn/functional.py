@@ -98,11 +98,46 @@ def _requires_grad(t) -> bool:
     return t is not None and t.requires_grad
 
 
+ACTIVATIONS = (None, "relu")
+
+
+def check_fusion(input, residual, activation) -> None:
+    """The fused epilogue's arguments: ``residual`` of exactly ``input``'s shape, dtype, device and
+    strides (it is added without broadcasting or type promotion), ``activation`` one of ACTIVATIONS."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
+        raise RuntimeError(
+            f"batch_norm: residual must match input exactly (no broadcasting or type promotion): input is "
+            f"{tuple(input.shape)} {input.dtype} on {input.device}, residual is {tuple(residual.shape)} "
+            f"{residual.dtype} on {residual.device}")
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-               eps=1e-5):
+               eps=1e-5, *, residual=None, activation=None):
     """Same signature, results, in-place running-stat updates and errors as
-    ``torch.nn.functional.batch_norm``; differentiable w.r.t. input, weight and bias."""
+    ``torch.nn.functional.batch_norm``; differentiable w.r.t. input, weight and bias.
+
+    Fused epilogue (keyword-only): ``activation(batch_norm(...) + residual)``, with ``residual`` a tensor
+    of the input's shape, dtype and device (differentiable too) and ``activation`` None or ``"relu"``;
+    the same results and running-stat updates as ``F.relu(F.batch_norm(...) + residual)``."""
+    if isinstance(input, torch.Tensor):
+        check_fusion(input, residual, activation)
     if isinstance(input, torch.Tensor) and not uses_triton(input):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _epilogue(y, residual, activation)
     check_inputs(input, running_mean, running_var, weight, bias, training)
-    return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _epilogue(y, residual, activation)
+
+
+def _epilogue(y, residual, activation):
+    if residual is not None:
+        y = y + residual
+    if activation == "relu":
+        y = torch.relu(y)
+    return y

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tritonbn.functional import batch_norm_impl, check_inputs, uses_triton
+from tritonbn.functional import batch_norm_impl, check_fusion, check_inputs, uses_triton
 
 
 class _TritonBatchNormMixin:
@@ -42,6 +42,43 @@ class BatchNorm2d(_TritonBatchNormMixin, nn.BatchNorm2d):
 
 class BatchNorm3d(_TritonBatchNormMixin, nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on tritonbn kernels; input ``(N, C, D, H, W)``."""
+
+
+class _BatchNormActMixin(_TritonBatchNormMixin):
+    """BatchNorm followed by an optional residual add and an activation, in one fused op:
+    ``activation(bn(input) + residual)``. State (parameters, buffers, ``state_dict`` keys) is exactly that
+    of ``nn.BatchNorm*d``, so checkpoints load both ways; ``activation`` is a constructor argument
+    (``"relu"`` or None), not state."""
+
+    def __init__(self, num_features, *args, activation="relu", **kwargs):
+        # Every other argument is the torch class's own (its set varies across torch versions).
+        check_fusion(torch.empty(0), None, activation)
+        super().__init__(num_features, *args, **kwargs)
+        self.activation = activation
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        check_fusion(input, residual, self.activation)
+        y = super().forward(input)
+        if residual is not None:
+            y = y + residual
+        if self.activation == "relu":
+            y = torch.relu(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
+    """``BatchNorm1d`` + optional residual add + activation, fused; input ``(N, C)`` or ``(N, C, L)``."""
+
+
+class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
+    """``BatchNorm2d`` + optional residual add + activation, fused; input ``(N, C, H, W)``."""
+
+
+class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
+    """``BatchNorm3d`` + optional residual add + activation, fused; input ``(N, C, D, H, W)``."""
 
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
