@@ -39,11 +39,13 @@ def _record_launches():
         key = (kernel.fn.__name__, repr(spec), num_warps)
         records.setdefault(key, (kernel, spec, num_warps))
 
-    # Layouts x sizes that reach every tile regime: full 4096-element NCHW planes, channels_last rows,
-    # small odd planes (several channels per tile), (N, C), (N, C, L) and channels_last_3d.
+    # Layouts x sizes that reach every tile regime and elementwise layout: full 4096-element NCHW planes and
+    # channels_last rows (TILED), small odd planes and odd channel counts (FLAT), (N, C), (N, C, L) and
+    # channels_last_3d.
     shapes = [
         ((2, 64, 64, 64), None), ((2, 64, 64, 64), torch.channels_last), ((2, 3, 7, 7), None),
-        ((8, 3), None), ((4, 5, 9), None), ((2, 16, 4, 4, 4), torch.channels_last_3d),
+        ((2, 6, 5, 5), torch.channels_last), ((8, 3), None), ((4, 5, 9), None),
+        ((2, 16, 4, 4, 4), torch.channels_last_3d),
     ]
     # Every (input, parameter) dtype pair runs the default flags; fp32 and bf16 run every flag combination.
     dtypes = [(torch.float16, torch.float16), (torch.float16, torch.float32),
@@ -67,18 +69,37 @@ def _record_launches():
                     rm = torch.zeros(c, dtype=pdtype) if track else None
                     rv = torch.ones(c, dtype=pdtype) if track else None
                     nbt = torch.zeros((), dtype=torch.long)
-                    y, mean, invstd = ops.bn_forward_train(x, w, b, rm, rv, nbt, momentum, 1e-5)
-                    for training in (True, False):
-                        for need_dx, need_dw, need_db in ((True, True, True), (True, False, False),
-                                                          (False, True, True)):
-                            ops.bn_backward(torch.randn_like(x), x, w, mean, invstd, training, need_dx,
-                                            need_dw and w is not None,
-                                            b.dtype if need_db and b is not None else None)
-                    ops.bn_forward_eval(x, w, b, torch.zeros(c, dtype=pdtype), torch.ones(c, dtype=pdtype),
-                                        1e-5)
-        # The module path too (it must not launch anything the matrix above missed).
+                    for residual, act in ((False, 0), (False, 1), (True, 1), (True, 0)) if all_flags \
+                            else ((False, 0), (True, 1)):
+                        z = torch.randn_like(x) if residual else None
+                        mask_flag = residual and act == 1
+                        for bump in ((False, True) if track else (False,)):
+                            _, stats, mask, xr = ops.forward(x, w, b, rm, rv, nbt, True, momentum, 1e-5, z,
+                                                             act, mask_flag, bump)
+                        for training in (True, False):
+                            src = (stats, stats) if training else (torch.zeros(c, dtype=pdtype),
+                                                                   torch.ones(c, dtype=pdtype))
+                            if not training:
+                                _, _, mask, _ = ops.forward(x, w, b, *src, None, False, 0.1, 1e-5, z, act,
+                                                            mask_flag)
+                            for need_dx, need_dw, need_db, need_dz in (
+                                    (True, True, True, residual), (True, False, False, False),
+                                    (False, True, True, False), (False, False, False, residual)):
+                                ops.backward(torch.randn_like(xr), xr, w, b, *src, mask, training, 1e-5, act,
+                                             need_dx, need_dw and w is not None,
+                                             b.dtype if need_db and b is not None else None, need_dz)
+                # SyncBatchNorm's launches: partial statistics, sums, dx.
+                view = ops._prepare(x)[1]
+                ops.bn_stat_partials(x, view)
+                stats = torch.cat((torch.zeros(c), torch.ones(c))).to(ops._acc_dtype(dtype))
+                ops.bn_normalize(x, stats, None, None, 1e-5)
+                ops.bn_backward_sums(x, torch.randn_like(x), stats)
+                ops.bn_backward_dx(x, torch.randn_like(x), None, stats, torch.zeros(2, c, dtype=stats.dtype),
+                                   1)
+        # The module paths too (they must not launch anything the matrix above missed).
         m = tritonbn.BatchNorm2d(3)
         m(torch.randn(2, 3, 4, 4))
+        tritonbn.BatchNormAct2d(3)(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
     finally:
         ops._launch_hook = None
     return list(records.values())
@@ -104,7 +125,8 @@ def _specialize(kernel, args, constexprs):
         if p.annotation_type:   # annotated scalars (fp64 momentum/eps) are typed, never specialized
             signature[name] = p.annotation_type
             continue
-        ty, attr = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize, True)
+        align = not getattr(p, "do_not_specialize_on_alignment", False)
+        ty, attr = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize, align)
         signature[name] = ty
         if ty == "constexpr":
             consts[name] = attr
