@@ -25,3 +25,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+# Launcher tunings (tritonbn.ops.Tuning fields) that kernel tests run under.
+TUNINGS = {
+    "default": {},
+    # tiny tiles and few programs, so every loop, split, merge and partial-block path is taken
+    "tiny-tiles": dict(reduce_tile=8, elementwise_tile=8, flat_block=32, max_block_c=4,
+                       interpreter_programs=3, waves=1),
+    # both elementwise addressing modes on every layout that has them
+    "tiled": dict(flat="never"),
+    "flat": dict(flat="always", flat_block=64),
+}
+
+
+@pytest.fixture(params=list(TUNINGS))
+def tuning(request, monkeypatch):
+    """Run a kernel test under each launcher tuning (tritonbn.ops.TUNING)."""
+    from tritonbn import ops
+
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(**TUNINGS[request.param]))
+    return request.param

@@ -3,6 +3,9 @@
 μ, σ² (biased) over N and all spatial positions per channel; x̂ = (x − μ)/√(σ² + ε); y = γx̂ + β;
 running ← (1 − f)·running + f·batch with the unbiased variance; and
 dx = γ·invstd/m · (m·dy − Σdy − x̂·Σ(dy·x̂)), dγ = Σ(dy·x̂), dβ = Σdy.
+
+Fused epilogue: out = act(y + z); with ReLU the backward runs the formulas above on g = dy·[out > 0], and
+dz = g (dy without an activation).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ def _reduce_dims(x):
     return [0] + list(range(2, x.dim()))
 
 
-def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps) -> RefForward:
-    """``factor`` is the running-average factor (momentum, or 1/num_batches_tracked)."""
+def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps, residual=None,
+               activation=None) -> RefForward:
+    """``factor`` is the running-average factor (momentum, or 1/num_batches_tracked). ``y`` is the output
+    after the optional residual add and activation ("relu")."""
     x = x.double()
     shape = _channel_shape(x)
     rm = running_mean.double().clone() if running_mean is not None else None
@@ -51,12 +56,20 @@ def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps
         y = y * weight.double().view(shape)
     if bias is not None:
         y = y + bias.double().view(shape)
+    if residual is not None:
+        y = y + residual.double()
+    if activation == "relu":
+        y = y.clamp_min(0)
     return RefForward(y, mean, invstd, rm, rv)
 
 
-def bn_backward(dy, x, weight, mean, invstd, training):
-    """(dx, dγ, dβ) in float64 from the formulas; ``mean``/``invstd`` as returned by ``bn_forward``."""
+def bn_backward(dy, x, weight, mean, invstd, training, positive=None):
+    """(dx, dγ, dβ) in float64 from the formulas; ``mean``/``invstd`` as returned by ``bn_forward``.
+    After a ReLU, ``positive`` is its mask (out > 0): the gradient entering batch norm is dy·mask (and that
+    is also the residual's gradient)."""
     x, dy = x.double(), dy.double()
+    if positive is not None:
+        dy = dy * positive.double().to(dy.device)
     shape = _channel_shape(x)
     dims = _reduce_dims(x)
     xhat = (x - mean.view(shape)) * invstd.view(shape)
@@ -73,6 +86,22 @@ def bn_backward(dy, x, weight, mean, invstd, training):
 
 
 # --- test inputs and error metric shared by the test modules ---------------------------------------
+
+# (shape, layout): every rank; odd and prime C; spatial size 1; N = 2.
+CASES = [
+    ((6, 5), "contiguous"),
+    ((5, 7), "transposed"),           # (N, C) with channel stride N
+    ((2, 3, 11), "contiguous"),
+    ((3, 13, 4), "noncontiguous"),    # every other position of a wider tensor
+    ((2, 3, 5, 7), "contiguous"),
+    ((3, 7, 4, 5), "channels_last"),
+    ((4, 3, 1, 1), "contiguous"),     # spatial size 1
+    ((4, 3, 1, 1), "channels_last"),
+    ((2, 5, 3, 6), "permuted"),       # dense, but H and W swapped in memory: copied
+    ((2, 3, 2, 3, 4), "contiguous"),
+    ((2, 5, 3, 2, 3), "channels_last"),
+]
+
 
 def make_input(shape, layout, dtype=torch.float32, device="cpu", scale=3.0, shift=2.0):
     n, c = shape[:2]

@@ -1,10 +1,12 @@
 """tritonbn.BatchNorm1d/2d/3d and convert_model against torch's modules: state, semantics, errors."""
 
 import copy
+import functools
 
 import pytest
 import reference as ref
 import torch
+import torch.nn.functional as F
 from reference import make_input, rel_err
 from torch import nn
 
@@ -164,42 +166,126 @@ def test_small_convnet_trains_like_torch(device):
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-10)
 
 
-# --- errors: torch's exception types, clear messages, and no state change -------------------------------
+# --- errors: torch's exception types, and no state change -----------------------------------------------
 
-@pytest.mark.parametrize("build,x,exc,match", [
-    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 3, 4), ValueError, "expected 4D input"),
-    (lambda: tritonbn.BatchNorm1d(3), torch.randn(2, 3, 4, 4), ValueError, "expected 2D or 3D input"),
-    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 4, 3, 3), RuntimeError, "should contain 4 elements"),
-    (lambda: tritonbn.BatchNorm2d(3), torch.randn(1, 3, 1, 1), ValueError, "more than 1 value per channel"),
-    (lambda: tritonbn.BatchNorm1d(3), torch.randn(1, 3), ValueError, "more than 1 value per channel"),
-    (lambda: tritonbn.BatchNorm2d(3), torch.ones(2, 3, 2, 2).long(), RuntimeError, "not supported"),
-    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 3, 2, 2).double(), RuntimeError, "dtype"),
-])
-def test_bad_input_raises_and_leaves_state_untouched(build, x, exc, match, device):
+BAD_INPUTS = [
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 3, 4), "expected 4D input"),
+    (lambda: tritonbn.BatchNorm1d(3), torch.randn(2, 3, 4, 4), "expected 2D or 3D input"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 4, 3, 3), "should contain 4 elements"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(1, 3, 1, 1), "more than 1 value per channel"),
+    (lambda: tritonbn.BatchNorm1d(3), torch.randn(1, 3), "more than 1 value per channel"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.ones(2, 3, 2, 2).long(), "not implemented for 'Long'"),
+    (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 3, 2, 2).double(), "dtype"),
+    (lambda: tritonbn.BatchNorm2d(3, momentum=None), torch.randn(1, 3, 1, 1), "more than 1 value"),
+]
+
+
+@pytest.fixture(params=["triton", "torch-fallback"])
+def path(request, monkeypatch):
+    """Both dispatch paths: tritonbn's kernels, and torch's batch norm (CPU without the interpreter)."""
+    if request.param == "torch-fallback":
+        monkeypatch.setattr(tritonbn.modules, "uses_triton", lambda x: False)
+        monkeypatch.setattr(tritonbn.functional, "uses_triton", lambda x: False)
+    return request.param
+
+
+@pytest.mark.parametrize("build,x,match", BAD_INPUTS)
+def test_bad_input_raises_torchs_exception_and_leaves_state_untouched(build, x, match, device, path):
     m = build().to(device)
     m.running_mean.uniform_()
+    theirs = copy.deepcopy(m)
+    theirs.__class__ = type(m).__mro__[2]     # the torch class (after the mixin)
+    with pytest.raises(Exception) as torch_error:
+        theirs(x.to(device))
     before = copy.deepcopy(m.state_dict())
-    with pytest.raises(exc, match=match):
+    with pytest.raises(torch_error.type, match=match):
         m(x.to(device))
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k       # num_batches_tracked included (torch bumps it first)
 
 
-def test_functional_errors(device):
-    x = torch.randn(4, 3, device=device)
-    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
-    with pytest.raises(RuntimeError, match="must be defined in evaluation mode"):
-        tritonbn.batch_norm(x, None, None, training=False)
-    with pytest.raises(ValueError, match=r"shape \(N, C, \*\)"):
-        tritonbn.batch_norm(torch.randn(3, device=device), rm, rv, training=True)
-    with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
-        tritonbn.batch_norm(x, rm, rv, torch.ones(4, device=device), training=True)
-    with pytest.raises(RuntimeError, match="is on meta but input is on"):
-        tritonbn.batch_norm(x, rm.to("meta"), rv, training=True)
-    rm0 = rm.clone()
-    with pytest.raises(ValueError):
-        tritonbn.batch_norm(torch.randn(1, 3, device=device), rm, rv, training=True)
-    assert torch.equal(rm, rm0)
+def _functional_calls(device):
+    """(args, kwargs) of F.batch_norm calls, valid and invalid, torch's degenerate cases included: the
+    OpInfo samples for nn.functional.batch_norm and the mistakes users make."""
+    z = functools.partial(torch.zeros, device=device)
+    o = functools.partial(torch.ones, device=device)
+    r = functools.partial(torch.randn, device=device)
+    calls = [
+        ((r(5, 5, 5), z(5), o(5), o(5), z(5)), dict(training=True, momentum=0.5, eps=0.6)),
+        ((r(3, 2, 4), z(2), o(2), o(2), z(2)), dict(training=False, momentum=-1.2)),
+        ((r(3, 1), z(1), o(1), o(1), z(1)), dict(training=True, momentum=0.0)),
+        ((r(0), z(0), o(0), None, None), dict(training=True)),
+        ((r(0), z(0), o(0), None, None), dict(training=False)),
+        ((r(3, 2, 3, 4), z(2), o(2), o(2), z(2)), dict(training=True, momentum=-1.0, eps=0.5)),
+        ((r(2, 1), z(1), o(1), o(1), z(1)), dict(training=False)),
+        ((r(1, 2, 3), None, None, None, None), dict(training=True)),
+        ((r(0, 3), z(3), o(3)), dict(training=True)),
+        ((r(2, 0), z(0), o(0)), dict(training=True)),
+        ((r(4, 3), z(6)[::2], o(6)[::2]), dict(training=True)),      # non-contiguous running stats
+        ((r(4, 3), z(3), o(3), o(3, 1)), dict(training=True)),      # 2-D weight, 3 elements
+        ((r(4, 3).half(), z(3), o(3), o(3), z(3)), dict(training=True)),          # mixed precision
+        ((r(4, 3).half(), None, None, o(3).half()), dict(training=True)),
+        ((r(4, 1), None, None, o(())), dict(training=True)),        # 0-d weight, C = 1
+        # invalid
+        ((r(3), z(3), o(3)), dict(training=True)),
+        ((r(()), z(1), o(1)), dict(training=False)),
+        ((r(1, 3), z(3), o(3)), dict(training=True)),
+        ((r(1, 0, 1), z(0), o(0)), dict(training=True)),
+        ((torch.ones(4, 3, dtype=torch.long, device=device), z(3), o(3)), dict(training=True)),
+        ((r(4, 3), z(3), o(3), o(4)), dict(training=True)),
+        ((r(4, 3), z(3, 1), o(3, 1)), dict(training=True)),
+        ((r(4, 3), None, None), dict(training=False)),
+        ((r(4, 3), z(3), None), dict(training=True)),
+        ((r(4, 3), z(3).half(), o(3).half()), dict(training=True)),
+        ((r(4, 3).half(), z(3).half(), o(3).half(), o(3)), dict(training=True)),
+        ((r(4, 3), z(3), o(3)), dict(training=True, momentum=None)),
+        ((r(4, 3), z(3), o(3)), dict(training=True, eps=0.0)),
+        ((r(4, 3), z(3), o(3)), dict(training=False, eps=-1.0)),
+        ((r(4, 3), z(3).requires_grad_(), o(3)), dict(training=True)),
+        ((r(4, 3), z(3, device="meta"), o(3)), dict(training=True)),
+        ((r(4, 3), z(3), o(3)), dict(training=1)),
+        (([[1.0]], None, None), dict(training=True)),
+    ]
+    return calls
+
+
+def _opinfo_calls(device):
+    """PyTorch's own OpInfo samples for ``nn.functional.batch_norm`` (every variant, degenerate ones
+    included), as (args, kwargs)."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    calls = []
+    for op in op_db:
+        if op.name != "nn.functional.batch_norm":
+            continue
+        for dtype in (torch.float32, torch.float64):
+            for sample in op.sample_inputs(device, dtype, requires_grad=False):
+                calls.append(((sample.input, *sample.args), dict(sample.kwargs)))
+    return calls
+
+
+@pytest.mark.parametrize("source,i", [("curated", i) for i in range(len(_functional_calls("cpu")))]
+                         + [("opinfo", i) for i in range(len(_opinfo_calls("cpu")))])
+def test_functional_accepts_and_rejects_exactly_what_torch_does(source, i, device, path):
+    args, kwargs = (_functional_calls if source == "curated" else _opinfo_calls)(device)[i]
+    clone = lambda t: t.clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    args_t = tuple(clone(a) for a in args)
+    try:
+        want = F.batch_norm(*args_t, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the verdict to match
+        before = [clone(a) for a in args]
+        with pytest.raises(type(e)):
+            tritonbn.batch_norm(*args, **kwargs)
+        for a, b in zip(args, before):
+            if isinstance(a, torch.Tensor) and a.device.type != "meta":
+                assert torch.equal(a, b)          # running stats untouched
+        return
+    got = tritonbn.batch_norm(*args, **kwargs)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, equal_nan=True)
+    for a, b in zip(args, args_t):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)   # running stats
 
 
 def test_eval_mode_with_one_value_per_channel_is_fine(device):

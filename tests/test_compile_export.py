@@ -127,44 +127,62 @@ def test_compiled_training_is_bitwise_deterministic(device):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_custom_ops_opcheck(training, device):
-    """Schema, fake (meta) implementations (shapes, dtypes, strides) and autograd registration."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_custom_ops_opcheck(training, fused, device):
+    """Schema, fake (meta) implementations (shapes, dtypes, strides) and autograd registration, plain and
+    with the fused residual + ReLU (which adds the bitmask output)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     w = torch.rand(3, device=device, requires_grad=True)
     b = torch.randn(3, device=device, requires_grad=True)
+    z = torch.randn_like(x).requires_grad_(True) if fused else None
+    act = 1 if fused else 0
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     if training:
         nbt = torch.tensor(3, device=device)
-        args = (x, w, b, rm, rv, nbt, None, 1e-5)
+        args = (x, w, b, z, rm, rv, nbt, None, 1e-5, act)
         torch.library.opcheck(torch.ops.tritonbn.bn_forward_train, args)
-        y, mean, invstd, _, _ = torch.ops.tritonbn.bn_forward_train(*args)
+        y, stats, _, _, mask = torch.ops.tritonbn.bn_forward_train(*args)
+        mean_src = var_src = stats.detach()
     else:
-        torch.library.opcheck(torch.ops.tritonbn.bn_forward_eval, (x, w, b, rm, rv, 1e-5))
-        mean, invstd = rm, torch.rsqrt(rv + 1e-5)
+        args = (x, w, b, z, rm, rv, 1e-5, act)
+        torch.library.opcheck(torch.ops.tritonbn.bn_forward_eval, args)
+        y, mask = torch.ops.tritonbn.bn_forward_eval(*args)
+        mean_src, var_src = rm, rv
+    assert mask.numel() == (4 if fused else 0)      # 120 elements: ceil(120 / 32) words
     dy = torch.randn_like(x)
     torch.library.opcheck(torch.ops.tritonbn.bn_backward,
-                          (dy, x.detach(), w.detach(), mean.detach(), invstd.detach(), training, True, True,
-                           True, torch.float32))
+                          (dy, x.detach(), w.detach(), b.detach(), mean_src, var_src, mask if fused else None,
+                           1e-5, training, act, True, True, True, fused, torch.float32))
 
 
-def test_custom_ops_torch_fallback_matches_kernels(device, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_custom_ops_torch_fallback_matches_kernels(fused, device, monkeypatch):
     """Without Triton (CPU, no interpreter) the ops compute the same results with torch's math."""
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, device=device) * 2 + 1
     w, b = torch.rand(4, device=device), torch.randn(4, device=device)
+    z = torch.randn_like(x) if fused else None
+    act = 1 if fused else 0
     rm, rv, nbt = torch.zeros(4, device=device), torch.ones(4, device=device), torch.tensor(2)
     dy = torch.randn_like(x)
     outs = []
     for triton in (True, False):
         monkeypatch.setattr(custom_ops, "_uses_triton", lambda t, _v=triton: _v)
-        fwd = torch.ops.tritonbn.bn_forward_train(x, w, b, rm, rv, nbt.to(device), None, 1e-5)
-        bwd = torch.ops.tritonbn.bn_backward(dy, x, w, fwd[1], fwd[2], True, True, True, True, torch.float32)
-        ev = torch.ops.tritonbn.bn_forward_eval(x, w, b, fwd[3], fwd[4], 1e-5)
-        outs.append(fwd + bwd + (ev,))
+        fwd = torch.ops.tritonbn.bn_forward_train(x, w, b, z, rm, rv, nbt.to(device), None, 1e-5, act)
+        mask = fwd[4] if fused else None
+        bwd = torch.ops.tritonbn.bn_backward(dy, x, w, b, fwd[1], fwd[1], mask, 1e-5, True, act, True, True,
+                                             True, fused, torch.float32)
+        ev = torch.ops.tritonbn.bn_forward_eval(x, w, b, z, fwd[2], fwd[3], 1e-5, act)
+        ev_bwd = torch.ops.tritonbn.bn_backward(dy, x, w, b, fwd[2], fwd[3], ev[1] if fused else None, 1e-5,
+                                                False, act, True, True, True, fused, torch.float32)
+        outs.append(fwd + bwd + ev + ev_bwd)
     for a, e in zip(*outs):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+        if a.dtype == torch.int32:
+            assert torch.equal(a, e)        # the ReLU bitmasks agree bit for bit
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     assert torch.equal(rm, torch.zeros(4, device=device))  # the ops are functional
 
 

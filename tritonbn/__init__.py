@@ -1,10 +1,12 @@
 """tritonbn: batch normalization for PyTorch on Triton kernels.
 
 Layers: kernels (``tritonbn.kernels``, ``_bn_*_kernel``) → launchers and autograd (``tritonbn.ops``) →
-``batch_norm`` (``tritonbn.functional``) → ``BatchNorm1d/2d/3d`` (``tritonbn.modules``).
+``batch_norm`` (``tritonbn.functional``) → ``BatchNorm1d/2d/3d``, ``BatchNormAct1d/2d/3d``
+(``tritonbn.modules``). Where a call runs is decided in ``tritonbn.dispatch``.
 """
 
-from tritonbn.functional import batch_norm, uses_triton
+from tritonbn.dispatch import uses_triton
+from tritonbn.functional import batch_norm
 from tritonbn.modules import (
     BatchNorm1d,
     BatchNorm2d,

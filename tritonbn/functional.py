@@ -1,72 +1,123 @@
-"""``tritonbn.batch_norm``: ``torch.nn.functional.batch_norm`` on Triton kernels.
+"""``tritonbn.batch_norm``: ``torch.nn.functional.batch_norm`` on Triton kernels, with an optional fused
+residual add and activation.
 
-Dispatch: CUDA tensors run the Triton kernels. CPU tensors run the same kernels through Triton's
-interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported (how the test suite runs them),
-and torch's own batch norm otherwise.
+Which calls the kernels take (``tritonbn.dispatch`` says where a tensor runs): every call that
+``supported`` accepts. Everything else goes to ``F.batch_norm`` itself, which computes or raises exactly
+as torch does: degenerate and unusual inputs (empty tensors, 1-D input, non-contiguous running stats,
+parameter dtype mixes torch may or may not take on that device) keep torch's exact semantics, and a call
+that torch rejects raises torch's own exception before any state changes.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from tritonbn import custom_ops, ops
-from tritonbn.ops import BatchNormFunction
+from tritonbn.dispatch import graph_capture, uses_triton
+from tritonbn.torch_math import epilogue
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ALLOWED_PARAM_DTYPES = {torch.float16: (torch.float16, torch.float32),
-                         torch.bfloat16: (torch.bfloat16, torch.float32),
-                         torch.float32: (torch.float32,), torch.float64: (torch.float64,)}
+# Parameter / running-stat dtypes the kernels take per input dtype: all present ones share one dtype, the
+# input's or fp32 under mixed precision (torch's own rule).
+_PARAM_DTYPES = {torch.float16: (torch.float16, torch.float32),
+                 torch.bfloat16: (torch.bfloat16, torch.float32),
+                 torch.float32: (torch.float32,), torch.float64: (torch.float64,)}
+ACTIVATIONS = tuple(ops.ACTIVATIONS)
 
 
-def uses_triton(x: torch.Tensor) -> bool:
-    """Whether ``x`` is normalized by tritonbn's Triton kernels (True) or by torch's batch norm (False)."""
-    if x.is_cuda:
-        return True
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def activation_code(activation) -> int:
+    """The kernels' constexpr for ``activation`` (None or "relu"), or a ValueError."""
+    code = ops.ACTIVATIONS.get(activation) if isinstance(activation, (str, type(None))) else None
+    if code is None:
+        raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return code
+
+
+def check_fusion(input, residual, activation) -> int:
+    """Validate the fused epilogue's arguments and return the activation code: ``residual`` has exactly
+    ``input``'s shape, dtype and device (it is added without broadcasting or type promotion)."""
+    code = activation_code(activation)
+    if residual is None:
+        return code
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
+    if not isinstance(input, torch.Tensor) or residual.shape != input.shape or residual.dtype != input.dtype \
+            or residual.device != input.device:
+        desc = (f"{tuple(input.shape)} {input.dtype} on {input.device}" if isinstance(input, torch.Tensor)
+                else type(input).__name__)
+        raise RuntimeError(
+            f"batch_norm: residual must match input exactly (no broadcasting or type promotion): input is "
+            f"{desc}, residual is {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    return code
+
+
+def supported(input, running_mean, running_var, weight, bias, training, eps) -> bool:
+    """Whether the kernels take this call. True only for calls ``F.batch_norm`` accepts too (so never a
+    different verdict from torch's), and only where the kernels give torch's results: a non-empty float
+    input with channels, more than one value per channel in training, 1-D running stats (both or none;
+    required in eval) and parameters with one value per channel, on the input's device, in one allowed
+    dtype, ε > 0 in training (≥ 0 in eval)."""
+    if not isinstance(input, torch.Tensor) or input.dim() < 2 or type(training) is not bool:
+        return False
+    allowed = _PARAM_DTYPES.get(input.dtype)
+    if allowed is None or type(eps) not in (float, int) or not (eps > 0 if training else eps >= 0):
+        return False
+    c = input.shape[1]
+    numel = input.numel()
+    if numel == 0 or (training and numel == c):
+        return False
+    if (running_mean is None) != (running_var is None) or (not training and running_mean is None):
+        return False
+    device = input.device
+    pdtype = None
+    for t in (running_mean, running_var, weight, bias):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != c or t.device != device:
+            return False
+        if pdtype is None:
+            if t.dtype not in allowed:
+                return False
+            pdtype = t.dtype
+        elif t.dtype != pdtype:
+            return False
+    if running_mean is not None:
+        for t in (running_mean, running_var):
+            if t.dim() != 1 or t.requires_grad or not t.is_contiguous():
+                return False
+    return True
 
 
 def check_inputs(input, running_mean, running_var, weight, bias, training: bool) -> None:
-    """Raise before anything is launched or mutated, with torch's exception types and clearer messages."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
+    """Raise torch's exception types, with clear messages, for the common mistakes (used where tritonbn
+    cannot hand the call to ``F.batch_norm``: SyncBatchNorm's cross-process path)."""
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected input of shape (N, C, *), got a {input.dim()}-D tensor "
                          f"of shape {tuple(input.shape)}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise RuntimeError(f"batch_norm: input dtype {input.dtype} is not supported "
-                           "(float16, bfloat16, float32 or float64)")
+    if input.dtype not in _PARAM_DTYPES:
+        raise NotImplementedError(f"batch_norm: input dtype {input.dtype} is not supported "
+                                  "(float16, bfloat16, float32 or float64)")
     c = input.shape[1]
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("batch_norm: running_mean and running_var must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
-        raise RuntimeError("batch_norm: running_mean and running_var must both be given or both be None")
-    # fp16/bf16 input may carry fp32 parameters and statistics (mixed precision), as in torch.
-    allowed = _ALLOWED_PARAM_DTYPES[input.dtype]
-    device = input.device
+        raise ValueError("batch_norm: running_mean and running_var must both be given or both be None")
+    allowed = _PARAM_DTYPES[input.dtype]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
         if t.numel() != c:
             raise RuntimeError(f"batch_norm: {name} should contain {c} elements (one per channel of input "
                                f"shape {tuple(input.shape)}), not {t.numel()}")
-        if t.device != device:
+        if t.device != input.device:
             raise RuntimeError(f"batch_norm: {name} is on {t.device} but input is on {input.device}")
         if t.dtype not in allowed:
             raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}, input has {input.dtype}; "
                                f"expected one of {[str(d) for d in allowed]}")
-        if name.startswith("running") and not t.is_contiguous():
-            raise RuntimeError(f"batch_norm: {name} must be contiguous (it is updated in place)")
-    if training:
-        size_per_channel = input.numel() // c if c else 0
-        if size_per_channel == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{input.size()}")
+    if training and input.numel() // max(c, 1) == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{input.size()}")
 
 
 def _param(t):
@@ -74,47 +125,34 @@ def _param(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                    num_batches_tracked=None):
-    """Entry point shared by ``batch_norm`` and the modules, for inputs that already passed
-    ``check_inputs``. ``momentum=None`` with ``num_batches_tracked`` uses the cumulative average
-    1/num_batches_tracked, read on the device."""
-    if custom_ops.graph_capture():  # torch.compile / export / tracing: custom ops or aten (custom_ops.py)
-        return custom_ops.dispatch(input, running_mean, running_var, _param(weight), _param(bias), training,
-                                   momentum, eps, num_batches_tracked)
-    weight, bias = _param(weight), _param(bias)
-    needs_graph = input.requires_grad or _requires_grad(weight) or _requires_grad(bias)
-    if not (needs_graph and torch.is_grad_enabled()):
-        # No graph to record (inference, no_grad): skip the autograd.Function machinery on the hot path.
-        if training:
-            return ops.bn_forward_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                        momentum, eps)[0]
-        return ops.bn_forward_eval(input, weight, bias, running_mean, running_var, eps)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                   training, momentum, eps)
-
-
 def _requires_grad(t) -> bool:
     return t is not None and t.requires_grad
 
 
-ACTIVATIONS = (None, "relu")
+def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                    num_batches_tracked=None, bump=False, residual=None, activation=0):
+    """The kernels' entry point for calls that passed ``supported`` (and ``check_fusion``).
 
-
-def check_fusion(input, residual, activation) -> None:
-    """The fused epilogue's arguments: ``residual`` of exactly ``input``'s shape, dtype, device and
-    strides (it is added without broadcasting or type promotion), ``activation`` one of ACTIVATIONS."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if residual is None:
-        return
-    if not isinstance(residual, torch.Tensor):
-        raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
-    if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
-        raise RuntimeError(
-            f"batch_norm: residual must match input exactly (no broadcasting or type promotion): input is "
-            f"{tuple(input.shape)} {input.dtype} on {input.device}, residual is {tuple(residual.shape)} "
-            f"{residual.dtype} on {residual.device}")
+    ``momentum=None`` with ``num_batches_tracked`` uses the cumulative average 1/num_batches_tracked, read
+    on the device; ``bump`` increments ``num_batches_tracked`` first (the module's counter: done by the
+    kernels in eager mode, by an ``add_`` while tracing)."""
+    if graph_capture():  # torch.compile / export / tracing: custom ops or aten (custom_ops.py)
+        if bump:
+            num_batches_tracked.add_(1)
+        return custom_ops.dispatch(input, running_mean, running_var, _param(weight), _param(bias), training,
+                                   momentum, eps, num_batches_tracked, residual, activation)
+    weight, bias = _param(weight), _param(bias)
+    if not ops.readable(input, flat=residual is not None and activation != 0):
+        # Copied here, not inside the kernels' autograd function, so double backward sees the copy too.
+        input = input.contiguous()
+    needs_graph = input.requires_grad or _requires_grad(weight) or _requires_grad(bias) or \
+        _requires_grad(residual)
+    if needs_graph and torch.is_grad_enabled():
+        return ops.BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
+                                           num_batches_tracked, training, momentum, eps, activation, bump)
+    # No graph to record (inference, no_grad): skip the autograd.Function machinery on the hot path.
+    return ops.forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                       momentum, eps, residual, activation, False, bump)[0]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -125,19 +163,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Fused epilogue (keyword-only): ``activation(batch_norm(...) + residual)``, with ``residual`` a tensor
     of the input's shape, dtype and device (differentiable too) and ``activation`` None or ``"relu"``;
     the same results and running-stat updates as ``F.relu(F.batch_norm(...) + residual)``."""
-    if isinstance(input, torch.Tensor):
-        check_fusion(input, residual, activation)
-    if isinstance(input, torch.Tensor) and not uses_triton(input):
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return _epilogue(y, residual, activation)
-    check_inputs(input, running_mean, running_var, weight, bias, training)
-    y = batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _epilogue(y, residual, activation)
-
-
-def _epilogue(y, residual, activation):
-    if residual is not None:
-        y = y + residual
-    if activation == "relu":
-        y = torch.relu(y)
-    return y
+    act = check_fusion(input, residual, activation)
+    if isinstance(input, torch.Tensor) and uses_triton(input) and type(momentum) in (float, int) and \
+            supported(input, running_mean, running_var, weight, bias, training, eps):
+        return batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                               residual=residual, activation=act)
+    return epilogue(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
+                    residual, act)

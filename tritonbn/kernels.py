@@ -1,33 +1,71 @@
-"""Triton kernels for batch normalization.
+"""Triton kernels for batch normalization, with an optional fused residual add and activation.
 
 Every kernel sees the input through one strided view ``[N, C, S]``: ``N`` outer rows, ``C`` channels and
 ``S`` inner positions, with element ``(n, c, s)`` at ``n*stride_xn + c*stride_xc + s*stride_xs``. The
 launchers (``tritonbn/ops.py``) map each layout onto it so that no copy is needed:
 
-* NCHW-contiguous ``(N, C, *spatial)``: ``[N, C, prod(spatial)]``, ``stride_xs == 1``;
+* NCHW-contiguous ``(N, C, *spatial)``: ``[N, C, prod(spatial)]``, ``stride_xs == 1`` ("planar");
 * channels_last / channels_last_3d and ``(N, C)``: batch and spatial merged into ``[1, C, N*prod(spatial)]``,
-  ``stride_xc == 1``.
+  ``stride_xc == 1`` ("channels-last").
 
-Tiles are ``[BLOCK_S, BLOCK_C]``; Triton specializes unit strides, so loads vectorize along whichever axis
-is contiguous. Tile-local offsets are int32 and every tile base is int64, so tensors past 2**31 elements
-are addressed correctly.
+Elementwise kernels (forward, dx) address their elements in one of three ways (constexpr ``LAYOUT``):
+
+* ``TILED`` (0): ``[BLOCK_S, BLOCK_C]`` tiles of the view, channel tiles fastest; per-channel parameters
+  are loaded once per tile column. Used when the tiles cover memory without holes (C a power of two for
+  channels-last, S a multiple of the tile for planar), and for unusual dense layouts;
+* ``FLAT_CL`` (1) / ``FLAT_PLANAR`` (2): the tensor as one flat range of memory in blocks of
+  ``BLOCK_S * BLOCK_C`` elements, channel ``off % C`` (channels-last) or ``(off // S) % C`` (planar) per
+  element, per-channel parameters gathered. No masked lanes and full-width vector loads whatever C and S
+  are (7×7 planes, C = 96), and the element order is memory order, which the ReLU bitmask relies on.
+
+Offsets are int32 inside a tile or block and int64 at its base, so tensors past 2**31 elements are
+addressed correctly.
 
 Reductions (statistics, backward sums) run on a 2-D grid ``(channel tiles, splits)``: split ``k`` owns a
-contiguous range of the ``N * cdiv(S, BLOCK_S)`` row blocks and writes one partial per channel; a finalize
-kernel merges the partials in a fixed order, so results are bit-identical from run to run.
+contiguous range of the ``N * cdiv(S, BLOCK_S)`` row blocks and writes one partial per channel. The last
+program of each channel tile to finish (a ticket from an ``acq_rel`` atomic counter, reset by that program,
+so the counters are zero again for the next launch on the stream) merges the partials in a fixed order:
+one launch per reduction, and results bit-identical from run to run whichever program finishes last.
+
+The fused epilogue is ``y = act(γ·(x − μ)·invstd + β [+ z])`` with ``act`` None or ReLU. The ReLU's
+backward needs ``y > 0``: without a residual it is recomputed from x with the forward's arithmetic
+(``_bn_affine`` + ``_bn_output``, shared by every kernel, so the masks agree bit for bit); with a residual
+the forward writes it as a bitmask (bit ``i`` of word ``i // 32`` is element ``i`` in memory order).
 """
 
 import triton
 import triton.language as tl
 
+TILED: tl.constexpr = tl.constexpr(0)
+FLAT_CL: tl.constexpr = tl.constexpr(1)
+FLAT_PLANAR: tl.constexpr = tl.constexpr(2)
+ACT_NONE: tl.constexpr = tl.constexpr(0)
+ACT_RELU: tl.constexpr = tl.constexpr(1)
+
+
+def _jit(**kwargs):
+    # Small per-channel vectors need no 16-byte alignment specialization: one compiled kernel serves any
+    # parameter slice, and the launch-plan cache needs to key only on the big tensors' alignment. Older
+    # triton has no such option (and then takes the normal launch path, which specializes per call).
+    import inspect
+
+    if "do_not_specialize_on_alignment" not in inspect.signature(triton.jit).parameters:
+        kwargs.pop("do_not_specialize_on_alignment", None)
+    return triton.jit(**kwargs)
+
+
+_SMALL = ["mean_ptr", "var_ptr", "weight_ptr", "bias_ptr", "running_mean_ptr", "running_var_ptr",
+          "num_batches_ptr", "ws_ptr", "cnt_ptr", "dweight_ptr", "dbias_ptr", "sums_ptr", "mask_ptr"]
+
 
 @triton.jit
 def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
-    """Chan et al.'s parallel merge of two (mean, M2, count) summaries; empty summaries are harmless."""
+    """Chan et al.'s parallel merge of two (mean, M2, count) summaries. Empty summaries are harmless, and
+    an overflowing δ² gives M2 = inf, never NaN (δ·n_a and δ·w_b are 0 when a side is empty)."""
     n = n_a + n_b
     w_b = n_b / tl.maximum(n, 1.0)
     delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+    return mean_a + delta * w_b, m2_a + m2_b + (delta * n_a) * (delta * w_b), n
 
 
 @triton.jit
@@ -38,6 +76,44 @@ def _invstd(var, eps):
         return 1.0 / tl.sqrt(var)
     else:
         return tl.div_rn(tl.full(var.shape, 1.0, tl.float32), tl.sqrt_rn(var))
+
+
+@triton.jit
+def _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off, eps,
+               HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr,
+               ACC_DTYPE: tl.constexpr):
+    """Per-channel (μ, invstd, scale = γ·invstd, shift = β) at channels ``chan``: from the saved batch
+    statistics (``mean_ptr[c]``, ``var_ptr[var_off + c]`` = invstd), or with FROM_VAR from running
+    statistics (invstd = 1/√(var+ε) computed here)."""
+    mean = tl.load(mean_ptr + chan, mask=cmask, other=0.0).to(ACC_DTYPE)
+    v = tl.load(var_ptr + var_off + chan, mask=cmask, other=1.0).to(ACC_DTYPE)
+    if FROM_VAR:
+        invstd = _invstd(v, eps)
+    else:
+        invstd = v
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + chan, mask=cmask, other=0.0).to(ACC_DTYPE)
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + chan, mask=cmask, other=0.0).to(ACC_DTYPE)
+    else:
+        shift = tl.zeros_like(mean)
+    return mean, invstd, scale, shift
+
+
+@triton.jit
+def _bn_output(x, mean, scale, shift, OUT_DTYPE: tl.constexpr):
+    """γ·(x − μ)·invstd + β rounded to the output dtype (and held in x's accumulation dtype, exactly), with
+    one explicit FMA so that every kernel recomputing it (the ReLU mask) gets the same bits. Subtracting μ
+    first keeps precision when |μ| ≫ σ. Comparisons then run in fp32/fp64, never on 16-bit values."""
+    return tl.fma(x - mean, scale, shift).to(OUT_DTYPE).to(x.dtype)
+
+
+@triton.jit
+def _mask_bit(mask_ptr, off, mask):
+    """Bit ``off`` of the ReLU bitmask (element ``off`` of the input in memory order)."""
+    word = tl.load(mask_ptr + (off >> 5), mask=mask, other=0)
+    return ((word >> (off & 31).to(tl.int32)) & 1) != 0
 
 
 @triton.jit
@@ -66,19 +142,46 @@ def _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S:
 
 
 @triton.jit
+def _last_program(cnt_ptr):
+    """Whether this program is the last of its channel tile (``tl.num_programs(1)`` splits) to finish.
+
+    Every thread's partial stores are issued before the barrier; the ``acq_rel`` ticket then releases them
+    to, and acquires everyone else's for, the program that draws the last ticket. That program resets the
+    counter (``_release_counter``) so the next launch on this stream finds it zero."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    return ticket == tl.num_programs(1) - 1
+
+
+@triton.jit
+def _release_counter(cnt_ptr):
+    tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+
+
+@_jit(do_not_specialize_on_alignment=_SMALL)
 def _bn_stats_kernel(
-    x_ptr, part_ptr,
-    C, S, num_sblocks, blocks_per_split, total_blocks,
+    x_ptr, ws_ptr, cnt_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
+    C, S, num_sblocks, blocks_per_split, total_blocks, momentum: tl.float64, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BUMP_BATCHES: tl.constexpr,
+    FINALIZE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    """Partial batch statistics of one channel tile over one split of the rows.
+    """Batch statistics: per-split partials, merged by the last program of each channel tile.
 
     Each lane of the ``[BLOCK_S, BLOCK_C]`` tile runs Welford's update over the row blocks of the split
     (mean += δ/n, M2 += δ·(x − mean_new)); the lanes are then merged along the row axis with Chan's formula.
     Values are shifted by K_c = x[0, c, 0] first: with |μ| ≫ σ (say μ = 1e4, σ = 1e-2 in fp32) an unshifted
     running mean cannot absorb increments δ/n below its ulp and the variance is lost; shifted, every
-    quantity is O(σ). Writes shifted ``mean − K, M2, count`` into ``part[3, splits, C]`` (ACC_DTYPE).
+    quantity is O(σ).
+
+    Workspace ``ws`` (ACC_DTYPE): ``[mean (C) | invstd (C) | partials (3, splits, C)]``, partials being the
+    shifted ``(mean − K, M2, count)``. With FINALIZE the last program of each channel tile merges the
+    partials in split order into μ (K added back) and invstd = 1/√(σ²+ε) (biased σ²), and updates the
+    running stats: running ← (1 − f)·running + f·batch with the unbiased σ²·m/(m − 1) for running_var,
+    f = momentum, or with CUMULATIVE f = 1/num_batches_tracked read on the device (plus one when
+    BUMP_BATCHES: the forward kernel that follows increments it). Without FINALIZE only the partials are
+    written (SyncBatchNorm merges them across processes).
 
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
@@ -93,224 +196,244 @@ def _bn_stats_kernel(
     for b in range(b_start, b_end):
         row, mask = _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S)
         x = tl.load(x_base + row + tile, mask=mask, other=0.0).to(ACC_DTYPE) - shift[None, :]
-        w = mask.to(ACC_DTYPE)
-        count += w
-        delta = x - mean
-        mean += delta * w / tl.maximum(count, 1.0)
-        m2 += delta * (x - mean) * w
+        count += mask.to(ACC_DTYPE)
+        # where, not a multiply by the mask: a masked lane's δ² may overflow to inf, and inf·0 is NaN.
+        delta = tl.where(mask, x - mean, 0.0)
+        mean += delta / tl.maximum(count, 1.0)
+        m2 += tl.where(mask, delta * (x - mean), 0.0)
 
     mean_c, m2_c, count_c = tl.reduce((mean, m2, count), 0, _welford_combine)
-    out = part_ptr + tl.program_id(1) * C + c0 + offs_c
-    plane = tl.num_programs(1) * C
+    num_splits = tl.num_programs(1)
+    part = ws_ptr + 2 * C
+    plane = num_splits * C
+    out = part + tl.program_id(1) * C + c0 + offs_c
     tl.store(out, mean_c, mask=mask_c)
     tl.store(out + plane, m2_c, mask=mask_c)
     tl.store(out + 2 * plane, count_c, mask=mask_c)
 
+    if FINALIZE:
+        if _last_program(cnt_ptr):
+            offs_k = tl.arange(0, BLOCK_K)
+            mean_t = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+            m2_t = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+            count_t = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+            for k0 in range(0, num_splits, BLOCK_K):
+                kmask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
+                idx = (k0 + offs_k)[:, None] * C + (c0 + offs_c)[None, :]
+                p_mean = tl.load(part + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+                p_m2 = tl.load(part + plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+                p_count = tl.load(part + 2 * plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+                b_mean, b_m2, b_count = tl.reduce((p_mean, p_m2, p_count), 0, _welford_combine)
+                mean_t, m2_t, count_t = _welford_combine(mean_t, m2_t, count_t, b_mean, b_m2, b_count)
+            chan = c0 + offs_c
+            mean_t += shift
+            invstd = _invstd(m2_t / tl.maximum(count_t, 1.0), eps)
+            tl.store(ws_ptr + chan, mean_t, mask=mask_c)
+            tl.store(ws_ptr + C + chan, invstd, mask=mask_c)
+            if HAS_RUNNING:
+                # Scalars arrive as fp64 (annotated) so fp64 running stats get the exact momentum.
+                if CUMULATIVE:
+                    factor = 1.0 / (tl.load(num_batches_ptr) + BUMP_BATCHES).to(ACC_DTYPE)
+                else:
+                    factor = tl.full([BLOCK_C], momentum, ACC_DTYPE)
+                unbiased = m2_t / tl.maximum(count_t - 1.0, 1.0)
+                rm = tl.load(running_mean_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
+                rv = tl.load(running_var_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
+                keep = 1.0 - factor
+                rm = factor * mean_t + keep * rm
+                rv = factor * unbiased + keep * rv
+                tl.store(running_mean_ptr + chan, rm.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
+                tl.store(running_var_ptr + chan, rv.to(running_var_ptr.dtype.element_ty), mask=mask_c)
+            _release_counter(cnt_ptr)
+
 
 @triton.jit
-def _bn_stats_finalize_kernel(
-    x_ptr, part_ptr,
-    mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr,
-    C, num_splits, momentum: tl.float64, eps: tl.float64, stride_xc,
-    HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """Merge the ``part[3, splits, C]`` shifted partials into mean (K_c = x[0, c, 0] added back) and
-    invstd = 1/√(σ²+ε) (biased σ²), and update running stats.
+def _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs,
+                   LAYOUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's elements in an elementwise kernel: int64 base offset, int32 offsets from it, the
+    element mask, each element's channel (broadcastable to the elements) and its mask.
 
-    running ← (1 − f)·running + f·batch, with the unbiased variance σ²·m/(m − 1) for running_var and
-    f = momentum, or f = 1/num_batches_tracked (read on the device) when CUMULATIVE, so no host sync.
-
-    Grid: ``(cdiv(C, BLOCK_C),)``.
-    """
+    TILED: tile (channel tile, row block, n) of the view, channel tiles fastest. FLAT_*: memory block
+    ``pid`` of ``BLOCK_S * BLOCK_C`` elements of a dense tensor."""
     pid = tl.program_id(0)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_k = tl.arange(0, BLOCK_K)
-    plane = num_splits * C
-    mean = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    count = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    for k0 in range(0, num_splits, BLOCK_K):
-        mask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
-        idx = (k0 + offs_k)[:, None] * C + offs_c[None, :]
-        p_mean = tl.load(part_ptr + idx, mask=mask, other=0.0)
-        p_m2 = tl.load(part_ptr + plane + idx, mask=mask, other=0.0)
-        p_count = tl.load(part_ptr + 2 * plane + idx, mask=mask, other=0.0)
-        b_mean, b_m2, b_count = tl.reduce((p_mean, p_m2, p_count), 0, _welford_combine)
-        mean, m2, count = _welford_combine(mean, m2, count, b_mean, b_m2, b_count)
-
-    mean += tl.load(x_ptr + offs_c.to(tl.int64) * stride_xc, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    var = m2 / tl.maximum(count, 1.0)
-    invstd = _invstd(var, eps)
-    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
-    tl.store(invstd_ptr + offs_c, invstd, mask=mask_c)
-    if HAS_RUNNING:
-        # Scalars arrive as fp64 (annotated) so fp64 running stats get the exact momentum.
-        if CUMULATIVE:
-            factor = 1.0 / tl.load(num_batches_ptr).to(ACC_DTYPE)
+    if LAYOUT == TILED:
+        pid_c = pid % num_cblocks
+        rest = pid // num_cblocks
+        pid_s = rest % num_sblocks
+        n = rest // num_sblocks
+        offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_c = tl.arange(0, BLOCK_C)
+        c0 = pid_c * BLOCK_C
+        chan = (c0 + offs_c)[None, :]
+        cmask = chan < C
+        mask = (offs_s < S)[:, None] & cmask
+        base = n.to(tl.int64) * stride_xn + c0.to(tl.int64) * stride_xc
+        offs = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
+    else:
+        base = pid.to(tl.int64) * (BLOCK_S * BLOCK_C)
+        offs = tl.arange(0, BLOCK_S * BLOCK_C)
+        mask = offs < tl.minimum(numel - base, BLOCK_S * BLOCK_C).to(tl.int32)
+        if LAYOUT == FLAT_CL:
+            chan = ((base % C).to(tl.int32) + offs) % C
         else:
-            factor = tl.full([BLOCK_C], momentum, ACC_DTYPE)
-        unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-        rm = tl.load(running_mean_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-        rv = tl.load(running_var_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-        keep = 1.0 - factor
-        rm = factor * mean + keep * rm
-        rv = factor * unbiased + keep * rv
-        tl.store(running_mean_ptr + offs_c, rm.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
-        tl.store(running_var_ptr + offs_c, rv.to(running_var_ptr.dtype.element_ty), mask=mask_c)
+            q0 = base // S
+            s = (base - q0 * S).to(tl.int32) + offs
+            chan = ((q0 % C).to(tl.int32) + s // S) % C
+        cmask = mask
+    return base, offs, mask, chan, cmask
 
 
-@triton.jit
-def _elementwise_tile(C, S, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile of an elementwise kernel: int64 base offset, int32 tile offsets, channel
-    indices and masks. Programs are ordered (channel tile, row block, n), channel tiles fastest."""
-    pid = tl.program_id(0)
-    pid_c = pid % num_cblocks
-    rest = pid // num_cblocks
-    pid_s = rest % num_sblocks
-    n = rest // num_sblocks
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
-    c0 = pid_c * BLOCK_C
-    chan = c0 + offs_c
-    mask_c = chan < C
-    mask = (offs_s < S)[:, None] & mask_c[None, :]
-    base = n.to(tl.int64) * stride_xn + c0.to(tl.int64) * stride_xc
-    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
-    return base, tile, chan, mask_c, mask
-
-
-@triton.jit
+@_jit(do_not_specialize_on_alignment=_SMALL)
 def _bn_forward_kernel(
-    x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
-    C, S, num_sblocks, num_cblocks, eps: tl.float64,
+    x_ptr, y_ptr, z_ptr, mask_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, num_batches_ptr,
+    C, S, numel, num_sblocks, num_cblocks, var_off, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ACTIVATION: tl.constexpr, WRITE_MASK: tl.constexpr, BUMP_BATCHES: tl.constexpr, LAYOUT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Normalize + affine: y = (x − μ)·(γ·invstd) + β, written in y's dtype with x's strides.
+    """y = act(γ·(x − μ)·invstd + β [+ z]), written in y's dtype with x's strides (z has them too).
 
-    Training passes the batch mean/invstd; inference (FROM_VAR) passes running_mean/running_var and computes
-    invstd = 1/√(var+ε) per channel here. Subtracting μ before scaling keeps precision when |μ| ≫ σ.
+    Training passes the batch statistics (``mean_ptr[c]``, ``var_ptr[var_off + c]`` = invstd: the stats
+    kernel's workspace); inference (FROM_VAR) passes running_mean/running_var and invstd is computed per
+    channel here. With WRITE_MASK (a FLAT layout) the ReLU mask y > 0 is written as a bitmask, one bit per
+    element in memory order. With BUMP_BATCHES program 0 increments num_batches_tracked (the stats kernel
+    of the same call, which ran before, used its value plus one).
 
-    Grid: ``(N * cdiv(S, BLOCK_S) * cdiv(C, BLOCK_C),)``, channel tiles fastest.
+    Grid: ``(N * cdiv(S, BLOCK_S) * cdiv(C, BLOCK_C),)`` when TILED, ``(cdiv(numel, BLOCK_S * BLOCK_C),)``
+    when FLAT.
     """
-    base, tile, chan, mask_c, mask = _elementwise_tile(C, S, num_sblocks, num_cblocks, stride_xn, stride_xc,
-                                                       stride_xs, BLOCK_S, BLOCK_C)
-
-    mean = tl.load(mean_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    if FROM_VAR:
-        var = tl.load(invstd_ptr + chan, mask=mask_c, other=1.0).to(ACC_DTYPE)
-        scale = _invstd(var, eps)
+    tl.static_assert(LAYOUT != TILED or not WRITE_MASK, "the ReLU bitmask needs a FLAT layout")
+    base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
+                                                   stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
+    mean, _, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off, eps,
+                                       HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    if HAS_RESIDUAL:
+        z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        y = (tl.fma(x - mean, scale, shift) + z).to(y_ptr.dtype.element_ty).to(ACC_DTYPE)
     else:
-        scale = tl.load(invstd_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    if HAS_BIAS:
-        shift = tl.load(bias_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    else:
-        shift = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+        y = _bn_output(x, mean, scale, shift, y_ptr.dtype.element_ty)
+    if ACTIVATION == ACT_RELU:
+        positive = y > 0
+        y = tl.where(y < 0, 0.0, y)   # NaN stays NaN, as in torch.relu
+    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if WRITE_MASK:
+        bits = (positive & mask).to(tl.int32)
+        words = tl.sum(tl.reshape(bits, (BLOCK_S * BLOCK_C // 32, 32)) << tl.arange(0, 32)[None, :], axis=1)
+        w = tl.arange(0, BLOCK_S * BLOCK_C // 32)
+        tl.store(mask_ptr + base // 32 + w, words, mask=w * 32 < numel - base)
+    if BUMP_BATCHES:
+        if tl.program_id(0) == 0:
+            tl.store(num_batches_ptr, tl.load(num_batches_ptr) + 1)
 
-    x = tl.load(x_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
-    y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
-    tl.store(y_ptr + base + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-
-@triton.jit
+@_jit(do_not_specialize_on_alignment=_SMALL)
 def _bn_backward_reduce_kernel(
-    x_ptr, dy_ptr, mean_ptr, invstd_ptr, part_ptr,
-    C, S, num_sblocks, blocks_per_split, total_blocks,
+    x_ptr, dy_ptr, mask_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, ws_ptr, cnt_ptr, dweight_ptr,
+    dbias_ptr,
+    C, S, num_sblocks, blocks_per_split, total_blocks, var_off, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DWEIGHT: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Partial sums Σdy and Σ(dy·x̂), x̂ = (x − μ)·invstd, from the saved μ and invstd.
+    """Σg and Σ(g·x̂), x̂ = (x − μ)·invstd, g = dy (no activation) or dy·[y > 0] (ReLU: the bitmask when
+    HAS_MASK, else y recomputed from x exactly as the forward did), from the saved statistics (never
+    recomputed) or, FROM_VAR, the running ones.
 
-    Same view, tiling and split as ``_bn_stats_kernel``; writes ``part[2, splits, C]`` (ACC_DTYPE).
+    Same view, tiling and split as ``_bn_stats_kernel``. Workspace ``ws`` (ACC_DTYPE):
+    ``[sums (2, C) | partials (2, splits, C)]``. The last program of each channel tile sums the partials in
+    split order into ``sums`` = (Σg, Σg·x̂) and writes dβ = Σg, dγ = Σg·x̂ in the parameters' dtypes.
+
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
     c0, offs_s, offs_c, mask_c, tile, c_base, b_start, b_end = _reduce_tile(
         C, blocks_per_split, total_blocks, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
-    mean = tl.load(mean_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    chan = c0 + offs_c
+    mean, invstd, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, mask_c, var_off,
+                                            eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE)
 
-    sum_dy = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
-    sum_dy_xc = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
+    sum_g = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
+    sum_g_xc = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
     for b in range(b_start, b_end):
         row, mask = _row_block(b, S, num_sblocks, stride_xn, stride_xs, offs_s, mask_c, BLOCK_S)
-        base = c_base + row
-        x = tl.load(x_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
-        dy = tl.load(dy_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
-        sum_dy += dy
-        sum_dy_xc += dy * tl.where(mask, x - mean[None, :], 0.0)
+        off = c_base + row + tile
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+        g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
+        if ACTIVATION == ACT_RELU:
+            if HAS_MASK:
+                positive = _mask_bit(mask_ptr, off, mask)
+            else:
+                positive = _bn_output(x, mean[None, :], scale[None, :], shift[None, :],
+                                      x_ptr.dtype.element_ty) > 0
+            g = tl.where(positive, g, 0.0)
+        sum_g += g
+        sum_g_xc += g * tl.where(mask, x - mean[None, :], 0.0)
 
-    invstd = tl.load(invstd_ptr + c0 + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    out = part_ptr + tl.program_id(1) * C + c0 + offs_c
-    tl.store(out, tl.sum(sum_dy, axis=0), mask=mask_c)
-    tl.store(out + tl.num_programs(1) * C, tl.sum(sum_dy_xc, axis=0) * invstd, mask=mask_c)
+    num_splits = tl.num_programs(1)
+    part = ws_ptr + 2 * C
+    plane = num_splits * C
+    out = part + tl.program_id(1) * C + chan
+    tl.store(out, tl.sum(sum_g, axis=0), mask=mask_c)
+    tl.store(out + plane, tl.sum(sum_g_xc, axis=0) * invstd, mask=mask_c)
 
-
-@triton.jit
-def _bn_backward_finalize_kernel(
-    part_ptr, sums_ptr, dweight_ptr, dbias_ptr,
-    C, num_splits,
-    HAS_DWEIGHT: tl.constexpr, HAS_DBIAS: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """Sum the ``part[2, splits, C]`` partials in a fixed order into ``sums[2, C]`` = (Σdy, Σ(dy·x̂))
-    (ACC_DTYPE), and dβ = Σdy, dγ = Σ(dy·x̂) in the parameters' dtypes.
-
-    Grid: ``(cdiv(C, BLOCK_C),)``.
-    """
-    pid = tl.program_id(0)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_k = tl.arange(0, BLOCK_K)
-    acc_dy = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    acc_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    for k0 in range(0, num_splits, BLOCK_K):
-        mask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
-        idx = (k0 + offs_k)[:, None] * C + offs_c[None, :]
-        acc_dy += tl.sum(tl.load(part_ptr + idx, mask=mask, other=0.0), axis=0)
-        acc_dy_xhat += tl.sum(tl.load(part_ptr + num_splits * C + idx, mask=mask, other=0.0), axis=0)
-    tl.store(sums_ptr + offs_c, acc_dy, mask=mask_c)
-    tl.store(sums_ptr + C + offs_c, acc_dy_xhat, mask=mask_c)
-    if HAS_DWEIGHT:
-        tl.store(dweight_ptr + offs_c, acc_dy_xhat.to(dweight_ptr.dtype.element_ty), mask=mask_c)
-    if HAS_DBIAS:
-        tl.store(dbias_ptr + offs_c, acc_dy.to(dbias_ptr.dtype.element_ty), mask=mask_c)
+    if _last_program(cnt_ptr):
+        offs_k = tl.arange(0, BLOCK_K)
+        acc_g = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+        acc_g_xhat = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+        for k0 in range(0, num_splits, BLOCK_K):
+            kmask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
+            idx = (k0 + offs_k)[:, None] * C + chan[None, :]
+            acc_g += tl.sum(tl.load(part + idx, mask=kmask, other=0.0, cache_modifier=".cg"), axis=0)
+            acc_g_xhat += tl.sum(tl.load(part + plane + idx, mask=kmask, other=0.0, cache_modifier=".cg"),
+                                 axis=0)
+        tl.store(ws_ptr + chan, acc_g, mask=mask_c)
+        tl.store(ws_ptr + C + chan, acc_g_xhat, mask=mask_c)
+        if HAS_DWEIGHT:
+            tl.store(dweight_ptr + chan, acc_g_xhat.to(dweight_ptr.dtype.element_ty), mask=mask_c)
+        if HAS_DBIAS:
+            tl.store(dbias_ptr + chan, acc_g.to(dbias_ptr.dtype.element_ty), mask=mask_c)
+        _release_counter(cnt_ptr)
 
 
-@triton.jit(do_not_specialize=["count"])
+@_jit(do_not_specialize=["count"], do_not_specialize_on_alignment=_SMALL)
 def _bn_backward_dx_kernel(
-    x_ptr, dy_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr,
-    C, S, num_sblocks, num_cblocks, count,
+    x_ptr, dy_ptr, dx_ptr, dz_ptr, mask_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, sums_ptr,
+    C, S, numel, num_sblocks, num_cblocks, var_off, count, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr, TRAINING: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
+    LAYOUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """dx = γ·invstd · (dy − Σdy/m − x̂·Σ(dy·x̂)/m), m = ``count`` = N·S, x̂ = (x − μ)·invstd (training:
-    batch statistics); dx = γ·invstd · dy when the statistics were constants (eval with running stats),
-    and x is not read then.
+    """dx = γ·invstd · (g − Σg/m − x̂·Σ(g·x̂)/m), m = ``count`` = N·S (TRAINING: batch statistics), or
+    dx = γ·invstd · g when the statistics were constants (eval); g = dy, or dy·[y > 0] after a ReLU (as in
+    ``_bn_backward_reduce_kernel``); with WRITE_DZ also dz = g, the residual's gradient.
 
-    Grid: ``(N * cdiv(S, BLOCK_S) * cdiv(C, BLOCK_C),)``, channel tiles fastest.
+    Grid: as ``_bn_forward_kernel``.
     """
-    base, tile, chan, mask_c, mask = _elementwise_tile(C, S, num_sblocks, num_cblocks, stride_xn, stride_xc,
-                                                       stride_xs, BLOCK_S, BLOCK_C)
-
-    invstd = tl.load(invstd_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * tl.load(weight_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    dy = tl.load(dy_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
-    if TRAINING:
-        inv_count = 1.0 / count.to(ACC_DTYPE)
-        mean = tl.load(mean_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-        mean_dy = tl.load(sums_ptr + chan, mask=mask_c, other=0.0) * inv_count
-        mean_dy_xhat = tl.load(sums_ptr + C + chan, mask=mask_c, other=0.0) * inv_count
-        x = tl.load(x_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
-        xhat = (x - mean[None, :]) * invstd[None, :]
-        dx = (dy - mean_dy[None, :] - xhat * mean_dy_xhat[None, :]) * scale[None, :]
-    else:
-        dx = dy * scale[None, :]
-    tl.store(dx_ptr + base + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
+                                                   stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
+    mean, invstd, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off,
+                                            eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE)
+    g = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    if TRAINING or (ACTIVATION == ACT_RELU and not HAS_MASK):
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    if ACTIVATION == ACT_RELU:
+        if HAS_MASK:
+            positive = _mask_bit(mask_ptr, base + offs, mask)
+        else:
+            positive = _bn_output(x, mean, scale, shift, x_ptr.dtype.element_ty) > 0
+        g = tl.where(positive, g, 0.0)
+    if WRITE_DZ:
+        tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DX:
+        if TRAINING:
+            inv_count = 1.0 / count.to(ACC_DTYPE)
+            mean_g = tl.load(sums_ptr + chan, mask=cmask, other=0.0) * inv_count
+            mean_g_xhat = tl.load(sums_ptr + C + chan, mask=cmask, other=0.0) * inv_count
+            xhat = (x - mean) * invstd
+            dx = (g - mean_g - xhat * mean_g_xhat) * scale
+        else:
+            dx = g * scale
+        tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,35 +1,50 @@
-"""Drop-in ``BatchNorm1d/2d/3d`` modules: subclasses of torch's, same arguments, state and semantics."""
+"""Drop-in ``BatchNorm1d/2d/3d`` modules (subclasses of torch's, same arguments, state and semantics), and
+``BatchNormAct1d/2d/3d``: batch norm + optional residual add + activation in one fused op."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tritonbn.functional import batch_norm_impl, check_fusion, check_inputs, uses_triton
+from tritonbn.dispatch import uses_triton
+from tritonbn.functional import activation_code, batch_norm_impl, check_fusion, supported
+from tritonbn.torch_math import epilogue
 
 
 class _TritonBatchNormMixin:
     """Replaces ``_BatchNorm.forward``; everything else (state, ``reset_*``, ``extra_repr``) is torch's."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._bn_forward(input, None, 0)
+
+    def _bn_forward(self, input, residual, activation: int):
         self._check_input_dim(input)
-        if not uses_triton(input):
-            return super().forward(input)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         bn_training = self.training or (running_mean is None and running_var is None)
-        weight, bias = self.weight, self.bias
-        # Validate before touching num_batches_tracked: a call that raises changes no state.
-        check_inputs(input, running_mean, running_var, weight, bias, bn_training)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        num_batches = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if uses_triton(input) and supported(input, running_mean, running_var, self.weight, self.bias,
+                                            bn_training, self.eps):
+            # num_batches_tracked is incremented by the kernels (eager): nothing changes if a check raises.
+            return batch_norm_impl(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                   self.momentum, self.eps, self.num_batches_tracked if tracking else None,
+                                   bump=tracking, residual=residual, activation=activation)
+        return self._torch_forward(input, running_mean, running_var, bn_training, tracking, residual,
+                                   activation)
+
+    def _torch_forward(self, input, running_mean, running_var, bn_training, tracking, residual, activation):
+        """torch's own ``_BatchNorm.forward``, except that ``num_batches_tracked`` is incremented only once
+        ``F.batch_norm`` has succeeded (torch increments it first, so a call that raises changes state)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if tracking and self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked + 1)
+        y = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                         self.eps)
+        if tracking:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum, num_batches = None, self.num_batches_tracked  # 1/num_batches, on the device
-        return batch_norm_impl(input, running_mean, running_var, weight, bias, bn_training, momentum,
-                               self.eps, num_batches)
+        return epilogue(y, residual, activation)
 
 
 class BatchNorm1d(_TritonBatchNormMixin, nn.BatchNorm1d):
@@ -52,21 +67,25 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
 
     def __init__(self, num_features, *args, activation="relu", **kwargs):
         # Every other argument is the torch class's own (its set varies across torch versions).
-        check_fusion(torch.empty(0), None, activation)
+        check_fusion(None, None, activation)
         super().__init__(num_features, *args, **kwargs)
         self.activation = activation
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        check_fusion(input, residual, self.activation)
-        y = super().forward(input)
-        if residual is not None:
-            y = y + residual
-        if self.activation == "relu":
-            y = torch.relu(y)
-        return y
+        act = activation_code(self.activation)
+        if residual is not None and not _fusable_residual(input, residual):
+            # Not fusable (broadcasting, type promotion): the unfused ops, with torch's semantics, so a model
+            # that tritonbn.fuse_model rewrote computes what the original did for any input.
+            return epilogue(self._bn_forward(input, None, 0), residual, act)
+        return self._bn_forward(input, residual, act)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+def _fusable_residual(input, residual) -> bool:
+    return isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor) and \
+        residual.shape == input.shape and residual.dtype == input.dtype and residual.device == input.device
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):

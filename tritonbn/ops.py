@@ -1,17 +1,32 @@
 """Launchers for the Triton batch-norm kernels, and the autograd function built on them.
 
-Launchers take and return torch tensors, choose tiles and splits (``_plan``), and never synchronize with
-the host: no ``.item()``, no branch on tensor values, so they can be captured in CUDA graphs.
+A call costs what its host path costs, so the launchers are built around a per-call *plan*, cached by
+everything the kernels specialize on (shape, strides, dtypes, device, flags, the big tensors' 16-byte
+alignment). A plan holds the grids, the tile sizes, the prepared scalar arguments, the workspace size and
+one ``_Launch`` per kernel, which keeps the ``CompiledKernel`` of its first launch and afterwards launches
+it directly through ``CompiledKernel.run`` (triton 3.6–3.9, CUDA; the normal ``kernel[grid](...)`` launch
+everywhere else, under the interpreter, and while a Triton launch hook is installed). Per call the
+launchers allocate the output and one workspace (statistics and partials together), take the stream's
+reduction counters, and launch:
 
-Tile heuristic (documented here because it is the whole tuning story; no autotuning, which would re-run
-kernels that update running statistics):
+* training forward: 2 launches (statistics with last-program finalize, then normalize);
+* eval forward: 1 launch; backward: 2 launches (sums with last-program finalize, then dx), 1 in eval when
+  only dx is needed.
+
+They never synchronize with the host (no ``.item()``, no branch on tensor values) and allocate nothing whose
+size depends on data, so they can be captured in CUDA graphs.
+
+Tile heuristic (the whole tuning story: no autotuning, which would re-run kernels that update running
+statistics):
 
 * channel-contiguous view (channels_last, ``(N, C)``): ``BLOCK_C = min(next_pow2(C), 64)`` channels
   (≥128 contiguous bytes per row for 2-byte dtypes) × ``BLOCK_S = TILE / BLOCK_C`` rows;
 * spatial-contiguous view (NCHW): ``BLOCK_S = min(next_pow2(S), TILE)`` positions, and when a channel's
-  plane is small (7×7, 14×14) ``BLOCK_C = TILE / BLOCK_S`` neighbouring channels per tile, so a tile still
-  covers one contiguous span of memory;
+  plane is small (7×7, 14×14) ``BLOCK_C = TILE / BLOCK_S`` neighbouring channels per tile;
 * ``TILE`` is 2048 elements (8 warps) for the reductions and 4096 for the elementwise kernels;
+* elementwise kernels run FLAT (memory order, per-element channel) when those tiles would leave lanes
+  idle or break vector loads: planar S not a multiple of the tile (7×7, 14×14, 56×56), channels-last C
+  not a power of two (96, 160); and always when the ReLU bitmask is written;
 * reductions split the rows so that the grid has about ``4 × SMs`` programs: small C with a large N·S
   fills the GPU too, unlike one-block-per-channel kernels.
 """
@@ -23,23 +38,29 @@ import functools
 
 import torch
 
-# Set by ``tritonbn.compile_gate`` to record kernel launches instead of running them.
+# Set by ``tritonbn.compile_gate`` and tests: called as ``hook(kernel, grid, args, constexprs, num_warps)``
+# instead of launching (to record launches; the hook may launch them itself).
 _launch_hook = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    reduce_tile: int = 2048
+    reduce_tile: int = 2048        # elements per reduction tile (half for fp64: twice the registers)
     elementwise_tile: int = 4096
+    flat_block: int = 2048         # elements per FLAT block (half for fp64)
     max_block_c: int = 64
     reduce_warps: int = 8
     elementwise_warps: int = 8
     waves: int = 4                 # reduction programs per SM
     interpreter_programs: int = 8  # "SM count" under the interpreter: keeps several splits in the tests
+    flat: str = "auto"             # elementwise addressing: "auto", "always" (every dense input), "never"
+    fast_launch: bool = True       # CompiledKernel.run on triton 3.6–3.9 (GPU); False: kernel[grid](...)
 
 
 TUNING = Tuning()
 
+ACTIVATIONS = {None: 0, "relu": 1}
+TILED, FLAT_CL, FLAT_PLANAR = 0, 1, 2
 
 _KERNELS = None
 
@@ -55,14 +76,119 @@ def _kernels():
 
 
 @functools.cache
+def interpreted() -> bool:
+    """Whether Triton runs tritonbn's kernels through its interpreter. Asked of Triton, not of the
+    environment: Triton reads TRITON_INTERPRET when it decorates a kernel, its own library's at
+    ``import triton``, so a variable set or changed later does not take effect (and a mix of interpreted and
+    compiled functions cannot run: Triton raises InterpreterError)."""
+    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction
+
+    ours = isinstance(_kernels()._bn_stats_kernel, InterpretedFunction)
+    triton_lib = not any(type(v).__name__ == "JITFunction" for v in vars(std).values())
+    return ours and triton_lib
+
+
+@functools.cache
+def _fast_launch_supported() -> bool:
+    """``CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+    exit_hook, *all_params)`` is the launcher convention of triton 3.6 through 3.9 (read from their
+    sources); anything else takes the normal launch."""
+    import triton
+
+    try:
+        major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (3, 6) <= (major, minor) <= (3, 9) and not interpreted()
+
+
+def _launch_hooks_active() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls)
+
+
+class _Launch:
+    """One kernel specialization: grid, warps, constexprs, and after its first launch the cached
+    ``CompiledKernel`` handles, so later launches skip Triton's argument binding, specialization and
+    cache lookup. Callers pass the runtime arguments in signature order; every kernel declares its
+    constexprs last, so ``(*args, *consts)`` is Triton's full parameter list."""
+
+    __slots__ = ("kernel", "grid", "g0", "g1", "g2", "num_warps", "constexprs", "consts", "fast",
+                 "fast_launches")
+
+    def __init__(self, kernel, grid, num_warps, constexprs):
+        self.kernel = kernel
+        self.grid = grid
+        self.g0, self.g1, self.g2 = (*grid, 1, 1)[:3]
+        self.num_warps = num_warps
+        self.constexprs = constexprs
+        self.consts = ()
+        self.fast = None           # (run, function, packed_metadata)
+        self.fast_launches = 0     # for tests: how many launches took the cached path
+
+    def __call__(self, stream, *args):
+        fast = self.fast
+        if fast is not None and _launch_hook is None and not _launch_hooks_active():
+            fast[0](self.g0, self.g1, self.g2, stream, fast[1], fast[2], None, None, None, *args,
+                    *self.consts)
+            self.fast_launches += 1
+            return
+        if _launch_hook is not None:
+            _launch_hook(self.kernel, self.grid, args, self.constexprs, self.num_warps)
+            return
+        compiled = self.kernel[self.grid](*args, num_warps=self.num_warps, **self.constexprs)
+        if stream is not None and compiled is not None and TUNING.fast_launch and _fast_launch_supported():
+            if hasattr(compiled, "result"):   # triton's async compile mode hands back a future
+                compiled = compiled.result()
+            self.consts = tuple(self.constexprs[p.name] for p in self.kernel.params if p.is_constexpr)
+            self.fast = (compiled.run, compiled.function, compiled.packed_metadata)
+
+
+# --- reduction counters -----------------------------------------------------------------------------
+# One int32 counter per channel tile, zero between launches (the last program resets its own). Launches on
+# one stream run one after another and can share them; concurrent streams must not, so each stream gets
+# its own slot. Slots come from one zeroed arena per device, allocated on the first eager call, so a CUDA
+# graph capture (a new stream) takes a slot without allocating or zeroing anything. Only when no slot fits
+# during a capture does a launch get its own counters, zeroed inside the graph.
+
+_COUNTER_SLOTS = 32
+_COUNTER_SLOT_SIZE = 4096
+_counter_arenas: dict = {}     # device index -> (arena tensor, next free slot)
+_counters_by_stream: dict = {}  # (device index, stream) -> int32 tensor
+_graph_owned: list = []         # counters a captured graph uses: kept alive as long as the process
+
+
+def _counters(x: torch.Tensor, dev: int, stream, n: int) -> torch.Tensor:
+    key = (dev, stream)
+    buf = _counters_by_stream.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    arena = _counter_arenas.get(dev)
+    if arena is None and not capturing:
+        arena = _counter_arenas[dev] = [torch.zeros(_COUNTER_SLOTS * _COUNTER_SLOT_SIZE, dtype=torch.int32,
+                                                    device=x.device), 0]
+    if n <= _COUNTER_SLOT_SIZE and arena is not None and arena[1] < _COUNTER_SLOTS:
+        i = arena[1]
+        arena[1] += 1
+        buf = arena[0][i * _COUNTER_SLOT_SIZE:(i + 1) * _COUNTER_SLOT_SIZE]
+    elif capturing:
+        buf = torch.zeros(max(n, 1), dtype=torch.int32, device=x.device)
+        _graph_owned.append(buf)
+        return buf
+    else:
+        buf = torch.zeros(max(n, _COUNTER_SLOT_SIZE), dtype=torch.int32, device=x.device)
+    _counters_by_stream[key] = buf
+    return buf
+
+
+# --- views and plans -------------------------------------------------------------------------------
+
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return TUNING.waves * _sm_count(device.index if device.index is not None else 0)
-    return TUNING.interpreter_programs
 
 
 def _next_pow2(n: int) -> int:
@@ -99,15 +225,22 @@ class View:
     def strides(self) -> tuple[int, int, int]:
         return self.stride_n, self.stride_c, self.stride_s
 
-
-def _view3d(x: torch.Tensor) -> View | None:
-    """``[N, C, S]`` view of ``x`` with spatial dims merged, and batch merged too when rows are evenly
-    spaced (channels_last, ``(N, C)``); None when the spatial dims cannot be merged."""
-    return _view3d_cached(tuple(x.shape), x.stride())
+    @property
+    def flat_layout(self) -> int:
+        """FLAT_CL / FLAT_PLANAR when the view covers its memory densely in that order, else TILED."""
+        if self.stride_c == 1 and (self.n == 1 or self.stride_n == self.s * self.c) and (
+                self.stride_s == self.c or self.s == 1):
+            return FLAT_CL
+        if self.stride_s == 1 and self.stride_c == self.s and (
+                self.n == 1 or self.stride_n == self.c * self.s):
+            return FLAT_PLANAR
+        return TILED
 
 
 @functools.lru_cache(maxsize=4096)
-def _view3d_cached(shape: tuple[int, ...], strides: tuple[int, ...]) -> View | None:
+def _view3d(shape: tuple[int, ...], strides: tuple[int, ...]) -> View | None:
+    """``[N, C, S]`` view with spatial dims merged, and batch merged too when rows are evenly spaced
+    (channels_last, ``(N, C)``); None when the spatial dims cannot be merged."""
     n, c = shape[0], shape[1]
     sn, sc = strides[0], strides[1]
     spatial = [(d, st) for d, st in zip(shape[2:], strides[2:]) if d != 1]
@@ -123,36 +256,46 @@ def _view3d_cached(shape: tuple[int, ...], strides: tuple[int, ...]) -> View | N
     return View(n, c, s, sn, sc, ss)
 
 
+@functools.lru_cache(maxsize=4096)
+def _dense_view(shape: tuple[int, ...], strides: tuple[int, ...]) -> View | None:
+    """The view of a tensor the kernels can read in place (dense, so ``empty_like`` shares its strides;
+    spatial dims mergeable), or None: copy it with ``.contiguous()`` first."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel == 0:
+        return _view3d(shape, strides)
+    # Dense and non-overlapping: sorted by stride, each stride is the product of the sizes below it.
+    expected = 1
+    for st, d in sorted((st, d) for d, st in zip(shape, strides) if d != 1):
+        if st != expected:
+            return None
+        expected *= d
+    return _view3d(shape, strides)
+
+
 def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, View]:
     """``x`` (copied only if it is not dense, or its spatial dims cannot be merged) and its view."""
-    if not _is_dense(x):
-        x = x.contiguous()
-    view = _view3d(x)
+    view = _dense_view(tuple(x.shape), x.stride())
     if view is None:
         x = x.contiguous()
-        view = _view3d(x)
+        view = _view3d(tuple(x.shape), x.stride())
     return x, view
 
 
-def _is_dense(x: torch.Tensor) -> bool:
-    # empty_like keeps the strides of exactly these tensors, so y/dx share x's view.
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or (
-        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
-        return True
-    return torch.empty_like(x).stride() == x.stride()
-
-
 def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` with exactly ``x``'s strides (a copy only when they differ, e.g. an expanded gradient)."""
+    """``t`` laid out in memory as ``x`` is (a copy only when it is not, e.g. an expanded gradient).
+    ``x`` is dense; strides of size-1 dims do not matter."""
     if t.stride() == x.stride():
+        return t
+    shape = tuple(x.shape)
+    if _dense_view(shape, t.stride()) == _dense_view(shape, x.stride()):
         return t
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
-@functools.lru_cache(maxsize=4096)
-def _tiles(view: View, tile: int) -> tuple[int, int]:
-    max_c = min(_next_pow2(view.c), TUNING.max_block_c)
+def _tiles(view: View, tile: int, tuning: Tuning) -> tuple[int, int]:
+    max_c = min(_next_pow2(view.c), tuning.max_block_c)
     if view.stride_c == 1 and view.stride_s != 1:
         block_c = max_c
         block_s = min(_next_pow2(view.s), max(1, tile // block_c))
@@ -165,238 +308,425 @@ def _tiles(view: View, tile: int) -> tuple[int, int]:
     return block_s, block_c
 
 
-def _launch(kernel, grid, *args, num_warps, **constexprs):
-    if _launch_hook is not None:
-        _launch_hook(kernel, grid, args, constexprs, num_warps)
-        return
-    device = args[0].device
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        # Triton launches on the current device and stream: follow the tensors (e.g. a model on cuda:1).
-        with torch.cuda.device(device):
-            kernel[grid](*args, num_warps=num_warps, **constexprs)
-        return
-    kernel[grid](*args, num_warps=num_warps, **constexprs)
-
-
 @dataclasses.dataclass(frozen=True)
 class ReducePlan:
     """Tiles and row splits of a reduction kernel (grid ``(num_cblocks, splits)``)."""
 
     block_s: int
     block_c: int
+    block_k: int        # partials merged per step by the finalizing program
     num_sblocks: int
     num_cblocks: int
     total_blocks: int   # N * num_sblocks row blocks per channel tile
     splits: int
     blocks_per_split: int
 
+    @property
+    def grid(self):
+        return (self.num_cblocks, self.splits)
 
-def _reduce_plan(view: View, device: torch.device) -> ReducePlan:
-    return _reduce_plan_cached(view, _target_programs(device), TUNING)
 
-
-@functools.lru_cache(maxsize=4096)
-def _reduce_plan_cached(view: View, target_programs: int, tuning: Tuning) -> ReducePlan:
-    block_s, block_c = _tiles(view, tuning.reduce_tile)
+def _reduce_plan(view: View, target_programs: int, tuning: Tuning, wide: bool) -> ReducePlan:
+    block_s, block_c = _tiles(view, tuning.reduce_tile // (2 if wide else 1), tuning)
     num_sblocks = _cdiv(view.s, block_s)
     num_cblocks = _cdiv(view.c, block_c)
     total = view.n * num_sblocks
     splits = max(1, min(total, _cdiv(target_programs, num_cblocks)))
     per_split = _cdiv(total, splits)
-    return ReducePlan(block_s, block_c, num_sblocks, num_cblocks, total, _cdiv(total, per_split), per_split)
-
-
-@functools.lru_cache(maxsize=4096)
-def _elementwise_plan(view: View, tuning: Tuning):
-    """(BLOCK_S, BLOCK_C, num_sblocks, num_cblocks, grid) of the elementwise kernels."""
-    block_s, block_c = _tiles(view, tuning.elementwise_tile)
-    num_sblocks, num_cblocks = _cdiv(view.s, block_s), _cdiv(view.c, block_c)
-    return block_s, block_c, num_sblocks, num_cblocks, (view.n * num_sblocks * num_cblocks,)
-
-
-@functools.lru_cache(maxsize=4096)
-def _finalize_blocks(c: int, splits: int) -> tuple[int, int]:
-    block_c = min(_next_pow2(c), 128)
+    splits = _cdiv(total, per_split)
     block_k = min(_next_pow2(splits), max(1, 2048 // block_c))
-    return block_k, block_c
+    return ReducePlan(block_s, block_c, block_k, num_sblocks, num_cblocks, total, splits, per_split)
 
 
-def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
-    """Per-split batch statistics ``[3, splits, C]`` = (mean − K_c, M2, count), shifted by
-    K_c = x[0, c, 0] (see ``_bn_stats_kernel``), and the number of splits."""
-    acc = _acc_dtype(x.dtype)
-    p = _reduce_plan(view, x.device)
-    parts = torch.empty((3, p.splits, view.c), dtype=acc, device=x.device)
-    _launch(
-        _kernels()._bn_stats_kernel, (p.num_cblocks, p.splits),
-        x, parts,
-        view.c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
-        BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=_tl_dtype(acc), num_warps=TUNING.reduce_warps,
-    )
-    return parts, p.splits
+@dataclasses.dataclass(frozen=True)
+class ElementwisePlan:
+    layout: int
+    block_s: int
+    block_c: int
+    num_sblocks: int
+    num_cblocks: int
+    grid: tuple
 
 
-def bn_stats(x: torch.Tensor, view: View, running_mean, running_var, num_batches_tracked,
-             momentum: float | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and invstd (fp32, fp64 for fp64 input); updates the running stats in place if given."""
-    acc = _acc_dtype(x.dtype)
-    parts, splits = bn_stat_partials(x, view)
-    mean = torch.empty(view.c, dtype=acc, device=x.device)
-    invstd = torch.empty(view.c, dtype=acc, device=x.device)
+def _elementwise_plan(view: View, tuning: Tuning, need_flat: bool, wide: bool) -> ElementwisePlan:
+    flat = view.flat_layout
+    use_flat = flat != TILED and (need_flat or tuning.flat == "always" or (tuning.flat == "auto" and (
+        (flat == FLAT_PLANAR and view.s % min(_next_pow2(view.s), tuning.elementwise_tile) != 0)
+        or (flat == FLAT_CL and view.c != _next_pow2(view.c)))))
+    if use_flat:
+        # Blocks of whole 32-bit mask words.
+        block = max(32, tuning.flat_block // (2 if wide else 1))
+        numel = view.n * view.c * view.s
+        return ElementwisePlan(flat, block, 1, 0, 0, (_cdiv(numel, block),))
+    block_s, block_c = _tiles(view, tuning.elementwise_tile, tuning)
+    num_sblocks, num_cblocks = _cdiv(view.s, block_s), _cdiv(view.c, block_c)
+    return ElementwisePlan(TILED, block_s, block_c, num_sblocks, num_cblocks,
+                           (view.n * num_sblocks * num_cblocks,))
+
+
+def _target_programs(dev: int) -> int:
+    return TUNING.waves * _sm_count(dev) if dev >= 0 else TUNING.interpreter_programs
+
+
+_plans: dict = {}
+_plans_tuning = TUNING
+
+
+def _plan_cache() -> dict:
+    """Plans depend on TUNING too (tests swap it): start afresh when it changes."""
+    global _plans, _plans_tuning
+    if TUNING is not _plans_tuning:
+        _plans, _plans_tuning = {}, TUNING
+    return _plans
+
+
+def _device(x: torch.Tensor):
+    """(device index, current raw stream) of a CUDA tensor; (-1, None) on the CPU (interpreter)."""
+    if x.is_cuda:
+        dev = x.get_device()
+        return dev, torch._C._cuda_getCurrentRawStream(dev)
+    return -1, None
+
+
+def _aligned(t) -> bool:
+    return t is None or t.data_ptr() % 16 == 0
+
+
+def _dtype(t):
+    return None if t is None else t.dtype
+
+
+class ForwardPlan:
+    """Everything about a forward call that does not change from call to call."""
+
+    def __init__(self, view: View, dtype: torch.dtype, dev: int, training: bool, flags: tuple):
+        (has_weight, has_bias, has_running, cumulative, bump, has_residual, act, write_mask) = flags
+        k = _kernels()
+        tuning = TUNING
+        acc = _acc_dtype(dtype)
+        self.acc = acc
+        c = view.c
+        self.c = c
+        self.numel = view.n * view.c * view.s
+        tl_acc = _tl_dtype(acc)
+        self.stats = None
+        if self.numel == 0:
+            return
+        if training:
+            r = _reduce_plan(view, _target_programs(dev), tuning, acc == torch.float64)
+            self.num_cblocks = r.num_cblocks
+            self.ws_numel = 2 * c + 3 * r.splits * c
+            self.stats_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
+            self.stats = _Launch(k._bn_stats_kernel, r.grid, tuning.reduce_warps, dict(
+                HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
+                BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
+        e = _elementwise_plan(view, tuning, write_mask, acc == torch.float64)
+        self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
+        self.fwd_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks, c if training else 0)
+        self.strides = view.strides
+        self.fwd = _Launch(k._bn_forward_kernel, e.grid, tuning.elementwise_warps, dict(
+            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_VAR=not training, HAS_RESIDUAL=has_residual,
+            ACTIVATION=act, WRITE_MASK=write_mask, BUMP_BATCHES=bump, LAYOUT=e.layout,
+            BLOCK_S=e.block_s, BLOCK_C=e.block_c, ACC_DTYPE=tl_acc))
+
+
+def _forward_plan(x, view_key, training, flags) -> tuple[torch.Tensor, ForwardPlan, int, object]:
+    """(x, possibly copied), its plan, device index and stream."""
+    dev, stream = _device(x)
+    cache = _plan_cache()
+    key = (view_key, x.dtype, dev, training, flags)
+    plan = cache.get(key)
+    if plan is None:
+        view = _dense_view(view_key[0], view_key[1])
+        if view is None or (flags[7] and view.flat_layout == TILED):
+            # Not readable in place, or the bitmask needs memory order: contiguous (planar) copy.
+            x = x.contiguous()
+            return _forward_plan(x, (tuple(x.shape), x.stride(), True), training, flags)
+        plan = cache[key] = ForwardPlan(view, x.dtype, dev, training, flags)
+    return x, plan, dev, stream
+
+
+def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
+            momentum, eps: float, residual=None, activation: int = 0, write_mask: bool = False,
+            bump: bool = False):
+    """The forward pass: returns ``(y, stats, mask)``.
+
+    Training: batch statistics (``stats`` = ``[mean (C) | invstd (C) | partials]``, accumulation dtype),
+    running stats updated in place when given, with ``momentum`` or, when it is None and
+    ``num_batches_tracked`` is given, the cumulative factor 1/num_batches_tracked read on the device;
+    ``bump`` increments ``num_batches_tracked`` on the device first (the module's counter). Eval: from the
+    running statistics, ``stats`` is None. ``residual`` (x's shape and dtype) is added before
+    ``activation`` (0: none, 1: ReLU); ``write_mask`` also returns the ReLU mask as a bitmask (int32
+    words, bit i = element i of ``x`` in memory order), else ``mask`` is None. Returns ``(y, stats, mask,
+    x)``, x being the tensor the kernels read (a dense copy when the input was not readable in place)."""
+    # Alignment is part of the key: Triton specializes the big tensors' pointers on it.
+    view_key = (tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0)
     has_running = running_mean is not None
-    cumulative = momentum is None and num_batches_tracked is not None
-    if momentum is None and not cumulative:
-        momentum = 0.0  # torch's factor when momentum=None and num_batches_tracked is missing
-    block_k, fblock_c = _finalize_blocks(view.c, splits)
-    _launch(
-        _kernels()._bn_stats_finalize_kernel, (_cdiv(view.c, fblock_c),),
-        x, parts, mean, invstd,
-        running_mean if has_running else mean, running_var if has_running else invstd,
-        num_batches_tracked if cumulative else mean,
-        view.c, splits, float(momentum or 0.0), float(eps), view.stride_c,
-        HAS_RUNNING=has_running, CUMULATIVE=cumulative,
-        BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=_tl_dtype(acc), num_warps=4,
-    )
-    return mean, invstd
-
-
-def bn_normalize(x: torch.Tensor, view: View, mean, invstd_or_var, weight, bias, eps: float,
-                 from_var: bool) -> torch.Tensor:
-    """y = (x − mean)·invstd·γ + β; with ``from_var`` the second vector is a variance (inference)."""
+    cumulative = training and has_running and momentum is None and num_batches_tracked is not None
+    flags = (weight is not None, bias is not None, has_running and training, cumulative, bump and training,
+             residual is not None, activation, write_mask)
+    x, plan, dev, stream = _forward_plan(x, view_key, training, flags)
     y = torch.empty_like(x)
-    if x.numel() == 0:
-        return y
-    block_s, block_c, num_sblocks, num_cblocks, grid = _elementwise_plan(view, TUNING)
-    _launch(
-        _kernels()._bn_forward_kernel, grid,
-        x, y, mean, invstd_or_var,
-        weight if weight is not None else mean, bias if bias is not None else mean,
-        view.c, view.s, num_sblocks, num_cblocks, float(eps), *view.strides,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, FROM_VAR=from_var,
-        BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=_tl_dtype(_acc_dtype(x.dtype)),
-        num_warps=TUNING.elementwise_warps,
-    )
-    return y
+    if plan.numel == 0:
+        return y, _empty_stats(x, plan.c) if training else None, None, x
+    acc = plan.acc
+    ws = None
+    if training:
+        ws = torch.empty(plan.ws_numel, dtype=acc, device=x.device)
+        cnt = _counters(x, dev, stream, plan.num_cblocks)
+        any_ = ws
+        plan.stats(stream, x, ws, cnt, running_mean if has_running else any_,
+                   running_var if has_running else any_,
+                   num_batches_tracked if num_batches_tracked is not None else any_,
+                   *plan.stats_ints, 0.0 if momentum is None else float(momentum), float(eps), *plan.strides)
+        mean_src = var_src = ws
+    else:
+        any_ = running_mean
+        mean_src, var_src = running_mean, running_var
+    z = x
+    if residual is not None:
+        z = _like(x, residual)
+        if z.data_ptr() % 16:   # the kernel was specialized for an aligned residual
+            z = torch.empty_like(x).copy_(z)
+    mask = torch.empty(plan.mask_words, dtype=torch.int32, device=x.device) if write_mask else None
+    plan.fwd(stream, x, y, z, mask if mask is not None else any_, mean_src, var_src,
+             weight if weight is not None else any_, bias if bias is not None else any_,
+             num_batches_tracked if bump and training else any_, *plan.fwd_ints, float(eps), *plan.strides)
+    return y, ws, mask, x
 
+
+def readable(x: torch.Tensor, flat: bool = False) -> bool:
+    """Whether the kernels read ``x`` in place (dense, mergeable spatial dims; ``flat``: in memory order,
+    as the ReLU bitmask needs); otherwise the launchers copy it."""
+    view = _dense_view(tuple(x.shape), x.stride())
+    return view is not None and (not flat or view.flat_layout != TILED)
+
+
+def _empty_stats(x, c):
+    stats = torch.empty(2 * c, dtype=_acc_dtype(x.dtype), device=x.device)
+    stats.fill_(float("nan"))
+    return stats
+
+
+def stats_views(stats: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, invstd) views of a training forward's ``stats`` workspace."""
+    return stats[:c], stats[c:2 * c]
+
+
+class BackwardPlan:
+    def __init__(self, view: View, dtype: torch.dtype, dev: int, training: bool, flags: tuple):
+        (has_weight, has_bias, act, has_mask, need_dx, need_dw, need_db, need_dz, need_sums) = flags
+        k = _kernels()
+        tuning = TUNING
+        acc = _acc_dtype(dtype)
+        self.acc = acc
+        c = view.c
+        self.c = c
+        self.numel = view.n * view.c * view.s
+        self.strides = view.strides
+        tl_acc = _tl_dtype(acc)
+        self.reduce = self.dx = None
+        if self.numel == 0:
+            return
+        common = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_VAR=not training, ACTIVATION=act,
+                      HAS_MASK=has_mask, ACC_DTYPE=tl_acc)
+        if need_dw or need_db or need_sums or (training and need_dx):
+            r = _reduce_plan(view, _target_programs(dev), tuning, acc == torch.float64)
+            self.num_cblocks = r.num_cblocks
+            self.ws_numel = 2 * c + 2 * r.splits * c
+            self.reduce_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
+            self.reduce = _Launch(k._bn_backward_reduce_kernel, r.grid, tuning.reduce_warps, dict(
+                common, HAS_DWEIGHT=need_dw, HAS_DBIAS=need_db, BLOCK_S=r.block_s, BLOCK_C=r.block_c,
+                BLOCK_K=r.block_k))
+        write_dz = need_dz and act != 0
+        if need_dx or write_dz:
+            e = _elementwise_plan(view, tuning, False, acc == torch.float64)
+            self.dx_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks)
+            self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(
+                common, TRAINING=training, WRITE_DX=need_dx, WRITE_DZ=write_dz, LAYOUT=e.layout,
+                BLOCK_S=e.block_s, BLOCK_C=e.block_c))
+
+
+def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: float, activation: int,
+             need_dx: bool, need_dweight: bool, dbias_dtype: torch.dtype | None, need_dz: bool,
+             need_sums: bool = False):
+    """Gradients ``(dx, dweight, dbias, dz, sums)``, each None unless asked for (dbias when ``dbias_dtype``
+    is given, dz = the residual's gradient, ``sums`` = ``[Σg, Σg·x̂]`` (2, C) with ``need_sums``).
+    Training: ``mean_src`` and ``var_src`` are the forward's ``stats``. Eval: the running mean and variance
+    (constants). ``mask``: the forward's ReLU bitmask (residual + ReLU), else None (the mask is recomputed
+    from x)."""
+    need_db = dbias_dtype is not None
+    need_dw = need_dweight and weight is not None
+    x, view = _prepare(x)
+    dy = _like(x, dy)
+    if need_dz and activation == 0:
+        dz, need_dz = dy, False     # y = bn(x) + z: the residual's gradient is dy itself
+    else:
+        dz = None
+    flags = (weight is not None, bias is not None, activation, mask is not None, need_dx, need_dw, need_db,
+             need_dz, need_sums)
+    dev, stream = _device(x)
+    cache = _plan_cache()
+    key = ("bwd", tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0, dy.data_ptr() % 16 == 0, x.dtype, dev,
+           training, flags)
+    plan = cache.get(key)
+    if plan is None:
+        plan = cache[key] = BackwardPlan(view, x.dtype, dev, training, flags)
+    c = plan.c
+    dweight = torch.empty(c, dtype=weight.dtype, device=x.device) if need_dw else None
+    dbias = torch.empty(c, dtype=dbias_dtype, device=x.device) if need_db else None
+    dx = torch.empty_like(x) if need_dx else None
+    if need_dz:
+        dz = torch.empty_like(x)
+    if plan.numel == 0:
+        sums = torch.zeros((2, c), dtype=plan.acc, device=x.device) if need_sums else None
+        for t in (dweight, dbias):
+            if t is not None:
+                t.zero_()
+        return dx, dweight, dbias, dz, sums
+    var_off = c if training else 0
+    any_ = mean_src
+    sums = any_
+    if plan.reduce is not None:
+        sums = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
+        cnt = _counters(x, dev, stream, plan.num_cblocks)
+        plan.reduce(stream, x, dy, mask if mask is not None else any_, mean_src, var_src,
+                    weight if weight is not None else any_, bias if bias is not None else any_, sums, cnt,
+                    dweight if dweight is not None else any_, dbias if dbias is not None else any_,
+                    *plan.reduce_ints, var_off, float(eps), *plan.strides)
+    if plan.dx is not None:
+        plan.dx(stream, x, dy, dx if dx is not None else dy, dz if need_dz else dy,
+                mask if mask is not None else any_, mean_src, var_src,
+                weight if weight is not None else any_, bias if bias is not None else any_, sums,
+                *plan.dx_ints, var_off, view.n * view.s, float(eps), *plan.strides)
+    return dx, dweight, dbias, dz, sums[:2 * c].view(2, c) if need_sums else None
+
+
+# --- entry points of the layers above (functional, custom ops, SyncBatchNorm) ----------------------
 
 def bn_forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
     """Training forward: returns (y, saved_mean, saved_invstd). Running stats are updated in place."""
-    x, view = _prepare(x)
-    if x.numel() == 0:
-        acc = _acc_dtype(x.dtype)
-        c = x.shape[1]
-        nan = torch.full((c,), float("nan"), dtype=acc, device=x.device)
-        return torch.empty_like(x), nan, nan.clone()
-    mean, invstd = bn_stats(x, view, running_mean, running_var, num_batches_tracked, momentum, eps)
-    return bn_normalize(x, view, mean, invstd, weight, bias, eps, from_var=False), mean, invstd
+    y, stats, _, _ = forward(x, weight, bias, running_mean, running_var, num_batches_tracked, True,
+                             momentum, eps)
+    return (y, *stats_views(stats, x.shape[1]))
 
 
 def bn_forward_eval(x, weight, bias, running_mean, running_var, eps):
     """Inference forward from running statistics: one elementwise kernel."""
-    x, view = _prepare(x)
-    return bn_normalize(x, view, running_mean, running_var, weight, bias, eps, from_var=True)
-
-
-def bn_backward_sums(x: torch.Tensor, dy: torch.Tensor, view: View, mean, invstd, dweight=None,
-                     dbias=None) -> torch.Tensor:
-    """``[Σdy, Σ(dy·x̂)]`` per channel (accumulation dtype), summed in a fixed order; also written to
-    ``dbias`` / ``dweight`` (dβ = Σdy, dγ = Σ(dy·x̂)) when given. ``dy`` has ``x``'s strides."""
-    acc = _acc_dtype(x.dtype)
-    c = view.c
-    if x.numel() == 0:
-        for t in (dweight, dbias):
-            if t is not None:
-                t.zero_()
-        return torch.zeros((2, c), dtype=acc, device=x.device)
-    k = _kernels()
-    p = _reduce_plan(view, x.device)
-    parts = torch.empty((2, p.splits, c), dtype=acc, device=x.device)
-    _launch(
-        k._bn_backward_reduce_kernel, (p.num_cblocks, p.splits),
-        x, dy, mean, invstd, parts,
-        c, view.s, p.num_sblocks, p.blocks_per_split, p.total_blocks, *view.strides,
-        BLOCK_S=p.block_s, BLOCK_C=p.block_c, ACC_DTYPE=_tl_dtype(acc), num_warps=TUNING.reduce_warps,
-    )
-    sums = torch.empty((2, c), dtype=acc, device=x.device)
-    block_k, fblock_c = _finalize_blocks(c, p.splits)
-    _launch(
-        k._bn_backward_finalize_kernel, (_cdiv(c, fblock_c),),
-        parts, sums, dweight if dweight is not None else sums, dbias if dbias is not None else sums,
-        c, p.splits,
-        HAS_DWEIGHT=dweight is not None, HAS_DBIAS=dbias is not None,
-        BLOCK_K=block_k, BLOCK_C=fblock_c, ACC_DTYPE=_tl_dtype(acc), num_warps=4,
-    )
-    return sums
-
-
-def bn_backward_dx(x: torch.Tensor, dy: torch.Tensor, view: View, weight, mean, invstd, sums, count: int,
-                   training: bool) -> torch.Tensor:
-    """dx from ``sums = [Σdy, Σ(dy·x̂)]`` over ``count`` values per channel (training), or dx = γ·invstd·dy
-    (constant statistics: ``sums`` unused). ``dy`` has ``x``'s strides."""
-    dx = torch.empty_like(x)
-    if x.numel() == 0:
-        return dx
-    block_s, block_c, num_sblocks, num_cblocks, grid = _elementwise_plan(view, TUNING)
-    _launch(
-        _kernels()._bn_backward_dx_kernel, grid,
-        x, dy, dx, mean, invstd, weight if weight is not None else invstd,
-        sums if sums is not None else invstd,
-        view.c, view.s, num_sblocks, num_cblocks, count, *view.strides,
-        HAS_WEIGHT=weight is not None, TRAINING=training,
-        BLOCK_S=block_s, BLOCK_C=block_c, ACC_DTYPE=_tl_dtype(_acc_dtype(x.dtype)),
-        num_warps=TUNING.elementwise_warps,
-    )
-    return dx
+    return forward(x, weight, bias, running_mean, running_var, None, False, 0.0, eps)[0]
 
 
 def bn_backward(dy, x, weight, mean, invstd, training: bool, need_dx: bool, need_dweight: bool,
                 dbias_dtype: torch.dtype | None):
-    """Gradients (dx, dγ, dβ), each None unless asked for (dβ when ``dbias_dtype`` is given).
-    ``mean``/``invstd`` are the saved batch statistics (training) or the running ones (eval), in the
-    accumulation dtype."""
+    """(dx, dγ, dβ) from the saved batch ``mean``/``invstd`` (training) or with ``mean``/``invstd`` the
+    running mean and *variance* (eval, invstd computed in the kernels)."""
+    if training:
+        stats = torch.cat((mean, invstd)) if mean.numel() else mean
+        mean_src = var_src = stats
+    else:
+        mean_src, var_src = mean, invstd
+    dx, dw, db, _, _ = backward(dy, x, weight, None, mean_src, var_src, None, training, 0.0, 0, need_dx,
+                                need_dweight, dbias_dtype, False)
+    return dx, dw, db
+
+
+# SyncBatchNorm: partial statistics without the finalize, then normalize / backward with its own stats.
+
+def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
+    """Per-split batch statistics ``[3, splits, C]`` = (mean − K_c, M2, count), shifted by
+    K_c = x[0, c, 0] (see ``_bn_stats_kernel``), and the number of splits. One launch."""
+    dev, stream = _device(x)
+    acc = _acc_dtype(x.dtype)
+    r = _reduce_plan(view, _target_programs(dev), TUNING, acc == torch.float64)
+    ws = torch.empty(2 * view.c + 3 * r.splits * view.c, dtype=acc, device=x.device)
+    launch = _Launch(_kernels()._bn_stats_kernel, r.grid, TUNING.reduce_warps, dict(
+        HAS_RUNNING=False, CUMULATIVE=False, BUMP_BATCHES=False, FINALIZE=False, BLOCK_S=r.block_s,
+        BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=_tl_dtype(acc)))
+    launch(stream, x, ws, ws, ws, ws, ws, view.c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks,
+           0.0, 0.0, *view.strides)
+    return ws[2 * view.c:].view(3, r.splits, view.c), r.splits
+
+
+def bn_normalize(x: torch.Tensor, stats, weight, bias, eps: float) -> torch.Tensor:
+    """y = (x − mean)·invstd·γ + β from given statistics ``stats`` = ``[mean | invstd]`` (one launch)."""
+    flags = (weight is not None, bias is not None, False, False, False, False, 0, False)
+    x, plan, dev, stream = _forward_plan(x, (tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0), True,
+                                         flags)
+    y = torch.empty_like(x)
+    if plan.numel:
+        plan.fwd(stream, x, y, x, stats, stats, stats, weight if weight is not None else stats,
+                 bias if bias is not None else stats, stats, *plan.fwd_ints, float(eps), *plan.strides)
+    return y
+
+
+def bn_backward_sums(x: torch.Tensor, dy: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """``[Σdy, Σ(dy·x̂)]`` (2, C) per channel (accumulation dtype), summed in a fixed order, from the
+    statistics ``stats`` = ``[mean | invstd]``. One launch."""
+    return backward(dy, x, None, None, stats, stats, None, True, 0.0, 0, False, False, None, False,
+                    need_sums=True)[4]
+
+
+def bn_backward_dx(x: torch.Tensor, dy: torch.Tensor, weight, stats, sums, count: int) -> torch.Tensor:
+    """Training dx from given statistics ``stats`` = ``[mean | invstd]`` and ``sums`` = ``[Σdy, Σ(dy·x̂)]``
+    over ``count`` values per channel (SyncBatchNorm: the global ones). One launch."""
     x, view = _prepare(x)
     dy = _like(x, dy)
-    c = view.c
-    dweight = torch.empty(c, dtype=weight.dtype, device=x.device) if need_dweight else None
-    dbias = torch.empty(c, dtype=dbias_dtype, device=x.device) if dbias_dtype is not None else None
-    sums = None
-    if dweight is not None or dbias is not None or (training and need_dx):
-        sums = bn_backward_sums(x, dy, view, mean, invstd, dweight, dbias)
-    dx = None
-    if need_dx:
-        dx = bn_backward_dx(x, dy, view, weight, mean, invstd, sums, view.n * view.s, training)
-    return dx, dweight, dbias
+    flags = (weight is not None, False, 0, False, True, False, False, False, False)
+    dev, stream = _device(x)
+    key = ("dx", tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0, x.dtype, dev, flags)
+    cache = _plan_cache()
+    plan = cache.get(key)
+    if plan is None:
+        plan = cache[key] = BackwardPlan(view, x.dtype, dev, True, flags)
+    dx = torch.empty_like(x)
+    if plan.numel:
+        plan.dx(stream, x, dy, dx, dy, stats, stats, stats, weight if weight is not None else stats, stats,
+                sums.contiguous(), *plan.dx_ints, view.c, count, 0.0, *plan.strides)
+    return dx
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Autograd layer over the launchers. Saves fp32 (fp64 for fp64 input) mean and invstd for backward;
-    the eval-mode backward uses the running statistics, which are constants."""
+    """Autograd layer over the launchers, fused epilogue included. Saves the input the kernels read, the
+    parameters, the statistics workspace (training, fp32 / fp64) or the running statistics (eval), and the
+    ReLU bitmask when there is a residual: no full-size tensor besides x. Double backward (create_graph)
+    runs the same formulas as differentiable torch ops (``tritonbn.torch_math``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
-                eps):
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, training,
+                momentum, eps, activation, bump):
+        write_mask = activation != 0 and residual is not None
+        y, stats, mask, x = forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                    momentum, eps, residual, activation, write_mask, bump)
         if training:
-            y, mean, invstd = bn_forward_train(x, weight, bias, running_mean, running_var,
-                                               num_batches_tracked, momentum, eps)
-            ctx.save_for_backward(x, weight, mean, invstd)
+            ctx.save_for_backward(x, weight, bias, stats, stats, mask)
         else:
-            y = bn_forward_eval(x, weight, bias, running_mean, running_var, eps)
-            ctx.save_for_backward(x, weight, running_mean, running_var)
-        ctx.training = training
-        ctx.eps = eps
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+            ctx.save_for_backward(x, weight, bias, running_mean, running_var, mask)
+        ctx.cfg = (training, eps, activation, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        if not ctx.training:
-            acc = _acc_dtype(x.dtype)
-            mean = mean.to(acc)
-            invstd = torch.rsqrt(invstd.to(acc) + ctx.eps)
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dweight, dbias = bn_backward(dy, x, weight, mean, invstd, ctx.training, need_dx,
-                                         need_dw and weight is not None,
-                                         ctx.bias_dtype if need_db else None)
-        return dx, dweight, dbias, None, None, None, None, None, None
+        x, weight, bias, mean_src, var_src, mask = ctx.saved_tensors
+        training, eps, activation, bias_dtype = ctx.cfg
+        need_dx, need_dw, need_db, need_dz = ctx.needs_input_grad[:4]
+        dbias_dtype = bias_dtype if need_db else None
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps,
+                                             activation, need_dx, need_dw, dbias_dtype, need_dz)
+        else:
+            grads = backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
+                             need_dw, dbias_dtype, need_dz)[:4]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation,
+                             need_dx, need_dw, dbias_dtype, need_dz):
+    from tritonbn import torch_math
+
+    acc = _acc_dtype(x.dtype)
+    if training:
+        mean, invstd = stats_views(mean_src, x.shape[1])
+    else:
+        mean, invstd = mean_src.to(acc), torch.rsqrt(var_src.to(acc) + eps)
+    return torch_math.backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation, need_dx,
+                               need_dw, dbias_dtype, need_dz)

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from tritonbn import ops
-from tritonbn.functional import _param, check_inputs, uses_triton
+from tritonbn.dispatch import uses_triton
+from tritonbn.functional import _param, check_inputs
 from tritonbn.modules import _TritonBatchNormMixin
 
 
@@ -69,12 +70,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             unbiased = m2 / (n - 1.0).clamp_min(1.0)
             running_mean.copy_(running_mean.double() * (1.0 - factor) + factor * mean64)
             running_var.copy_(running_var.double() * (1.0 - factor) + factor * unbiased)
-        if x.numel() > 0:
-            y = ops.bn_normalize(x, view, mean, invstd, weight, bias, eps, from_var=False)
-        else:
-            y = torch.empty_like(x)
-        ctx.save_for_backward(x, weight, mean, invstd, n.to(acc))
-        ctx.view = view
+        stats = torch.cat((mean, invstd))
+        y = ops.bn_normalize(x, stats, weight, bias, eps)
+        ctx.save_for_backward(x, weight, stats, n.to(acc))
         ctx.process_group = process_group
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -82,11 +80,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd, n = ctx.saved_tensors
-        view = ctx.view
+        x, weight, stats, n = ctx.saved_tensors
         dy = ops._like(x, dy)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        sums = ops.bn_backward_sums(x, dy, view, mean, invstd)
+        sums = ops.bn_backward_sums(x, dy, stats)
         dw = sums[1].to(weight.dtype) if need_dw and weight is not None else None
         db = sums[0].to(ctx.bias_dtype) if need_db and ctx.bias_dtype is not None else None
         dx = None
@@ -94,8 +91,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             sums = sums.clone()
             dist.all_reduce(sums, group=ctx.process_group)
             # The sums are pre-divided by the global count, so the kernel's count is 1.
-            dx = ops.bn_backward_dx(x, dy, view, weight, mean, invstd, (sums / n.clamp_min(1.0)).contiguous(),
-                                    1, True)
+            dx = ops.bn_backward_dx(x, dy, weight, stats, sums / n.clamp_min(1.0), 1)
         return dx, dw, db, None, None, None, None, None, None, None
 
 

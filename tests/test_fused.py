@@ -1,0 +1,178 @@
+"""Fused y = act(BN(x) [+ z]) (``tritonbn.batch_norm(..., residual=, activation=)`` and BatchNormAct*d)
+against the float64 reference and torch's unfused ops: outputs, running stats, dx, dγ, dβ, dz, train and
+eval, every layout and rank, with the launches per pass counted."""
+
+import copy
+
+import pytest
+import reference as ref
+import torch
+import torch.nn.functional as F
+from reference import CASES, make_input, rel_err
+
+import tritonbn
+
+
+def _unfused(x, rm, rv, w, b, training, z, act):
+    y = F.batch_norm(x, rm, rv, w, b, training=training)
+    if z is not None:
+        y = y + z
+    return torch.relu(y) if act == "relu" else y
+
+
+def _inputs(shape, layout, device, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    c = shape[1]
+    x = make_input(shape, layout, dtype=dtype, device=device).requires_grad_(True)
+    # A residual of x's layout, scaled so that the ReLU cuts about half of the values.
+    z = (torch.randn(x.shape, dtype=torch.float64) * 1.5).to(device=device, dtype=dtype)
+    z = (torch.empty_like(x).copy_(z) if layout in ("contiguous", "channels_last") else z)
+    z.requires_grad_(True)
+    w = (torch.rand(c, device=device) + 0.5).requires_grad_(True)
+    b = (torch.randn(c, device=device) * 0.5).requires_grad_(True)
+    return x, z, w, b
+
+
+@pytest.mark.parametrize("with_residual,act", [(False, "relu"), (True, "relu"), (True, None)])
+@pytest.mark.parametrize("shape,layout", CASES)
+def test_fused_training_matches_reference_and_torch(shape, layout, with_residual, act, device, tuning):
+    x, z, w, b = _inputs(shape, layout, device)
+    z = z if with_residual else None
+    c = shape[1]
+    rm, rv = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    expect = ref.bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5, residual=z, activation=act)
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, residual=z, activation=act)
+    y_t = _unfused(x, rm_t, rv_t, w, b, True, z, act)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert rel_err(y, expect.y) < 1e-5
+    assert rel_err(rm, expect.running_mean) < 1e-6 and rel_err(rv, expect.running_var) < 1e-6
+    torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+
+    dy = torch.randn_like(y)
+    inputs = (x, w, b) + ((z,) if z is not None else ())
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_t = torch.autograd.grad(y_t, inputs, dy)
+    positive = y.detach() > 0 if act else None
+    e_dx, e_dw, e_db = ref.bn_backward(dy, x, w, expect.mean, expect.invstd, True, positive)
+    want = [e_dx, e_dw, e_db]
+    if z is not None:
+        want.append(dy.double() * positive.double() if act else dy.double())
+    for got, got_t, exp in zip(grads, grads_t, want):
+        assert rel_err(got, exp) < 1e-5
+        torch.testing.assert_close(got, got_t, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape,layout", CASES[::2])
+def test_fused_eval_matches_reference(shape, layout, with_residual, device):
+    x, z, w, b = _inputs(shape, layout, device, seed=1)
+    z = z if with_residual else None
+    c = shape[1]
+    rm, rv = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=False, residual=z, activation="relu")
+    expect = ref.bn_forward(x, rm, rv, w, b, False, 0.1, 1e-5, residual=z, activation="relu")
+    assert rel_err(y, expect.y) < 1e-5
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    dy = torch.randn_like(y)
+    inputs = (x, w, b) + ((z,) if z is not None else ())
+    grads = torch.autograd.grad(y, inputs, dy)
+    positive = y.detach() > 0
+    want = list(ref.bn_backward(dy, x, w, expect.mean, expect.invstd, False, positive))
+    if z is not None:
+        want.append(dy.double() * positive.double())
+    for got, exp in zip(grads, want):
+        assert rel_err(got, exp) < 1e-5
+
+
+def test_relu_mask_agrees_with_float64(device):
+    """The mask the kernels use (recomputed from x, or the bitmask) is y > 0 of the output they wrote, and
+    it agrees with the float64 reference wherever the value is not within rounding of zero."""
+    x, z, w, b = _inputs((4, 5, 6, 7), "channels_last", device, seed=2)
+    for residual in (None, z):
+        y = tritonbn.batch_norm(x, None, None, w, b, training=True, residual=residual, activation="relu")
+        expect = ref.bn_forward(x, None, None, w, b, True, 0.1, 1e-5, residual=residual)   # pre-ReLU
+        clear = expect.y.abs() > 1e-4
+        assert torch.equal((y.detach() > 0).cpu()[clear.cpu()], (expect.y > 0).cpu()[clear.cpu()])
+        assert 0.3 < (y > 0).float().mean().item() < 0.7
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_low_precision_no_worse_than_torch(dtype, layout, device):
+    x, z, w, b = _inputs((4, 6, 5, 7), layout, device, dtype=dtype, seed=3)
+    y = tritonbn.batch_norm(x, None, None, w, b, training=True, residual=z, activation="relu")
+    y_t = _unfused(x, None, None, w, b, True, z, "relu")
+    expect = ref.bn_forward(x, None, None, w, b, True, 0.1, 1e-5, residual=z, activation="relu")
+    ulp = torch.finfo(dtype).eps
+    assert y.dtype == dtype
+    assert rel_err(y, expect.y) <= 2 * rel_err(y_t, expect.y) + ulp
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b, z), dy)
+    positive = y.detach() > 0
+    want = list(ref.bn_backward(dy, x, w, expect.mean, expect.invstd, True, positive))
+    want.append(dy.double() * positive.double())
+    for got, exp in zip(grads, want):
+        assert rel_err(got, exp) < 8 * ulp
+
+
+def test_fused_float64_gradcheck_and_double_backward(device):
+    torch.manual_seed(4)
+    x = make_input((3, 2, 2, 3), "channels_last", dtype=torch.float64, device=device).requires_grad_(True)
+    z = torch.randn_like(x).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    for training in (True, False):
+        rm = torch.randn(2, dtype=torch.float64, device=device)
+        rv = torch.rand(2, dtype=torch.float64, device=device) + 0.5
+        fn = lambda x, w, b, z: tritonbn.batch_norm(x, rm, rv, w, b, training=training,  # noqa: B023, E731
+                                                    residual=z, activation="relu")
+        assert torch.autograd.gradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+        assert torch.autograd.gradgradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                            fast_mode=True)
+
+
+def test_batchnormact_module_matches_torch_over_steps(device):
+    """BatchNormAct2d: train steps and eval against torch BN + add + ReLU (state and gradients)."""
+    torch.manual_seed(5)
+    theirs = torch.nn.BatchNorm2d(5, momentum=None).to(device)
+    ours = tritonbn.BatchNormAct2d(5, momentum=None).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for step in range(3):
+        x = make_input((3, 5, 4, 4), "channels_last", device=device, shift=step).requires_grad_(True)
+        z = torch.randn_like(x)
+        y_o = ours(x, z)
+        y_t = torch.relu(theirs(x) + z)
+        torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-5)
+        g_o = torch.autograd.grad(y_o.square().sum(), (x, ours.weight, ours.bias))
+        g_t = torch.autograd.grad(y_t.square().sum(), (x, theirs.weight, theirs.bias))
+        torch.testing.assert_close(g_o, g_t, rtol=1e-4, atol=1e-5)
+        for k, v in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    ours.eval()
+    theirs.eval()
+    x = make_input((2, 5, 4, 4), "contiguous", device=device)
+    torch.testing.assert_close(ours(x), torch.relu(theirs(x)), rtol=1e-5, atol=1e-5)
+    # A residual that broadcasts or promotes is not fusable: the module computes the unfused ops.
+    z = torch.randn(1, 5, 1, 1, device=device, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, z), torch.relu(theirs(x) + z), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_errors(device):
+    x = torch.randn(4, 3, 5, device=device)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tritonbn.batch_norm(x, None, None, training=True, activation="gelu")
+    with pytest.raises(RuntimeError, match="residual must match input exactly"):
+        tritonbn.batch_norm(x, None, None, training=True, residual=torch.randn(1, 3, 5, device=device))
+    with pytest.raises(RuntimeError, match="residual must match input exactly"):
+        tritonbn.batch_norm(x, None, None, training=True, residual=x.double())
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tritonbn.BatchNormAct2d(3, activation="tanh")
+    m = tritonbn.BatchNormAct1d(3, activation=None)
+    assert "activation=None" in repr(m)
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tritonbn.batch_norm(x, m.running_mean, m.running_var, training=True, activation=1)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

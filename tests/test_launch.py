@@ -1,0 +1,332 @@
+"""The launch path: launches per pass, the per-call plan cache and its keys, the fast-launch argument order,
+the reduction counters, num_batches_tracked on the device, and where a call runs (``tritonbn.dispatch``).
+
+On a GPU machine the CUDA-marked tests compare the cached ``CompiledKernel.run`` launch with Triton's
+normal launch."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import reference as ref
+import torch
+from reference import make_input, rel_err
+
+import tritonbn
+from tritonbn import ops
+
+
+class Launches:
+    """Records the kernel names launched, and launches them (through the normal path)."""
+
+    def __init__(self):
+        self.names = []
+
+    def __call__(self, kernel, grid, args, constexprs, num_warps):
+        self.names.append(kernel.fn.__name__)
+        kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+    def take(self):
+        names, self.names = self.names, []
+        return names
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    rec = Launches()
+    monkeypatch.setattr(ops, "_launch_hook", rec)
+    return rec
+
+
+STATS, FWD, REDUCE, DX = "_bn_stats_kernel", "_bn_forward_kernel", "_bn_backward_reduce_kernel", \
+    "_bn_backward_dx_kernel"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("residual,act", [(False, None), (False, "relu"), (True, "relu"), (True, None)])
+def test_at_most_two_launches_per_training_pass_and_one_in_eval(layout, residual, act, launches):
+    """Training forward 2, backward 2, eval forward 1, eval backward (dx only) 1: no finalize, fill, zero or
+    copy kernel, fused epilogue included (no separate ReLU, add or mask kernel)."""
+    x = make_input((4, 6, 5, 7), layout).requires_grad_(True)
+    z = torch.randn_like(x).requires_grad_(True) if residual else None
+    m = tritonbn.BatchNormAct2d(6, activation=act)
+    y = m(x, z)
+    assert launches.take() == [STATS, FWD]
+    y.backward(torch.randn_like(y))
+    assert launches.take() == [REDUCE, DX]
+    m.eval()
+    y = m(x, z)
+    assert launches.take() == [FWD]
+    with torch.no_grad():
+        m(x, z)
+    assert launches.take() == [FWD]
+    m.weight.requires_grad_(False)
+    m.bias.requires_grad_(False)
+    m(x, z).backward(torch.randn_like(x))
+    assert launches.take() == [FWD, DX]      # constant statistics, no parameter gradients: no reduction
+
+
+class _RecordingMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_module_train_step_runs_no_torch_op_for_num_batches_tracked(monkeypatch):
+    """The module's num_batches_tracked += 1 runs inside the forward kernel (no extra ATen launch), and a
+    momentum=None cumulative average uses the incremented count."""
+    m = tritonbn.BatchNorm2d(3, momentum=None)
+    x = make_input((2, 3, 4, 4), "channels_last")
+    recorded = []
+    monkeypatch.setattr(ops, "_launch_hook", lambda kernel, *a: recorded.append(kernel.fn.__name__))
+    with _RecordingMode() as mode:
+        m(x)
+    assert recorded == [STATS, FWD]
+    assert [f for f in mode.seen if "add" in f] == []
+    monkeypatch.setattr(ops, "_launch_hook", None)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for step in (1, 2, 3):
+        m(x + step)
+        assert int(m.num_batches_tracked) == step
+        expect = ref.bn_forward(x + step, rm, rv, None, None, True, 1.0 / step, 1e-5)
+        rm, rv = expect.running_mean, expect.running_var
+        assert rel_err(m.running_mean, rm) < 1e-6 and rel_err(m.running_var, rv) < 1e-6
+
+
+def test_plan_cache_reuses_plans_and_keys_on_everything_the_kernels_specialize_on(monkeypatch):
+    monkeypatch.setattr(ops, "_plans", {})
+    monkeypatch.setattr(ops, "_plans_tuning", ops.TUNING)
+    x = make_input((4, 6, 5, 7), "contiguous")
+    w, b = torch.ones(6), torch.zeros(6)
+    ops.forward(x, w, b, None, None, None, True, 0.1, 1e-5)
+    ops.forward(x.clone(), w, b, None, None, None, True, 0.1, 1e-5)
+    assert len(ops._plans) == 1                             # same key: the plan is reused
+    plan = next(iter(ops._plans.values()))
+    variants = [
+        x.contiguous(memory_format=torch.channels_last),    # strides
+        x.double(),                                         # dtype
+        make_input((4, 6, 5, 8), "contiguous"),             # shape
+        torch.empty(x.numel() + 1)[1:].view_as(x).copy_(x),  # 16-byte alignment
+    ]
+    for v in variants:
+        ops.forward(v, None if v.dtype == torch.float64 else w, None if v.dtype == torch.float64 else b, None,
+                    None, None, True, 0.1, 1e-5)
+    ops.forward(x, w, None, None, None, None, True, 0.1, 1e-5)                      # flags
+    ops.forward(x, w, b, torch.zeros(6), torch.ones(6), None, False, 0.1, 1e-5)     # eval
+    ops.forward(x, w, b, None, None, None, True, 0.1, 1e-5, torch.randn_like(x), 1, True)  # fused + mask
+    assert len(ops._plans) == 1 + len(variants) + 3
+    assert next(iter(ops._plans.values())) is plan
+    # Every plan's launches pass the runtime arguments in signature order, constexprs last.
+    for p in ops._plans.values():
+        for launch in (p.stats, p.fwd):
+            if launch is not None:
+                _check_signature_order(launch)
+
+
+def _check_signature_order(launch):
+    names = _arg_names(launch.kernel)
+    constexprs = _constexpr_names(launch.kernel)
+    assert names[-len(constexprs):] == constexprs          # all constexprs last: (*args, *consts) is the list
+    assert set(launch.constexprs) == set(constexprs)
+
+
+def test_plan_cache_follows_tuning(monkeypatch):
+    x = make_input((4, 6, 5, 7), "contiguous")
+    ops.forward(x, None, None, None, None, None, True, 0.1, 1e-5)
+    cache = ops._plan_cache()
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_tile=8))
+    assert ops._plan_cache() is not cache and not ops._plan_cache()
+
+
+def test_fast_launch_passes_the_same_arguments_as_the_normal_launch(monkeypatch):
+    """The cached path calls CompiledKernel.run with Triton's own argument convention: grid, stream,
+    function, packed metadata, no launch metadata or hooks, then every parameter in signature order."""
+    calls = []
+
+    class FakeCompiled:
+        function = "fn-handle"
+        packed_metadata = "packed"
+
+        def run(self, *a):
+            calls.append(a)
+
+    real_kernel = ops._kernels()._bn_forward_kernel
+    launch = ops._Launch(real_kernel, (3, 1), 8, dict(HAS_WEIGHT=True, HAS_BIAS=False, FROM_VAR=False,
+                                                     HAS_RESIDUAL=False, ACTIVATION=0, WRITE_MASK=False,
+                                                     BUMP_BATCHES=False, LAYOUT=0, BLOCK_S=4, BLOCK_C=2,
+                                                     ACC_DTYPE=None))
+
+    class FakeKernel:
+        params = [type("P", (), {"name": n, "is_constexpr": n in _constexpr_names(real_kernel)})()
+                  for n in _arg_names(real_kernel)]
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append(("slow", grid, a, k)) or FakeCompiled()
+
+    launch.kernel = FakeKernel()
+    monkeypatch.setattr(ops, "_fast_launch_supported", lambda: True)
+    args = tuple(range(20))
+    launch("stream-7", *args)                      # first call: the normal launch, handles cached
+    assert calls[0][0] == "slow" and calls[0][2] == args
+    launch("stream-7", *args)
+    assert calls[1] == (3, 1, 1, "stream-7", "fn-handle", "packed", None, None, None, *args,
+                        *launch.constexprs.values())
+    assert launch.fast_launches == 1
+    monkeypatch.setattr(ops, "_launch_hook", lambda *a: calls.append("hook"))
+    launch("stream-7", *args)                      # a launch hook always sees the launch
+    assert calls[-1] == "hook"
+
+
+def _arg_names(kernel):
+    fn = kernel.fn
+    return list(fn.__code__.co_varnames[:fn.__code__.co_argcount])
+
+
+def _constexpr_names(kernel):
+    import inspect
+
+    import triton.language as tl
+
+    return [n for n, p in inspect.signature(kernel.fn).parameters.items()
+            if p.annotation is tl.constexpr or p.annotation in ("tl.constexpr", "constexpr")]
+
+
+def test_fast_launch_only_on_verified_triton_versions(monkeypatch):
+    import triton
+
+    ops._fast_launch_supported.cache_clear()
+    try:
+        for version, ok in (("3.5.1", False), ("3.6.0", True), ("3.9.0", True), ("3.10.0", False)):
+            monkeypatch.setattr(triton, "__version__", version)
+            monkeypatch.setattr(ops, "interpreted", lambda: False)
+            ops._fast_launch_supported.cache_clear()
+            assert ops._fast_launch_supported() is ok, version
+        monkeypatch.setattr(ops, "interpreted", lambda: True)
+        ops._fast_launch_supported.cache_clear()
+        assert ops._fast_launch_supported() is False     # never under the interpreter
+    finally:
+        monkeypatch.undo()
+        ops._fast_launch_supported.cache_clear()
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_reduction_counters_are_zero_after_every_launch(tiny, monkeypatch):
+    """The last program of each channel tile resets its counter: the next launch on the stream finds
+    zeros, with no fill kernel. Many splits (tiny tiles) and many channel tiles."""
+    if tiny:
+        monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_tile=8, elementwise_tile=8, flat_block=32,
+                                                      max_block_c=4, interpreter_programs=5, waves=1))
+    x = make_input((5, 13, 3, 3), "channels_last").requires_grad_(True)
+    for _ in range(2):
+        y = tritonbn.batch_norm(x, None, None, training=True)
+        y.backward(torch.randn_like(y))
+    for buf in ops._counters_by_stream.values():
+        assert not buf.any()
+    assert ops._counters_by_stream                           # counters were taken from the arena
+
+
+def test_counters_never_shared_between_streams():
+    x = make_input((2, 3, 4), "contiguous")
+    a = ops._counters(x, -1, None, 8)
+    b = ops._counters(x, -1, "another-stream", 8)
+    assert a.data_ptr() != b.data_ptr()
+    assert ops._counters(x, -1, None, 8) is a
+    big = ops._counters(x, -1, "another-stream", ops._COUNTER_SLOT_SIZE + 1)
+    assert big.numel() > ops._COUNTER_SLOT_SIZE and not big.any()
+
+
+def test_overflowing_fp32_inputs_give_torchs_zero_and_inf():
+    """|x| near 1e19–1e30: δ² overflows fp32; the statistics must reach var = inf (torch: y = β, running
+    variance inf), never NaN."""
+    for scale in (1e19, 1e25, 1e30):
+        x = torch.randn(4, 3, 5, 5) * scale
+        rm, rv = torch.zeros(3), torch.ones(3)
+        rm_t, rv_t = rm.clone(), rv.clone()
+        y = tritonbn.batch_norm(x, rm, rv, training=True)
+        y_t = torch.nn.functional.batch_norm(x, rm_t, rv_t, training=True)
+        assert not y.isnan().any() and not rv.isnan().any(), scale
+        torch.testing.assert_close(y, y_t)
+        torch.testing.assert_close(rv, rv_t)
+        torch.testing.assert_close(rm, rm_t, rtol=1e-4, atol=0)
+
+
+def test_double_backward(device):
+    torch.manual_seed(0)
+    x = make_input((3, 2, 4), "contiguous", dtype=torch.float64, device=device).requires_grad_(True)
+    w = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    for training in (True, False):
+        rm = torch.randn(2, dtype=torch.float64, device=device)
+        rv = torch.rand(2, dtype=torch.float64, device=device) + 0.5
+        fn = lambda x, w, b: tritonbn.batch_norm(x, rm, rv, w, b, training=training)  # noqa: B023, E731
+        assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def _run(code, **env):
+    full = dict(os.environ)
+    full.pop("TRITON_INTERPRET", None)
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full, timeout=300)
+
+
+SCRIPT = """
+    import os, torch
+    {before}
+    import triton
+    {after}
+    import tritonbn
+    m = tritonbn.BatchNorm2d(3)
+    y = m(torch.randn(4, 3, 2, 2))
+    print(tritonbn.uses_triton(y), int(m.num_batches_tracked))
+"""
+
+
+@pytest.mark.parametrize("before,after,expect", [
+    ("os.environ['TRITON_INTERPRET'] = '1'", "", "True 1"),
+    ("os.environ['TRITON_INTERPRET'] = 'true'", "", "True 1"),           # Triton's own spelling
+    ("", "os.environ['TRITON_INTERPRET'] = '1'", "False 1"),            # too late for Triton: torch's BN
+    ("", "", "False 1"),
+])
+def test_interpreter_decision_matches_what_triton_does(before, after, expect):
+    """CPU tensors take the Triton path exactly when Triton interprets tritonbn's kernels; a variable set
+    after ``import triton`` changes nothing (it used to raise InterpreterError after bumping the counter)."""
+    res = _run(SCRIPT.format(before=before, after=after))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[-2] == expect
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_fast_launch_matches_normal_launch(layout, fused, monkeypatch):
+    """On the GPU the cached CompiledKernel.run path is taken and gives bit-identical results to Triton's
+    normal launch (forward, backward, running stats)."""
+    if not ops._fast_launch_supported():
+        pytest.skip(f"triton {__import__('triton').__version__}: normal launch only")
+    results = []
+    for fast in (False, True):
+        monkeypatch.setattr(ops, "TUNING", ops.Tuning(fast_launch=fast))
+        torch.manual_seed(0)
+        x = make_input((8, 32, 14, 14), layout, dtype=torch.bfloat16, device="cuda").requires_grad_(True)
+        z = torch.randn_like(x).requires_grad_(True) if fused else None
+        m = tritonbn.BatchNormAct2d(32, activation="relu" if fused else None).cuda()
+        outs = []
+        for _ in range(3):
+            y = m(x, z)
+            grads = torch.autograd.grad(y, [x, m.weight, m.bias] + ([z] if fused else []), torch.ones_like(y))
+            outs += [y, *grads]
+        outs += [m.running_mean, m.running_var, m.num_batches_tracked]
+        launches = [p for p in ops._plan_cache().values()]
+        n_fast = sum(getattr(lch, "fast_launches", 0) for p in launches
+                     for lch in vars(p).values() if isinstance(lch, ops._Launch))
+        assert (n_fast > 0) == fast
+        results.append(outs)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

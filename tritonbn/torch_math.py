@@ -1,0 +1,117 @@
+"""tritonbn's forward and backward written with torch ops.
+
+Used where the Triton kernels do not run (the custom ops on a device tritonbn does not handle) and for
+double backward (these are differentiable). Same conventions as ``tritonbn.ops``: statistics in the
+accumulation dtype (fp32, fp64 for fp64 input), the ReLU mask as int32 words in the input's memory order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def _channel(t, x):
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def pack_mask(positive: torch.Tensor) -> torch.Tensor:
+    """Bool tensor → int32 words, bit i of word i // 32 = element i in memory order (dense tensors)."""
+    mem = torch.empty_like(positive, dtype=torch.int64).copy_(positive)
+    flat = mem.as_strided((mem.numel(),), (1,))
+    pad = (-flat.numel()) % 32
+    bits = F.pad(flat, (0, pad)).view(-1, 32) << torch.arange(32, device=flat.device)
+    words = bits.sum(1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_mask(words: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_mask`` for a tensor laid out as ``like`` (dense)."""
+    bits = (words.to(torch.int64)[:, None] >> torch.arange(32, device=words.device)) & 1
+    flat = bits.flatten()[:like.numel()].bool()
+    mem = torch.empty_like(like, dtype=torch.bool)
+    return flat.as_strided(like.shape, mem.stride())
+
+
+def epilogue(y, residual, activation: int):
+    """``activation(y + residual)`` (the unfused path)."""
+    if residual is not None:
+        y = y + residual
+    if activation:
+        y = torch.relu(y)
+    return y
+
+
+def forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
+            num_batches_tracked=None):
+    """``(y, mean, invstd, mask)``: training uses batch statistics and updates the running stats in place
+    (momentum None: 1/num_batches_tracked, read on the host); eval uses the running statistics, and
+    ``mean``/``invstd`` are derived from them. ``mask`` (residual + ReLU) is the packed y > 0."""
+    acc = acc_dtype(x)
+    if training:
+        if momentum is None:
+            momentum = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.0
+        var, mean = torch.var_mean(x.detach().to(acc), _dims(x), correction=0)
+        invstd = torch.rsqrt(var + eps)
+    else:
+        mean = running_mean.to(acc)
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+    y = epilogue(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum or 0.0, eps),
+                 residual, activation)
+    mask = pack_mask(y > 0) if activation and residual is not None else None
+    return y, mean, invstd, mask
+
+
+def relu_mask(x, weight, bias, mean, invstd, mask):
+    """y > 0 of the forward: from the bitmask when there is one, else recomputed from x (no residual)."""
+    if mask is not None:
+        return unpack_mask(mask, x)
+    acc = acc_dtype(x)
+    y = (x.to(acc) - _channel(mean, x)) * _channel(invstd, x)
+    if weight is not None:
+        y = y * _channel(weight.to(acc), x)
+    if bias is not None:
+        y = y + _channel(bias.to(acc), x)
+    return y.to(x.dtype) > 0
+
+
+def backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation, need_dx, need_dweight,
+             dbias_dtype, need_dz):
+    """``(dx, dweight, dbias, dz)`` from the formulas (None where not asked for). Differentiable in dy, x,
+    weight and bias: with ``training`` the statistics are recomputed from x so that second derivatives
+    see their dependence on x (``mean``/``invstd`` are then only used for the ReLU mask)."""
+    acc = acc_dtype(x)
+    g = dy
+    if activation:
+        g = torch.where(relu_mask(x, weight, bias, mean, invstd, mask), dy, torch.zeros_like(dy))
+    dz = g if need_dz else None
+    xa, ga = x.to(acc), g.to(acc)
+    dims = _dims(x)
+    if training:
+        m = max(x.numel() // max(x.shape[1], 1), 1)
+        mu = xa.mean(dims)
+        istd = torch.rsqrt(((xa - _channel(mu, x)) ** 2).mean(dims) + eps)
+    else:
+        mu, istd = mean, invstd
+    xhat = (xa - _channel(mu, x)) * _channel(istd, x)
+    sum_g = ga.sum(dims)
+    sum_g_xhat = (ga * xhat).sum(dims)
+    dx = None
+    if need_dx:
+        scale = istd if weight is None else istd * weight.to(acc)
+        h = ga
+        if training:
+            h = ga - _channel(sum_g, x) / m - xhat * _channel(sum_g_xhat / m, x)
+        dx = (h * _channel(scale, x)).to(x.dtype)
+    dw = sum_g_xhat.to(weight.dtype) if need_dweight and weight is not None else None
+    db = sum_g.to(dbias_dtype) if dbias_dtype is not None else None
+    return dx, dw, db, dz
+
