@@ -1,6 +1,6 @@
 """Fold BatchNorm into neighbouring layers and export verified ONNX models.
 
-Public API (imported lazily so ``import export`` stays cheap)::
+Public API (imported lazily so ``import tritonbn.export`` stays cheap)::
 
     folded, report = fold_batchnorm(model)           # nn.Module -> new nn.Module
     proto, report = fold_onnx(onnx.load("m.onnx"))   # ModelProto -> new ModelProto

@@ -1,4 +1,4 @@
-"""``tritonbn-export`` / ``python -m export``: fold BatchNorm, export to ONNX and verify."""
+"""``tritonbn-export`` / ``python -m tritonbn.export``: fold BatchNorm, export to ONNX and verify."""
 
 from __future__ import annotations
 

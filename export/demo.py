@@ -1,4 +1,5 @@
-"""``python -m export --demo``: train a tiny ResNet built from tritonbn layers, fold, export, verify."""
+"""``python -m tritonbn.export --demo``: train a tiny ResNet built from tritonbn layers, fold, export and
+verify it."""
 
 from __future__ import annotations
 

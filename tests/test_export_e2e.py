@@ -10,13 +10,12 @@ import torch
 from export_models import TinyResNet, assert_untouched, ort_run, randomize_all, snapshot
 from onnx import numpy_helper
 from torch import nn
-
-from export import ExportError, FoldError, VerificationError, export_onnx, verify_onnx
-from export.cli import main
+from tritonbn.export import ExportError, FoldError, VerificationError, export_onnx, verify_onnx
+from tritonbn.export.cli import main
 
 
 def _failing_verify(message):
-    from export.verify import VerifyResult
+    from tritonbn.export.verify import VerifyResult
 
     return lambda *a, **k: VerifyResult(ok=False, max_abs_err=1.0, max_rel_err=1.0, message=message)
 
@@ -69,7 +68,7 @@ def test_verify_reports_a_tampered_file(resnet, exported, tmp_path):
 
 
 def test_verification_failure_writes_nothing_and_keeps_old_file(resnet, tmp_path, monkeypatch):
-    import export.onnx_io as onnx_io
+    import tritonbn.export.onnx_io as onnx_io
 
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old")
@@ -80,7 +79,7 @@ def test_verification_failure_writes_nothing_and_keeps_old_file(resnet, tmp_path
 
 
 def test_torchscript_exporter_fallback(resnet, tmp_path, monkeypatch):
-    import export.onnx_io as onnx_io
+    import tritonbn.export.onnx_io as onnx_io
 
     def broken(*a, **k):
         raise RuntimeError("no dynamo today")
@@ -176,7 +175,7 @@ def test_cli_errors_exit_nonzero_without_output(tmp_path, capsys, args, msg):
 
 
 def test_cli_verification_failure_exit_code(tmp_path, monkeypatch, capsys):
-    import export.onnx_io as onnx_io
+    import tritonbn.export.onnx_io as onnx_io
 
     monkeypatch.setattr(onnx_io, "verify_onnx", _failing_verify("bad"))
     out = tmp_path / "m.onnx"
@@ -187,9 +186,9 @@ def test_cli_verification_failure_exit_code(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_cli_demo(tmp_path, capsys, monkeypatch):
-    import export.demo
+    import tritonbn.export.demo as demo
 
-    monkeypatch.setattr(export.demo, "TRAIN_STEPS", 2)  # the full demo is timed separately
+    monkeypatch.setattr(demo, "TRAIN_STEPS", 2)  # the full demo is timed separately
     # conftest runs tritonbn through Triton's (slow) CPU interpreter; the demo as users run it does not
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out, rep = tmp_path / "demo.onnx", tmp_path / "demo.json"
@@ -201,7 +200,7 @@ def test_cli_demo(tmp_path, capsys, monkeypatch):
 
 
 def test_errors_are_one_family():
-    from export import TritonbnExportError
+    from tritonbn.export import TritonbnExportError
 
     assert issubclass(FoldError, TritonbnExportError) and issubclass(ExportError, TritonbnExportError)
     assert VerificationError("x").exit_code == 2

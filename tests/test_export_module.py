@@ -14,9 +14,8 @@ from export_models import (
     snapshot,
 )
 from torch import nn
-
-from export import FoldError, fold_batchnorm
-from export.fold_module import cast_once
+from tritonbn.export import FoldError, fold_batchnorm
+from tritonbn.export.fold_module import cast_once
 
 torch.manual_seed(0)
 

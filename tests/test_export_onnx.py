@@ -5,8 +5,7 @@ import onnx
 import pytest
 from export_models import bn_arrays, bn_node, make_model, ops, ort_run, with_output_shapes
 from onnx import TensorProto, helper, numpy_helper
-
-from export import fold_math, fold_onnx
+from tritonbn.export import fold_math, fold_onnx
 
 RNG = np.random.default_rng(0)
 
@@ -203,7 +202,7 @@ def test_fp16_graph_folds_with_one_rounding():
 
 
 def test_not_a_model_is_refused():
-    from export import FoldError
+    from tritonbn.export import FoldError
 
     with pytest.raises(FoldError):
         fold_onnx(b"not a model")
