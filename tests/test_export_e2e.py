@@ -10,7 +10,14 @@ import torch
 from export_models import TinyResNet, assert_untouched, ort_run, randomize_all, snapshot
 from onnx import numpy_helper
 from torch import nn
-from tritonbn.export import ExportError, FoldError, VerificationError, export_onnx, verify_onnx
+from tritonbn.export import (
+    ExporterFallbackWarning,
+    ExportError,
+    FoldError,
+    VerificationError,
+    export_onnx,
+    verify_onnx,
+)
 from tritonbn.export.cli import main
 
 
@@ -38,7 +45,8 @@ def exported(resnet, tmp_path_factory):
 def test_resnet_export_is_folded_verified_and_dynamic(resnet, exported):
     path, result = exported
     assert result.check.ok and result.check.max_abs_err < 1e-4
-    assert [r["batch"] for r in result.check.runs] == [2, 1, 3]
+    assert [(r["batch"], r["inputs"]) for r in result.check.runs] == [
+        (2, "example"), (1, "randn"), (3, "randn"), (2, "randn*0.001"), (2, "randn*1000"), (2, "randn+10")]
     model = onnx.load(path)
     assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
     assert len(result.module_report.folded) == 6 and result.exporter in ("dynamo", "torchscript")
@@ -85,9 +93,10 @@ def test_torchscript_exporter_fallback(resnet, tmp_path, monkeypatch):
         raise RuntimeError("no dynamo today")
 
     monkeypatch.setattr(onnx_io, "_export_dynamo", broken)
-    result = export_onnx(resnet, torch.randn(1, 3, 8, 8), str(tmp_path / "ts.onnx"))
+    with pytest.warns(ExporterFallbackWarning, match="no dynamo today"):
+        result = export_onnx(resnet, torch.randn(1, 3, 8, 8), str(tmp_path / "ts.onnx"))
     assert result.exporter == "torchscript" and "no dynamo today" in result.notes[0]
-    assert result.check.ok and [r["batch"] for r in result.check.runs] == [1, 3, 5]
+    assert result.check.ok and [r["batch"] for r in result.check.runs][:3] == [1, 3, 5]
 
 
 def test_training_mode_model_is_refused(tmp_path):
