@@ -19,7 +19,7 @@ class VerifyResult:
     ok: bool
     max_abs_err: float
     max_rel_err: float  # max abs error divided by max |reference| (per input set; the worst one)
-    runs: list[dict] = field(default_factory=list)  # one entry per batch size tried
+    runs: list[dict] = field(default_factory=list)  # one entry per input set tried
     message: str = ""
 
     def to_dict(self) -> dict:
