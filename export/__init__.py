@@ -1,10 +1,10 @@
 """Fold BatchNorm into neighbouring layers and export verified ONNX models.
 
-Public API (imported lazily so ``import export`` stays cheap)::
+Public API (imported lazily so ``import tritonbn.export`` stays cheap)::
 
     folded, report = fold_batchnorm(model)           # nn.Module -> new nn.Module
     proto, report = fold_onnx(onnx.load("m.onnx"))   # ModelProto -> new ModelProto
-    result = export_onnx(model, example_inputs, "m.onnx")
+    result = export_onnx(model, example_inputs, "m.onnx")  # example_inputs: tensor, tuple or list
     check = verify_onnx("m.onnx", model, example_inputs)
 """
 
@@ -24,6 +24,7 @@ _API = {
     "FoldError": "errors",
     "ExportError": "errors",
     "VerificationError": "errors",
+    "ExporterFallbackWarning": "errors",
 }
 
 __all__ = sorted(_API)

@@ -1,4 +1,5 @@
-"""``python -m export --demo``: train a tiny ResNet built from tritonbn layers, fold, export, verify."""
+"""``python -m tritonbn.export --demo``: train a tiny ResNet built from tritonbn layers, fold, export and
+verify it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 
 def bn_layers():
-    """``(BatchNorm1d, BatchNorm2d, source)``: tritonbn's layers, or torch's when tritonbn is missing."""
+    """``(BatchNorm1d, BatchNorm2d, source)``: tritonbn's layers, or torch's if they cannot be loaded."""
     try:
         import tritonbn
 
@@ -127,40 +128,56 @@ def _bn_nodes(path: str) -> tuple[int, int]:
     return len(g.node), sum(n.op_type == "BatchNormalization" for n in g.node)
 
 
-def run_demo(output: str | None = None, report_path: str | None = None, opset: int | None = None) -> int:
+def run_demo(output: str | None = None, report_path: str | None = None, opset: int | None = None,
+             allow_trace_warnings: bool = False) -> int:
     import json
 
-    from .onnx_io import export_onnx, write_atomic
+    from .onnx_io import check_opset, export_onnx
+    from .outputs import StagedWrites, check_output_paths
 
+    check_opset(opset)
+    check_output_paths({"-o/--output": output, "--report": report_path})  # before training
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, source, loss = build_and_train(device)
     print(f"trained DemoNet ({source} BatchNorm) for {TRAIN_STEPS} steps on {device}: loss {loss:.3f}")
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    kw = {"opset": opset, "allow_trace_warnings": allow_trace_warnings}
     with tempfile.TemporaryDirectory() as tmp:
-        path = output or os.path.join(tmp, "demo_folded.onnx")
-        baseline = export_onnx(model, (x,), os.path.join(tmp, "demo_unfolded.onnx"), fold=False, opset=opset)
-        result = export_onnx(model, (x,), path, opset=opset)
+        baseline = export_onnx(model, (x,), os.path.join(tmp, "demo_unfolded.onnx"), fold=False, **kw)
+        result = export_onnx(model, (x,), os.path.join(tmp, "demo_folded.onnx"), **kw)
         nodes0, bn0 = _bn_nodes(baseline.path)
         nodes1, bn1 = _bn_nodes(result.path)
         xb = torch.randn(8, 3, 16, 16)
         lat0, lat1 = ort_latency_ms(baseline.path, xb), ort_latency_ms(result.path, xb)
-        print()
-        print(result.module_report.format())
-        print(result.onnx_report.format())
-        print()
-        print(f"ONNX nodes (torch.onnx.export default -> folded): {nodes0} -> {nodes1}   "
-              f"(BatchNormalization {bn0} -> {bn1})")
-        print(f"verification:       {'OK' if result.check.ok else 'FAILED'}, max abs err "
-              f"{result.check.max_abs_err:.2e} (batch sizes {[r['batch'] for r in result.check.runs]})")
-        print(f"ORT latency (CPU, 1 thread, graph opts off, batch 8): {lat0:.3f} ms -> {lat1:.3f} ms")
-        print(f"exporter: {result.exporter}, opset {result.opset}; "
-              f"{'wrote ' + path if output else 'files written to a temporary directory (use -o to keep)'}")
+        with open(result.path, "rb") as f:
+            folded_bytes = f.read()
+    if output:
+        result.path = os.fspath(output)
+    print()
+    print(result.module_report.format())
+    print(result.onnx_report.format())
+    print()
+    print(f"ONNX nodes (torch.onnx.export default -> folded): {nodes0} -> {nodes1}   "
+          f"(BatchNormalization {bn0} -> {bn1})")
+    runs = result.check.runs
+    print(f"verification:       {'OK' if result.check.ok else 'FAILED'}, max rel err "
+          f"{result.check.max_rel_err:.2e} ({len(runs)} input sets: batch sizes "
+          f"{sorted({r['batch'] for r in runs})}, inputs up to randn*1000)")
+    print(f"ORT latency (CPU, 1 thread, graph opts off, batch 8): {lat0:.3f} ms -> {lat1:.3f} ms")
+    for note in result.notes:
+        print(f"note: {note}")
+    with StagedWrites() as out:  # -o and --report: both or neither
+        if output:
+            out.add(output, folded_bytes)
         if report_path:
             data = {"bn_source": source, "device": device, "train_loss": loss,
                     "latency_ms": {"unfolded": lat0, "folded": lat1},
                     "nodes": {"unfolded": nodes0, "folded": nodes1, "bn_unfolded": bn0, "bn_folded": bn1},
                     **result.to_dict()}
-            write_atomic(report_path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+            out.add(report_path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+        out.commit()
+    print(f"exporter: {result.exporter}, opset {result.opset}; "
+          f"{'wrote ' + output if output else 'files written to a temporary directory (use -o to keep)'}")
     print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0 if result.check.ok else 2

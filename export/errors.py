@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` without ANSI colour codes (torch colours some of its error messages)."""
+    return _ANSI.sub("", text)
+
+
+def one_line(text: str) -> str:
+    return " ".join(clean_text(text).split())
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (torch's can run to many lines)."""
+    return next((ln.strip() for ln in clean_text(str(e)).splitlines() if ln.strip()), type(e).__name__)
+
 
 class TritonbnExportError(Exception):
     """Base class of every error the export tool raises on purpose."""
@@ -25,3 +43,7 @@ class VerificationError(TritonbnExportError):
     def __init__(self, message: str, check=None):
         super().__init__(message)
         self.check = check
+
+
+class ExporterFallbackWarning(UserWarning):
+    """The TorchScript exporter was used instead of the dynamo exporter (the reason is in the message)."""

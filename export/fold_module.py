@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import fold_math
-from .errors import FoldError
+from .errors import FoldError, first_line
 from .report import FoldReport
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -313,6 +313,19 @@ def _fold_tree(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
     return gm
 
 
+def as_input_tuple(example_inputs, error=FoldError, tensors_only=False) -> tuple:
+    """A tensor -> ``(tensor,)``; a tuple or list -> a tuple (positional arguments of ``forward``)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or (
+        tensors_only and not all(isinstance(x, torch.Tensor) for x in example_inputs)
+    ):
+        kind = "tensors" if tensors_only else "inputs"
+        raise error(f"example_inputs must be a tensor or a tuple/list of {kind}, "
+                    f"got {type(example_inputs).__name__}")
+    return tuple(example_inputs)
+
+
 def _bn_input_ranks(model: nn.Module, example_inputs) -> dict:
     ranks: dict = {}
 
@@ -324,6 +337,8 @@ def _bn_input_ranks(model: nn.Module, example_inputs) -> dict:
     try:
         with torch.no_grad():
             model(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - e.g. a wrong input shape: the caller's mistake, said in one line
+        raise FoldError(f"the model fails on example_inputs: {type(e).__name__}: {first_line(e)}") from e
     finally:
         for h in handles:
             h.remove()
@@ -333,8 +348,9 @@ def _bn_input_ranks(model: nn.Module, example_inputs) -> dict:
 def fold_batchnorm(model: nn.Module, example_inputs=None):
     """Return ``(folded_module, FoldReport)``; ``model`` itself is never modified.
 
-    ``example_inputs`` (a tuple) is optional; it lets Linear<->BatchNorm1d pairs fold by proving the
-    BN input is 2-D.  Raises FoldError if the model is in training mode.
+    ``example_inputs`` (a tensor, or a tuple or list of ``forward``'s arguments, as for ``export_onnx``)
+    is optional; it lets Linear<->BatchNorm1d pairs fold by proving the BN input is 2-D.  Raises
+    FoldError if the model is in training mode or fails on ``example_inputs``.
     """
     if not isinstance(model, nn.Module):
         raise FoldError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -343,8 +359,8 @@ def fold_batchnorm(model: nn.Module, example_inputs=None):
         work = copy.deepcopy(model)
     except Exception as e:
         raise FoldError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
+    if example_inputs is not None:
+        example_inputs = as_input_tuple(example_inputs)
     report = FoldReport(form="module")
     ranks = _bn_input_ranks(work, example_inputs) if example_inputs is not None else {}
     names = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import fold_math
+from .errors import one_line
 from .report import FoldReport
 
 _FLOATS = (np.float16, np.float32, np.float64)
@@ -449,10 +450,25 @@ class _Folder:
         return self.model
 
 
+def validation_errors(model: onnx.ModelProto) -> list[str]:
+    """What ``onnx.checker`` and strict shape inference say about ``model`` (one line each)."""
+    errors = []
+    for what, fn in (("onnx.checker", onnx.checker.check_model),
+                     ("shape inference", lambda m: onnx.shape_inference.infer_shapes(m, strict_mode=True))):
+        try:
+            fn(model)
+        except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ...
+            errors.append(f"{what}: {one_line(str(e))}")
+    return errors
+
+
 def fold_onnx(model: onnx.ModelProto, check: bool = True):
     """Return ``(new_model, FoldReport)``; ``model`` is not modified.
 
-    With ``check`` the result goes through ``onnx.checker`` and strict shape inference.
+    With ``check`` the input and the result go through ``onnx.checker`` and strict shape inference:
+    a complaint about the result that the input did not have (a problem the fold introduced) raises
+    FoldError; complaints the input already had (e.g. graph outputs without a shape, which ONNX Runtime
+    accepts) are reported as a warning.
     """
     from .errors import FoldError
 
@@ -470,11 +486,11 @@ def fold_onnx(model: onnx.ModelProto, check: bool = True):
             f"{nested} BatchNormalization node(s) inside subgraphs/functions were left as is")
     report.nodes_after, report.bn_after = len(out.graph.node), _count_bn(out.graph.node)
     if check:
-        try:
-            onnx.checker.check_model(out)
-            onnx.shape_inference.infer_shapes(out, strict_mode=True)
-        except Exception as e:
-            raise FoldError(f"folded ONNX model failed validation: {e}") from e
+        before = validation_errors(model)
+        introduced = [e for e in validation_errors(out) if e not in before]
+        if introduced:
+            raise FoldError(f"folded ONNX model failed validation: {introduced[0]}")
+        report.warnings += [f"the input model already fails validation ({e}); left as is" for e in before]
     return out, report
 
 

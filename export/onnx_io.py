@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
-import tempfile
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -16,14 +17,29 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import ExportError, FoldError, VerificationError
-from .fold_module import check_eval, fold_batchnorm
+from .errors import (
+    ExporterFallbackWarning,
+    ExportError,
+    FoldError,
+    VerificationError,
+    clean_text,
+    first_line,
+    one_line,
+)
+from .fold_module import as_input_tuple, check_eval, fold_batchnorm
 from .onnx_fold import fold_onnx
+from .outputs import StagedWrites, check_output_paths, write_atomic  # noqa: F401 - write_atomic: kept API
 from .report import FoldReport
 from .verify import VerifyResult, verify_onnx
 
 # protobuf cannot serialize a message of 2 GiB or more
 MAX_PROTO_BYTES = 2**31 - 1
+MIN_OPSET = 7
+# torch's dynamo exporter writes opset 18 and converts upwards; converting down fails for common ops
+# (Relu, Pad, ReduceMean), so lower opsets come from the TorchScript exporter, which writes 7..20.
+DYNAMO_MIN_OPSET = 18
+TORCHSCRIPT_MAX_OPSET = 20
+TORCHSCRIPT_DEFAULT_OPSET = 17
 
 
 class EvalBatchNorm(_BatchNorm):
@@ -65,13 +81,14 @@ class ExportResult:
     check: VerifyResult | None
     nodes_exported: int = 0  # ONNX nodes straight out of torch.onnx.export
     nodes_final: int = 0
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # which exporter ran and why, allowed trace warnings
+    exporter_errors: dict = field(default_factory=dict)  # full (ANSI-free) text of each exporter failure
 
     def to_dict(self) -> dict:
         return {
             "path": self.path, "exporter": self.exporter, "opset": self.opset,
             "dynamic_batch": self.dynamic_batch, "nodes_exported": self.nodes_exported,
-            "nodes_final": self.nodes_final, "notes": self.notes,
+            "nodes_final": self.nodes_final, "notes": self.notes, "exporter_errors": self.exporter_errors,
             "module_report": self.module_report.to_dict() if self.module_report else None,
             "onnx_report": self.onnx_report.to_dict() if self.onnx_report else None,
             "verification": self.check.to_dict() if self.check else None,
@@ -89,14 +106,51 @@ class ExportResult:
     __str__ = format
 
 
-def _as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not all(
-        isinstance(x, torch.Tensor) for x in example_inputs
-    ):
-        raise ExportError("example_inputs must be a tensor or a tuple of tensors")
-    return tuple(example_inputs)
+def failure_reason(exc: BaseException) -> str:
+    """One readable line for an exporter failure, without truncation: the exception's type and message;
+    for torch.onnx's long reports, their exception summary and the model code that raised it."""
+    text = clean_text(str(exc))
+    summary = re.search(r"## Exception summary\s*\n(.*?)(?:\n\s*\n|\Z)", text, re.S)
+    head = summary.group(1) if summary else f"{type(exc).__name__}: {text}"
+    head = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", head)
+    reason = " ".join(head.split())
+    where = re.search(r"The following call raised this error:\n(.*?)(?:\n\s*\n|\Z)", text, re.S)
+    if where:
+        reason += " (raised at " + " ".join(where.group(1).split()) + ")"
+    return reason
+
+
+def check_opset(opset) -> None:
+    if opset is None:
+        return
+    top = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"opset must be an integer, got {opset!r}")
+    if not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET} to {top} "
+                          f"(the newest the installed onnx {onnx.__version__} knows)")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Keep the exporters' chatter (progress prints, logger warnings, graphs dumped to stderr on
+    failure) off the console and record Python warnings: what matters is reported by us."""
+    roots = ("torch", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(n) for n in roots]
+    loggers += [lg for name, lg in list(logging.root.manager.loggerDict.items())
+                if isinstance(lg, logging.Logger) and name.split(".")[0] in roots]
+    levels = [(lg, lg.level) for lg in loggers]
+    for lg, _ in levels:
+        lg.setLevel(logging.CRITICAL + 1)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        for lg, level in levels:
+            lg.setLevel(level)
 
 
 def _export_dynamo(model, args, dynamic_batch, opset, optimize) -> onnx.ModelProto:
@@ -105,16 +159,9 @@ def _export_dynamo(model, args, dynamic_batch, opset, optimize) -> onnx.ModelPro
         batch = torch.export.Dim("batch")
         dyn = tuple({0: batch} for _ in args)
     kw = {"opset_version": opset} if opset else {}
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)  # silence "torchvision is not installed" and similar chatter
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dyn, optimize=optimize,
-                                     external_data=False, verbose=False, **kw)
-    finally:
-        log.setLevel(level)
+    with _quiet_exporter():
+        prog = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dyn, optimize=optimize,
+                                 external_data=False, verbose=False, **kw)
     return prog.model_proto
 
 
@@ -130,54 +177,66 @@ class _Wrapper(nn.Module):
         return self.inner(*args)
 
 
-def _export_torchscript(model, args, dynamic_batch, opset) -> onnx.ModelProto:
+def _export_torchscript(model, args, dynamic_batch, opset):
+    """``(proto, trace_warnings)``; each warning as "file:line: first sentence of the message"."""
     buf = io.BytesIO()
     model = _Wrapper(model).eval()
     names = [f"input_{i}" for i in range(len(args))]
     axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with _quiet_exporter() as caught:
         torch.onnx.export(model, args, buf, dynamo=False, input_names=names, dynamic_axes=axes,
-                          opset_version=opset or 17, do_constant_folding=True)
-    return onnx.load_from_string(buf.getvalue())
+                          opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET, do_constant_folding=True)
+    found = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            first = " ".join(str(w.message).split()).split(". ")[0].rstrip(".")
+            text = f"{w.filename}:{w.lineno}: {first}"
+            if text not in found:
+                found.append(text)
+    return onnx.load_from_string(buf.getvalue()), found
 
 
-def export_model_proto(model, args, dynamic_batch=True, opset=None, optimize=True):
-    """``(proto, exporter_name, notes)``: dynamo exporter first, TorchScript exporter as fallback."""
-    notes = []
+def export_model_proto(model, args, dynamic_batch=True, opset=None, optimize=True,
+                       allow_trace_warnings=False):
+    """``(proto, exporter_name, notes, errors)``: the dynamo exporter, or the TorchScript exporter when
+    the requested opset is below 18 or the dynamo exporter fails.  A TorchScript trace that warns
+    (data-dependent Python control flow, tensors turned into constants) is refused unless
+    ``allow_trace_warnings``: such a graph may be right only for the example inputs."""
+    check_opset(opset)
+    notes: list[str] = []
+    errors: dict = {}
     # torch.export specializes a size-1 dim, so trace with batch 2 when the batch axis is dynamic
     if dynamic_batch and args[0].shape[0] == 1:
         args = tuple(torch.cat([x, x]) for x in args)
+    if opset is not None and opset < DYNAMO_MIN_OPSET:
+        why = f"opset {opset} was requested and the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later"
+    else:
+        try:
+            return _export_dynamo(model, args, dynamic_batch, opset, optimize), "dynamo", notes, errors
+        except Exception as e:  # noqa: BLE001 - try the other exporter, keep the reason
+            errors["dynamo"] = clean_text(f"{type(e).__name__}: {e}")
+            why = f"the dynamo exporter failed: {failure_reason(e)}"
+        if opset is not None and opset > TORCHSCRIPT_MAX_OPSET:
+            raise ExportError(f"{why}; the TorchScript exporter cannot write opset {opset} "
+                              f"(it writes at most {TORCHSCRIPT_MAX_OPSET})")
+        warnings.warn(f"{why}; used the TorchScript exporter instead", ExporterFallbackWarning, stacklevel=3)
+    notes.append(f"TorchScript exporter used because {why}")
     try:
-        return _export_dynamo(model, args, dynamic_batch, opset, optimize), "dynamo", notes
-    except Exception as e:  # noqa: BLE001 - try the other exporter, keep the reason
-        notes.append(f"dynamo exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                     "used the TorchScript exporter")
-    try:
-        return _export_torchscript(model, args, dynamic_batch, opset), "torchscript", notes
+        proto, trace_warnings = _export_torchscript(model, args, dynamic_batch, opset)
     except Exception as e:
-        raise ExportError(f"torch.onnx.export failed: {notes[0]}; TorchScript exporter: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-
-
-def write_atomic(path: str, data: bytes, check=None) -> None:
-    """Write ``data`` next to ``path`` and rename it into place; ``check(tmp_path)`` may raise to
-    abort.  On any failure no temp file is left and an existing ``path`` is untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        errors["torchscript"] = clean_text(f"{type(e).__name__}: {e}")
+        raise ExportError(f"torch.onnx.export failed: TorchScript exporter used because {why}; "
+                          f"it failed too: {failure_reason(e)}") from e
+    if trace_warnings:
+        listed = "; ".join(trace_warnings)
+        if not allow_trace_warnings:
+            raise ExportError(
+                f"export refused: the TorchScript exporter (used because {why}) warned that its trace may "
+                f"be wrong for other inputs: {listed}. Make the model exportable by torch.export (no "
+                "Python control flow on tensor values), or pass allow_trace_warnings=True "
+                "(--allow-trace-warnings) if these values really are constant")
+        notes.append(f"trace warnings allowed by the caller: {listed}")
+    return proto, "torchscript", notes, errors
 
 
 def serialize(proto: onnx.ModelProto) -> bytes:
@@ -186,28 +245,53 @@ def serialize(proto: onnx.ModelProto) -> bytes:
     return proto.SerializeToString()
 
 
+def _shapes(args) -> str:
+    return ", ".join("x".join(str(d) for d in x.shape) or "scalar" for x in args)
+
+
+def run_example(model: nn.Module, args: tuple) -> None:
+    """Raise ExportError (one line) when the model fails on the example inputs (a wrong input shape is
+    the user's mistake, not an internal error)."""
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"the model fails on example inputs of shape {_shapes(args)}: "
+                          f"{type(e).__name__}: {first_line(e)}") from e
+
+
 def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, dynamic_batch: bool = True,
-                opset: int | None = None, verify: bool = True) -> ExportResult:
+                opset: int | None = None, verify: bool = True, allow_trace_warnings: bool = False,
+                report_path: str | None = None) -> ExportResult:
     """Fold BN (module pass), export, fold again (ONNX pass), check, verify, write ``path`` atomically.
 
-    ``model`` is never modified.  Raises FoldError for a training-mode model, ExportError when the
-    export or the checker fails and VerificationError (with ``.check``) when ONNX Runtime disagrees
-    with PyTorch; in all these cases ``path`` is not written.  ``fold=False`` exports without any
-    folding of ours (the exporter's own optimizer still runs), e.g. as a baseline.
+    ``example_inputs``: a tensor, or a tuple or list of tensors.  ``model`` is never modified.  Raises
+    FoldError for a training-mode model, ExportError when the export or the checker fails (or a path
+    cannot be written: all paths are checked before the export starts) and VerificationError (with
+    ``.check``) when ONNX Runtime disagrees with PyTorch; in all these cases nothing is written.
+    ``fold=False`` exports without any folding of ours (the exporter's own optimizer still runs), e.g.
+    as a baseline.  ``opset`` is produced exactly or refused.  The TorchScript exporter (fallback when
+    the dynamo exporter fails, or for opsets below 18) is used with an ExporterFallbackWarning, and
+    a trace that warns about data-dependent values is refused unless ``allow_trace_warnings``.
+    ``report_path``: also write ``result.to_dict()`` as JSON there (both files or neither).
     """
     if not isinstance(model, nn.Module):
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    args = _as_tuple(example_inputs)
+    args = as_input_tuple(example_inputs, ExportError, tensors_only=True)
+    check_opset(opset)
+    check_output_paths({"path": path, "report_path": report_path})
     check_eval(model)
     try:
         work = copy.deepcopy(model)
     except Exception as e:
         raise ExportError(f"cannot deep-copy the model ({type(e).__name__}: {e})") from e
+    run_example(work, args)
     module_report = None
     if fold:
         work, module_report = fold_batchnorm(work, args)
     work = plain_torch_bn(work).eval()
-    proto, exporter, notes = export_model_proto(work, args, dynamic_batch, opset)
+    proto, exporter, notes, errors = export_model_proto(work, args, dynamic_batch, opset,
+                                                        allow_trace_warnings=allow_trace_warnings)
     nodes_exported = len(proto.graph.node)
     onnx_report = None
     if fold:
@@ -218,11 +302,13 @@ def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, 
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
-        raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
-    data = serialize(proto)
+        raise ExportError(f"onnx.checker rejected the exported model: {one_line(str(e))}") from e
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset is not None and opset_used != opset:
+        raise ExportError(f"the {exporter} exporter wrote opset {opset_used}, not the requested {opset}")
+    data = serialize(proto)
     result = ExportResult(os.fspath(path), exporter, opset_used, dynamic_batch, module_report, onnx_report,
-                          None, nodes_exported, len(proto.graph.node), notes)
+                          None, nodes_exported, len(proto.graph.node), notes, errors)
 
     def check(tmp):
         if verify:
@@ -230,5 +316,13 @@ def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, 
             if not result.check.ok:
                 raise VerificationError(f"verification failed: {result.check.message}", result.check)
 
-    write_atomic(os.fspath(path), data, check)
+    with StagedWrites() as out:
+        out.add(path, data, check)
+        if report_path is not None:
+            out.add(report_path, report_json(result.to_dict()))
+        out.commit()
     return result
+
+
+def report_json(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, default=str) + "\n").encode()

@@ -4,6 +4,7 @@ TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, so it is set h
 module imports tritonbn's kernels.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -18,6 +19,17 @@ if not HAS_CUDA:
 def device() -> str:
     """Where the kernels under test run: the GPU when there is one, else the CPU interpreter."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_configure(config):
+    # tritonbn.export is the repository's export/ folder mapped into the package by the install
+    try:
+        found = importlib.util.find_spec("tritonbn.export") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise pytest.UsageError('tritonbn.export is not importable: install the checkout first, '
+                                'pip install -e ".[test]" (see README)')
 
 
 def pytest_collection_modifyitems(config, items):

@@ -141,3 +141,40 @@ def ort_run(model: onnx.ModelProto, feeds: dict) -> list:
 
 def ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+class DataDependent(nn.Module):
+    """The issue-10 repro: a Python branch on tensor values. torch.export refuses it; a TorchScript trace
+    bakes in the branch the example inputs take (randn never reaches 100)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if x.abs().max() > 100:
+            y = y * 0
+        return y
+
+
+class ShapeConstant(nn.Module):
+    """Traces with a TracerWarning ("Converting a tensor to a Python float") that is harmless: the
+    channel count really is constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) / float(x.shape[1])
+
+
+def data_dependent_factory():
+    return randomize_all(DataDependent())
+
+
+def shape_constant_factory():
+    return randomize_all(ShapeConstant())

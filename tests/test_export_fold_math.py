@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from export import fold_math
-from export.fold_module import cast_once
+from tritonbn.export import fold_math
+from tritonbn.export.fold_module import cast_once
 
 
 def _bn(x, s, t):

@@ -14,9 +14,8 @@ from export_models import (
     snapshot,
 )
 from torch import nn
-
-from export import FoldError, fold_batchnorm
-from export.fold_module import cast_once
+from tritonbn.export import FoldError, fold_batchnorm
+from tritonbn.export.fold_module import cast_once
 
 torch.manual_seed(0)
 
@@ -63,6 +62,25 @@ def test_linear_then_bn1d_needs_2d_proof(affine):
     _check(m, x, 1, example=True)
     _, report = _check(m, x, 0, example=False)  # rank unknown: kept, with a reason
     assert "example_inputs" in report.skipped[0].reason
+
+
+@pytest.mark.parametrize("as_", ["tensor", "tuple", "list"])
+def test_example_inputs_as_tensor_tuple_or_list(as_):
+    """As for export_onnx: a list of example inputs is the forward's arguments, not one argument."""
+    m = randomize_all(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)))
+    x = torch.randn(4, 6)
+    folded, report = fold_batchnorm(m, {"tensor": x, "tuple": (x,), "list": [x]}[as_])
+    assert len(report.folded) == 1 and count_bn(folded) == 0
+    torch.testing.assert_close(folded(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_example_inputs_the_model_rejects_are_a_fold_error():
+    m = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(FoldError, match="fails on example_inputs: RuntimeError") as err:
+        fold_batchnorm(m, [torch.randn(2, 5, 8, 8)])
+    assert "\n" not in str(err.value)
+    with pytest.raises(FoldError, match="tuple/list"):
+        fold_batchnorm(m, {"x": torch.randn(2, 3, 8, 8)})
 
 
 def test_linear_on_3d_input_is_not_folded():

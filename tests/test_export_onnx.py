@@ -5,8 +5,7 @@ import onnx
 import pytest
 from export_models import bn_arrays, bn_node, make_model, ops, ort_run, with_output_shapes
 from onnx import TensorProto, helper, numpy_helper
-
-from export import fold_math, fold_onnx
+from tritonbn.export import fold_math, fold_onnx
 
 RNG = np.random.default_rng(0)
 
@@ -203,8 +202,51 @@ def test_fp16_graph_folds_with_one_rounding():
 
 
 def test_not_a_model_is_refused():
-    from export import FoldError
+    from tritonbn.export import FoldError
 
     with pytest.raises(FoldError):
         fold_onnx(b"not a model")
     assert isinstance(fold_onnx(_conv_bn())[0], onnx.ModelProto)
+
+
+def _without_output_shapes(model):
+    """What some exporters write and ONNX Runtime runs, but onnx.checker rejects."""
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    return model
+
+
+def test_checker_complaint_already_in_the_input_does_not_stop_the_fold():
+    model = _without_output_shapes(_conv_bn())
+    folded, report = fold_onnx(model)
+    assert ops(folded) == ["Conv"] and len(report.folded) == 1
+    assert any("already fails validation" in w for w in report.warnings)
+    _same(model, folded, {"x": _w(2, 4, 6, 6)})
+
+
+def test_cli_folds_a_model_the_checker_rejects(tmp_path):
+    from tritonbn.export.cli import main
+
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_without_output_shapes(_conv_bn()), str(src))
+    assert main(["--onnx-in", str(src), "-o", str(out), "--input-shape", "2,4,6,6"]) == 0
+    assert ops(onnx.load(str(out))) == ["Conv"]
+
+
+def test_problem_introduced_by_the_fold_is_still_caught(monkeypatch):
+    """Same input complaint before and after is tolerated; a new complaint is not."""
+    from tritonbn.export import FoldError, onnx_fold
+
+    real_finish = onnx_fold._Folder.finish
+
+    def finish_with_dangling_input(self):
+        m = real_finish(self)
+        m.graph.node.append(helper.make_node("Relu", ["no_such_value"], ["dangling"]))
+        return m
+
+    monkeypatch.setattr(onnx_fold._Folder, "finish", finish_with_dangling_input)
+    for model in (_conv_bn(), _without_output_shapes(_conv_bn())):
+        with pytest.raises(FoldError, match="failed validation"):
+            fold_onnx(model)
