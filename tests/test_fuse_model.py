@@ -284,6 +284,25 @@ def test_add_spellings_fuse(spelling):
     _check_same_as_torch(model, fused, x, z)
 
 
+def test_add_of_two_bn_outputs_fuses_the_first():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+        def forward(self, x, z):
+            return F.relu(self.bn_a(x) + self.bn_b(z))
+
+    model = TwoBranches()
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
+    fused, report = tritonbn.fuse_model(model, (x, z))
+    assert [(f.bn, f.residual) for f in report.fused] == [("bn_a", "bn_b")]
+    [skipped] = report.skipped
+    assert (skipped.bn, skipped.reason) == ("bn_b", "in the model's forward: its add is fused with 'bn_a'")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, z), model(x, z), rtol=1e-5, atol=1e-6)
+
+
 # --- unsafe patterns -----------------------------------------------------------------------------
 
 def _bn_two_users(m, x, z):
@@ -304,6 +323,12 @@ def _bn_relu(m, x, z):
     return m.relu(m.bn(x))
 
 
+def _in_place_between(m, x, z):
+    y = m.bn(x)
+    x.mul_(2)  # the fused call would move after this, and read the updated x
+    return F.relu(y + z)
+
+
 UNSAFE = {  # case: (forward body, expected reason)
     "BN output with 2 users": (_bn_two_users, "BN output has 2 users"),
     "add result with 2 users": (_add_two_users, "add result has 2 users"),
@@ -313,6 +338,7 @@ UNSAFE = {  # case: (forward body, expected reason)
     "add of a Python number": (lambda m, x, z: F.relu(m.bn(x) + 1.0), "not a tensor"),
     "in-place add into the other operand": (lambda m, x, z: F.relu(z.add_(m.bn(x))),
                                             "updates its other operand"),
+    "in-place update between BN and add": (_in_place_between, "'mul_', between the BN and the add, updates"),
     "ReLU with hooks": (_bn_relu, "ReLU 'relu' has forward hooks"),
     "BN with hooks": (_bn_relu, "BN has forward hooks"),
     "BN called twice": (_two_calls, "BN is called 2 times"),
@@ -331,13 +357,14 @@ def test_unsafe_patterns_left_unfused_with_reason(case):
         model.bn.register_forward_hook(lambda mod, args, out: None)
     x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
     fused, report = tritonbn.fuse_model(model, (x, z))
+    assert torch.equal(x, _x(1, (2, 3, 2, 2))) and torch.equal(z, _x(2, (2, 3, 2, 2)))  # run on copies
     assert not report.fused and not report.rewritten
     [skipped] = report.skipped
     assert skipped.bn == "bn" and skipped.action == "converted" and reason in skipped.reason, report
     assert type(fused.bn) is tritonbn.BatchNorm2d
     with torch.no_grad():
-        y = model.eval()(x, z.clone())
-        torch.testing.assert_close(fused.eval()(x, z.clone()), y, rtol=1e-5, atol=1e-6)
+        y = model.eval()(x.clone(), z.clone())
+        torch.testing.assert_close(fused.eval()(x.clone(), z.clone()), y, rtol=1e-5, atol=1e-6)
 
 
 def test_subclasses_and_syncbn_are_left_alone():

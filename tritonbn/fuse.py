@@ -116,10 +116,6 @@ def _forward_of(name: str) -> str:
 
 # --- graph helpers ---------------------------------------------------------------------------------
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
 def _hooks(m: nn.Module) -> str | None:
     kinds = [k for k, d in (("forward", m._forward_hooks), ("forward pre", m._forward_pre_hooks),
                             ("backward", m._backward_hooks), ("backward pre", m._backward_pre_hooks)) if d]
@@ -357,14 +353,32 @@ def _plan(b: fx.Node, root: nn.Module):
         return problem
     if inp is not user:
         return "add result is not the ReLU's input"
-    # The fused call takes the BN's place at the add (after the other operand exists): nothing in between
-    # may use the BN input, which might update it in place.
-    x, n = b.args[0], b.next
+    # The fused call moves to the add (where the other operand exists): nothing in between may update a
+    # tensor in place, which could be the BN input or a view of it.
+    n = b.next
     while n is not user:
-        if x in n.all_input_nodes or _mutated_input(n, root) is not None:
-            return f"'{n.name}' between the BN and the add uses the BN input or updates a tensor in place"
+        if _may_mutate(n, root):
+            return f"'{n.name}', between the BN and the add, updates a tensor in place"
         n = n.next
     return _Plan(b, r, spelling, user, add_spelling, other)
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+                       operator.ixor, operator.ilshift, operator.irshift}
+
+
+def _may_mutate(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` may update one of its inputs in place (by torch's naming conventions)."""
+    if n.op == "call_method":
+        return n.target.endswith("_")
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return (n.target in _IN_PLACE_OPERATORS or n.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.endswith("__")))
+    if n.op == "call_module":
+        return getattr(root.get_submodule(n.target), "inplace", False) is True
+    return False
 
 
 def _bn_problem(bn: nn.Module) -> str | None:
@@ -426,9 +440,9 @@ def _probe(model: nn.Module, to_prove: list, example_inputs: tuple) -> dict:
         m = probe.get_submodule(t.name)
         for attr in t.new_attrs:  # tensor constants the tracer put on the traced copy
             setattr(m, attr, getattr(t.module, attr))
-        sig = inspect.signature(type(m).forward)
-        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        if _var_args(m):
             continue  # no proof: the graph's placeholders cannot be matched to the call's arguments
+        sig = inspect.signature(type(m).forward)
         recorder = _MetaRecorder(m, t.graph, watch, sink)
 
         def forward(*args, _m=m, _sig=sig, _rec=recorder, **kwargs):
@@ -437,20 +451,30 @@ def _probe(model: nn.Module, to_prove: list, example_inputs: tuple) -> dict:
             return _rec.run(*list(bound.arguments.values())[1:])
 
         m.forward = forward
+    # Copies: a forward may update its inputs in place.
+    args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in example_inputs]
     try:
         with torch.no_grad():
-            probe(*example_inputs)
+            probe(*args)
     except Exception as e:
         raise RuntimeError(f"fuse_model: the model failed on example_inputs ({type(e).__name__}: {e})") from e
     return sink
 
 
-def _add_problem(p: _Plan, metas: dict, have_examples: bool, module_name: str) -> str | None:
+def _var_args(m: nn.Module) -> bool:
+    params = inspect.signature(type(m).forward).parameters.values()
+    return any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def _add_problem(p: _Plan, metas: dict, have_examples: bool, module: nn.Module) -> str | None:
     x = p.bn.args[0]
     if p.other is x:  # bn(x) + x: BatchNorm keeps its input's shape and dtype
         return None
     if not have_examples:
         return "needs example_inputs to prove the add neither broadcasts nor promotes dtype"
+    if _var_args(module):
+        return ("forward(*args/**kwargs): example_inputs cannot be matched to its graph to prove the add "
+                "neither broadcasts nor promotes dtype")
     xs, others = metas.get(x), metas.get(p.other)
     if not xs or not others:
         return ("the module did not run on example_inputs: cannot prove the add neither broadcasts nor "
@@ -557,7 +581,7 @@ class _Pass:
                     anc = self.work.get_submodule(".".join(atoms[:i]))
                     ancestors.setdefault(id(anc), anc)
         for m in ancestors.values():
-            if type(m).forward is nn.Module.forward:  # ModuleList / ModuleDict: no forward
+            if type(m).forward is nn.Module.forward or isinstance(m, _BatchNorm):  # e.g. ModuleList
                 continue
             before = set(m.__dict__)
             try:
@@ -608,15 +632,16 @@ class _Pass:
         return f"called from {where}, which is kept ({self.opaque[id(parent)]})"
 
     def decide(self, metas: dict, have_examples: bool) -> None:
-        claimed = set()
+        claimed = {}  # add/ReLU node -> the BN fused with it
         for t, bn, plan in self.accepted:
-            problem = _add_problem(plan, metas, have_examples, t.name) if plan.add is not None else None
-            if problem is None and (plan.add in claimed or plan.relu in claimed):
-                problem = "its add is fused with another BN"
+            problem = _add_problem(plan, metas, have_examples, t.module) if plan.add is not None else None
+            owner = claimed.get(plan.add) or claimed.get(plan.relu)
+            if problem is None and owner is not None:
+                problem = f"its add is fused with '{owner}'"
             if problem:
                 self.reasons[id(bn)] = f"in {_forward_of(t.name)}: {problem}"
                 continue
-            claimed.update({plan.add, plan.relu} - {None})
+            claimed.update({n: self.name_of[id(bn)] for n in (plan.add, plan.relu) if n is not None})
             self.chosen.setdefault(id(t), []).append(plan)
             pattern = "bn_relu" if plan.add is None else "bn_add_relu"
             residual = None if plan.other is None else plan.other.name
