@@ -303,6 +303,32 @@ def test_add_of_two_bn_outputs_fuses_the_first():
         torch.testing.assert_close(fused(x, z), model(x, z), rtol=1e-5, atol=1e-6)
 
 
+def test_adds_are_proven_under_the_callers_autocast():
+    class ResidualFromInput(nn.Module):  # under autocast: bf16 BN output + fp32 input
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)) + x)
+
+    torch.manual_seed(0)
+    model = ResidualFromInput()
+    _, report = tritonbn.fuse_model(model, (_x(),))
+    assert len(report.fused) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, report = tritonbn.fuse_model(model, (_x(),))
+    assert not report.fused and "the add promotes dtype (BN output torch.bfloat16" in report.skipped[0].reason
+
+    resnet = _model("basic", layers=(1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, report = tritonbn.fuse_model(resnet, (_x(),))
+        assert sum(f.pattern == "bn_add_relu" for f in report.fused) == 2
+        y, y_torch = fused(_x(1)), resnet(_x(1))
+    assert y.dtype == y_torch.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_torch.float(), rtol=0.05, atol=0.05)
+
+
 # --- unsafe patterns -----------------------------------------------------------------------------
 
 def _bn_two_users(m, x, z):
