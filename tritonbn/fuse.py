@@ -505,8 +505,10 @@ def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseRe
     model's, so checkpoints load both ways), the add's other operand is passed as its ``residual``, and
     the ReLU call (not the ReLU module) is removed from that forward.
 
-    When it is not: an intermediate with another user; an add that would broadcast, promote dtype or
-    mix devices; a BN or ReLU module with hooks (they would no longer run, or see other values), a
+    When it is not: a BN whose output leaves its module's forward (the last BN of an ``nn.Sequential``
+    followed by a ReLU in the parent: each module's forward is rewritten on its own, so no container is
+    bypassed); an intermediate with another user; an add that would broadcast, promote dtype or mix
+    devices; a BN or ReLU module with hooks (they would no longer run, or see other values), a
     BN called from several places or registered under several names; subclasses (SyncBatchNorm,
     user classes: left unchanged); a module whose forward cannot be traced, changes grad mode or autocast
     inside, or depends on ``self.training`` (its forward is kept, its children are handled on their own:
