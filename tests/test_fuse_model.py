@@ -86,6 +86,10 @@ def test_resnet_fused_trains_like_torch_and_float64(kind):
         if isinstance(m, nn.BatchNorm2d):
             fused_here = any(f.bn == name for f in report.fused)
             assert type(m) is (tritonbn.BatchNormAct2d if fused_here else tritonbn.BatchNorm2d), name
+            # A class swap: the module must hold what a constructed one holds (BatchNormAct adds no state).
+            fresh = type(m)(m.num_features, **({"activation": "relu"} if fused_here else {}))
+            assert sorted(m.__dict__) == sorted(fresh.__dict__), name
+            assert getattr(m, "activation", None) == getattr(fresh, "activation", None)
     # No ReLU left: none in the rewritten forwards, no ReLU module called.
     for name in report.rewritten:
         assert "relu" not in type(fused.get_submodule(name))._tritonbn_fused_code
