@@ -1,0 +1,574 @@
+"""tritonbn.fuse_model: ResNet-18/50-structured models fused and trained against the unfused torch model
+and a float64 reference, every ReLU/add spelling, the unsafe patterns left unfused (with their reason),
+the per-module fallback, checkpoints, compile and DDP. Tiny shapes (the kernels run in the interpreter)."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from resnet_models import BasicBlock, resnet18_like, resnet50_like
+from torch import nn
+
+import tritonbn
+
+X_SHAPE = (2, 3, 16, 16)
+
+
+def _x(seed=0, shape=X_SHAPE, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+
+
+def _model(kind, **kw):
+    torch.manual_seed(0)
+    return {"basic": resnet18_like, "bottleneck": resnet50_like}[kind](**kw)
+
+
+def _relu_calls(model, x):
+    """Calls of nn.ReLU modules during one forward (no_grad, so no state but the running stats moves)."""
+    count = [0]
+    handles = [m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+               for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return count[0]
+
+
+def _snapshot(model):
+    """Everything fuse_model must leave alone: state (bitwise), module classes, attributes and hooks."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = [(name, type(m), type(m).forward, sorted(m.__dict__), m.training,
+                  [dict(getattr(m, h)) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")])
+                 for name, m in model.named_modules()]
+    return state, structure
+
+
+def _assert_rel(actual, expected, tol, msg=""):
+    """max |actual - expected| within ``tol`` of the expected tensor's scale (gradients here are O(1), and
+    some are exactly 0 in exact arithmetic)."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.abs().max().item(), 1e-2)
+    assert err <= tol * scale, f"{msg}: max error {err:.3g}, scale {scale:.3g}"
+
+
+def _assert_same_state(a, b, **tol):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            torch.testing.assert_close(sa[k].to(sb[k].dtype), sb[k], msg=k, **tol)
+
+
+# --- ResNet structure ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+def test_resnet_fused_trains_like_torch_and_float64(kind):
+    torch_model = _model(kind)
+    ref64 = copy.deepcopy(torch_model).double()
+    fused, report = tritonbn.fuse_model(torch_model, (_x(),))
+
+    n_blocks, per_block = 3, {"basic": 2, "bottleneck": 3}[kind]
+    assert len(report.fused) == 1 + n_blocks * per_block
+    assert sum(f.pattern == "bn_add_relu" for f in report.fused) == n_blocks
+    assert all(s.bn.endswith("downsample.1") and s.action == "converted" for s in report.skipped)
+    assert "BN output is the return value" in report.skipped[0].reason
+    assert not report.fallbacks and not report.warnings
+    assert sorted(report.rewritten) == ["", "layer1.0", "layer1.1", "layer2.0"]
+    for name, m in fused.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            fused_here = any(f.bn == name for f in report.fused)
+            assert type(m) is (tritonbn.BatchNormAct2d if fused_here else tritonbn.BatchNorm2d), name
+            # A class swap: the module must hold what a constructed one holds (BatchNormAct adds no state).
+            fresh = type(m)(m.num_features, **({"activation": "relu"} if fused_here else {}))
+            assert sorted(m.__dict__) == sorted(fresh.__dict__), name
+            assert getattr(m, "activation", None) == getattr(fresh, "activation", None)
+    # No ReLU left: none in the rewritten forwards, no ReLU module called.
+    for name in report.rewritten:
+        assert "relu" not in type(fused.get_submodule(name))._tritonbn_fused_code
+    assert _relu_calls(copy.deepcopy(fused), _x()) == 0
+    assert _relu_calls(copy.deepcopy(torch_model), _x()) == 1 + n_blocks * per_block
+    # Classes, methods and containers of the model stay usable.
+    assert isinstance(fused, type(torch_model)) and isinstance(fused.layer1[0], type(torch_model.layer1[0]))
+    assert isinstance(fused.layer1, nn.Sequential) and callable(fused._forward_impl)
+
+    torch_model = copy.deepcopy(torch_model)  # the caller's model is checked untouched elsewhere
+    models = (fused, torch_model, ref64)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9) for m in models]
+    for step in range(3):
+        x = _x(step + 1)
+        outs = []
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            y = m(x.to(next(m.parameters()).dtype))
+            y.square().sum().backward()
+            outs.append(y)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(outs[0], outs[2].float(), rtol=1e-4, atol=1e-4)
+        for (name, p), q, r in zip(fused.named_parameters(), torch_model.parameters(), ref64.parameters()):
+            _assert_rel(p.grad, q.grad, 5e-4, name)
+            _assert_rel(p.grad, r.grad, 5e-4, name)
+        _assert_same_state(fused, torch_model, rtol=1e-4, atol=1e-5)
+        _assert_same_state(fused, ref64, rtol=1e-4, atol=1e-4)
+        for opt in opts:
+            opt.step()
+    for m in models:
+        m.eval()
+    with torch.no_grad():
+        y, y_t, y64 = (m(_x(9).to(next(m.parameters()).dtype)) for m in models)
+    torch.testing.assert_close(y, y_t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, y64.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_input_model_untouched_and_checkpoints_load_both_ways():
+    model = _model("bottleneck")
+    model.layer1[0].register_forward_hook(lambda *_: None)  # a hook on a rewritten module
+    before = _snapshot(model)
+    fused, _ = tritonbn.fuse_model(model, (_x(),))
+    after = _snapshot(model)
+    assert before[1] == after[1]
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    # The fused model's state is the model's, keys and values; the hook moved with its module.
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fused.state_dict().items())
+    assert len(fused.layer1[0]._forward_hooks) == 1
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(fused.parameters(), model.parameters()))
+
+    # fused -> torch, and torch -> fused, strict.
+    fused.train()
+    with torch.no_grad():
+        fused(_x(3))  # move running stats, num_batches_tracked
+    torch_again = _model("bottleneck")
+    torch_again.load_state_dict(fused.state_dict())
+    refused, _ = tritonbn.fuse_model(_model("bottleneck", width=2), (_x(),))
+    refused.load_state_dict(torch_again.state_dict())
+    for m in (fused, torch_again, refused):
+        m.eval()
+    with torch.no_grad():
+        y = fused(_x(4))
+        torch.testing.assert_close(torch_again(_x(4)), y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(refused(_x(4)), y, rtol=1e-5, atol=1e-6)
+
+
+def test_without_example_inputs_only_provable_adds_are_fused():
+    fused, report = tritonbn.fuse_model(_model("basic"))
+    assert {f.pattern for f in report.fused} == {"bn_relu"} and len(report.fused) == 4
+    needs = [s for s in report.skipped if "needs example_inputs" in s.reason]
+    assert [s.bn for s in needs] == ["layer1.0.bn2", "layer1.1.bn2", "layer2.0.bn2"]
+    assert all(s.action == "converted" for s in needs)
+
+    class SelfResidual(nn.Module):  # bn(x) + x: provable from the graph
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return F.relu(self.bn(x) + x)
+
+    _, report = tritonbn.fuse_model(SelfResidual())
+    assert [(f.bn, f.pattern, f.residual) for f in report.fused] == [("bn", "bn_add_relu", "x")]
+
+
+def test_fused_module_is_copyable_not_picklable_and_fuses_again():
+    fused, _ = tritonbn.fuse_model(_model("basic", layers=(1, 1)), (_x(),))
+    fused.eval()
+    twin = copy.deepcopy(fused)  # e.g. an EMA copy
+    with torch.no_grad():
+        assert torch.equal(twin(_x(1)), fused(_x(1)))
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pickle.dumps(fused)
+    again, report = tritonbn.fuse_model(fused, (_x(),))
+    assert not report.fused and not report.rewritten
+    assert all("already a fused" in s.reason or s.bn.endswith("downsample.1") for s in report.skipped)
+    with torch.no_grad():
+        assert torch.equal(again(_x(1)), fused(_x(1)))
+
+
+# --- spellings ------------------------------------------------------------------------------------
+
+class _Pattern(nn.Module):
+    def __init__(self, body, shared_relu=False):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True) if shared_relu else nn.ReLU()
+        self.body = body
+
+    def forward(self, x, z):
+        return self.body(self, x, z)
+
+
+def _shared(m, x, z):
+    y = m.relu(m.bn(x))
+    return m.relu(y + z)  # the one ReLU module, called twice
+
+
+def _discarded_relu_(m, x, z):
+    y = m.bn(x)
+    y.relu_()
+    return y
+
+
+def _discarded_add_(m, x, z):
+    y = m.bn(x)
+    y.add_(z)
+    y = torch.relu(y)
+    return y
+
+
+def _iadd(m, x, z):
+    y = m.bn(x)
+    y += z
+    return m.relu(y)
+
+
+RELU_SPELLINGS = {
+    "nn.ReLU": lambda m, x, z: m.relu(m.bn(x)),
+    "F.relu": lambda m, x, z: F.relu(m.bn(x)),
+    "F.relu_inplace": lambda m, x, z: F.relu(m.bn(x), inplace=True),
+    "torch.relu": lambda m, x, z: torch.relu(m.bn(x)),
+    "torch.relu_": lambda m, x, z: torch.relu_(m.bn(x)),
+    ".relu()": lambda m, x, z: m.bn(x).relu(),
+    ".relu_()": lambda m, x, z: m.bn(x).relu_(),
+    ".relu_() discarded": _discarded_relu_,
+}
+ADD_SPELLINGS = {
+    "bn + z": lambda m, x, z: m.relu(m.bn(x) + z),
+    "z + bn": lambda m, x, z: m.relu(z + m.bn(x)),
+    "+=": _iadd,
+    "torch.add": lambda m, x, z: F.relu(torch.add(m.bn(x), z)),
+    "torch.add(z, bn, alpha=1)": lambda m, x, z: F.relu(torch.add(z, m.bn(x), alpha=1)),
+    ".add": lambda m, x, z: m.bn(x).add(z).relu(),
+    ".add_": lambda m, x, z: m.bn(x).add_(z).relu_(),
+    ".add_ discarded": _discarded_add_,
+}
+
+
+def _check_same_as_torch(model, fused, x, z):
+    """One training step and one eval call: outputs, input grads, parameter grads and state."""
+    model, fused = copy.deepcopy(model).train(), fused.train()
+    outs = []
+    for m in (model, fused):
+        xx, zz = x.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        y = m(xx, zz)
+        (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+        outs.append((y, xx.grad, zz.grad, m.bn.weight.grad, m.bn.bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    _assert_same_state(fused, model, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x, z), model.eval()(x, z), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spelling", list(RELU_SPELLINGS) + ["shared nn.ReLU(inplace=True)"])
+def test_relu_spellings_fuse(spelling):
+    body = RELU_SPELLINGS.get(spelling, _shared)
+    model = _Pattern(body, shared_relu=body is _shared)
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
+    fused, report = tritonbn.fuse_model(model)
+    assert [(f.bn, f.pattern) for f in report.fused] == [("bn", "bn_relu")], report
+    assert isinstance(fused.bn, tritonbn.BatchNormAct2d) and fused.bn.activation == "relu"
+    _check_same_as_torch(model, fused, x, z)
+
+
+@pytest.mark.parametrize("spelling", ADD_SPELLINGS)
+def test_add_spellings_fuse(spelling):
+    model = _Pattern(ADD_SPELLINGS[spelling])
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
+    fused, report = tritonbn.fuse_model(model, (x, z))
+    assert [(f.bn, f.pattern, f.residual) for f in report.fused] == [("bn", "bn_add_relu", "z")], report
+    assert "relu" not in type(fused)._tritonbn_fused_code
+    _check_same_as_torch(model, fused, x, z)
+
+
+def test_add_of_two_bn_outputs_fuses_the_first():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+        def forward(self, x, z):
+            return F.relu(self.bn_a(x) + self.bn_b(z))
+
+    model = TwoBranches()
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
+    fused, report = tritonbn.fuse_model(model, (x, z))
+    assert [(f.bn, f.residual) for f in report.fused] == [("bn_a", "bn_b")]
+    [skipped] = report.skipped
+    assert (skipped.bn, skipped.reason) == ("bn_b", "in the model's forward: its add is fused with 'bn_a'")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, z), model(x, z), rtol=1e-5, atol=1e-6)
+
+
+def test_adds_are_proven_under_the_callers_autocast():
+    class ResidualFromInput(nn.Module):  # under autocast: bf16 BN output + fp32 input
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)) + x)
+
+    torch.manual_seed(0)
+    model = ResidualFromInput()
+    _, report = tritonbn.fuse_model(model, (_x(),))
+    assert len(report.fused) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, report = tritonbn.fuse_model(model, (_x(),))
+    assert not report.fused and "the add promotes dtype (BN output torch.bfloat16" in report.skipped[0].reason
+
+    resnet = _model("basic", layers=(1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, report = tritonbn.fuse_model(resnet, (_x(),))
+        assert sum(f.pattern == "bn_add_relu" for f in report.fused) == 2
+        y, y_torch = fused(_x(1)), resnet(_x(1))
+    assert y.dtype == y_torch.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_torch.float(), rtol=0.05, atol=0.05)
+
+
+# --- unsafe patterns -----------------------------------------------------------------------------
+
+def _bn_two_users(m, x, z):
+    y = m.bn(x)
+    return F.relu(y) + y
+
+
+def _add_two_users(m, x, z):
+    s = m.bn(x) + z
+    return F.relu(s) * s
+
+
+def _two_calls(m, x, z):
+    return F.relu(m.bn(x)) + F.relu(m.bn(z))
+
+
+def _bn_relu(m, x, z):
+    return m.relu(m.bn(x))
+
+
+def _in_place_between(m, x, z):
+    y = m.bn(x)
+    x.mul_(2)  # the fused call would move after this, and read the updated x
+    return F.relu(y + z)
+
+
+UNSAFE = {  # case: (forward body, expected reason)
+    "BN output with 2 users": (_bn_two_users, "BN output has 2 users"),
+    "add result with 2 users": (_add_two_users, "add result has 2 users"),
+    "broadcasting add": (lambda m, x, z: F.relu(m.bn(x) + z[:1, :, :1]), "the add broadcasts"),
+    "dtype-promoting add": (lambda m, x, z: F.relu(m.bn(x) + z.double()), "the add promotes dtype"),
+    "add with alpha": (lambda m, x, z: F.relu(torch.add(m.bn(x), z, alpha=2)), "has alpha=2"),
+    "add of a Python number": (lambda m, x, z: F.relu(m.bn(x) + 1.0), "not a tensor"),
+    "in-place add into the other operand": (lambda m, x, z: F.relu(z.add_(m.bn(x))),
+                                            "updates its other operand"),
+    "in-place update between BN and add": (_in_place_between, "'mul_', between the BN and the add, updates"),
+    "ReLU with hooks": (_bn_relu, "ReLU 'relu' has forward hooks"),
+    "BN with hooks": (_bn_relu, "BN has forward hooks"),
+    "BN called twice": (_two_calls, "BN is called 2 times"),
+    "BN feeds a LeakyReLU": (lambda m, x, z: F.leaky_relu(m.bn(x)), "feeds leaky_relu, not a ReLU or an add"),
+    "add feeds a sigmoid": (lambda m, x, z: torch.sigmoid(m.bn(x) + z), "add result feeds sigmoid"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE)
+def test_unsafe_patterns_left_unfused_with_reason(case):
+    body, reason = UNSAFE[case]
+    model = _Pattern(body)
+    if case == "ReLU with hooks":
+        model.relu.register_forward_hook(lambda mod, args, out: out * 2)
+    if case == "BN with hooks":
+        model.bn.register_forward_hook(lambda mod, args, out: None)
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
+    fused, report = tritonbn.fuse_model(model, (x, z))
+    assert torch.equal(x, _x(1, (2, 3, 2, 2))) and torch.equal(z, _x(2, (2, 3, 2, 2)))  # run on copies
+    assert not report.fused and not report.rewritten
+    [skipped] = report.skipped
+    assert skipped.bn == "bn" and skipped.action == "converted" and reason in skipped.reason, report
+    assert type(fused.bn) is tritonbn.BatchNorm2d
+    with torch.no_grad():
+        y = model.eval()(x.clone(), z.clone())
+        torch.testing.assert_close(fused.eval()(x.clone(), z.clone()), y, rtol=1e-5, atol=1e-6)
+
+
+def test_subclasses_and_syncbn_are_left_alone():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), MyBN(3), nn.ReLU(), nn.SyncBatchNorm(3), nn.ReLU(),
+                          tritonbn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3))
+    fused, report = tritonbn.fuse_model(model)
+    assert [f.bn for f in report.fused] == ["5"]
+    reasons = {s.bn: (s.action, s.reason) for s in report.skipped}
+    assert reasons["1"] == ("unchanged", "MyBN is not an exact BatchNorm1d/2d/3d (left as it is)")
+    assert reasons["3"][0] == "unchanged" and "SyncBatchNorm" in reasons["3"][1]
+    assert reasons["7"][0] == "converted" and "return value" in reasons["7"][1]
+    assert type(fused[1]) is MyBN and type(fused[3]) is nn.SyncBatchNorm
+    assert type(fused[5]) is tritonbn.BatchNormAct2d and type(fused[7]) is tritonbn.BatchNorm2d
+    assert isinstance(fused, nn.Sequential) and len(fused) == 8
+
+
+# --- fallback ------------------------------------------------------------------------------------
+
+class _Untraceable(nn.Module):
+    """An untraceable forward around two torchvision BasicBlocks, plus a BN of its own."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.block1, self.block2 = BasicBlock(4, 4), BasicBlock(4, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        if self.kind == "data" and x.sum() > 0:
+            return self.block1(x)
+        if self.kind == "training" and self.training:
+            x = x * 1.0
+        if self.kind == "no_grad":
+            with torch.no_grad():
+                x = x * 1.0
+        return self.block2(self.block1(x))
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("data", "not FX-traceable (TraceError"),
+    ("training", "depends on self.training"),
+    ("no_grad", "changes grad mode or autocast"),
+])
+def test_untraceable_forward_falls_back_per_submodule(kind, why):
+    torch.manual_seed(0)
+    model = _Untraceable(kind)
+    x = _x(1, (2, 3, 4, 4))
+    fused, report = tritonbn.fuse_model(model, (x,))
+    assert [b.module for b in report.fallbacks] == [""] and why in report.fallbacks[0].reason
+    skipped = {s.bn: s.reason for s in report.skipped}
+    assert skipped.pop("bn").startswith("called from the model's forward, which is kept")
+    if kind == "data":  # block2 did not run on the example input: its add is not proven
+        assert skipped == {"block2.bn2": "in 'block2'.forward: the module did not run on example_inputs: "
+                                         "cannot prove the add neither broadcasts nor promotes dtype"}
+    blocks = {"block1.bn1", "block1.bn2", "block2.bn1", "block2.bn2"}
+    assert {f.bn for f in report.fused} == blocks - set(skipped)
+    assert type(fused).forward is type(model).forward and type(fused.bn) is tritonbn.BatchNorm2d
+    for m in (model, fused):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+# --- report, errors ------------------------------------------------------------------------------
+
+def test_report_to_dict_json_and_text():
+    _, report = tritonbn.fuse_model(_model("basic", layers=(1, 1)))
+    d = report.to_dict()
+    assert set(d) == {"fused", "skipped", "fallbacks", "rewritten", "warnings"}
+    assert d["fused"][0] == {"bn": "bn1", "into": "BatchNormAct2d", "pattern": "bn_relu", "module": "",
+                             "relu": "nn.ReLU 'relu'", "add": None, "residual": None}
+    assert set(d["skipped"][0]) == {"bn", "reason", "action"}
+    assert isinstance(report.to_json(), str)
+    text = str(report)
+    assert text.startswith("fused 3 BatchNorm (3 BN+ReLU, 0 BN+add+ReLU), 3 not fused")
+    assert "needs example_inputs" in text
+
+
+def test_bad_arguments_raise_clearly():
+    with pytest.raises(TypeError, match="expected a torch.nn.Module, got list"):
+        tritonbn.fuse_model([nn.BatchNorm2d(3)])
+    with pytest.raises(TypeError, match="example_inputs must be a tuple"):
+        tritonbn.fuse_model(nn.BatchNorm2d(3), {"x": torch.zeros(1)})
+    with pytest.raises(TypeError, match="wrapper"):
+        tritonbn.fuse_model(nn.DataParallel(nn.BatchNorm2d(3)))
+    with pytest.raises(RuntimeError, match="failed on example_inputs"):
+        wrong_channels = torch.zeros(2, 5, 2, 2)
+        tritonbn.fuse_model(_Pattern(ADD_SPELLINGS["bn + z"]), (wrong_channels, wrong_channels))
+
+
+# --- compile, DDP --------------------------------------------------------------------------------
+
+def test_compile_fullgraph_aot_eager_of_fused_model():
+    fused, _ = tritonbn.fuse_model(_model("basic", layers=(1, 1)), (_x(),))
+    eager = copy.deepcopy(fused)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        y_c, y_e = compiled(_x(step)), eager(_x(step))
+        torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
+        y_c.square().sum().backward()
+        y_e.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same_state(fused, eager, rtol=1e-5, atol=1e-6)
+    fused.eval()
+    eager.eval()
+    torch.testing.assert_close(compiled(_x(5)), eager(_x(5)), rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_of_fused_model(tmp_path):
+    """One process, gloo: DDP wraps the fused model as any other (no Python-side state in the way)."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    fused, _ = tritonbn.fuse_model(_model("basic", layers=(1, 1)), (_x(),))
+    plain = copy.deepcopy(fused)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(fused)
+        for m in (ddp, plain):
+            m(_x(1)).square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same_state(fused, plain, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_fused_resnet_step():
+    """A fused ResNet training step captured in one CUDA graph replays like the fused model in eager mode
+    (the rewritten forwards hold no Python-side state)."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    fmt = torch.channels_last
+    fused, report = tritonbn.fuse_model(_model("bottleneck"), (_x(),))
+    assert sum(f.pattern == "bn_add_relu" for f in report.fused) == 3
+    model = fused.cuda().to(memory_format=fmt)
+    eager = copy.deepcopy(model)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def batch():
+        return torch.randn(X_SHAPE, device="cuda", generator=gen).contiguous(memory_format=fmt)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton JIT, cuDNN plans) in lockstep
+        for _ in range(2):
+            x = batch()
+            for m in (model, eager):
+                m.zero_grad(set_to_none=True)
+                m(x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    static_x = batch()
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+        static_y.square().sum().backward()
+    for _ in range(2):
+        x = batch()
+        static_x.copy_(x)
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        y = eager(x)
+        y.square().sum().backward()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_y, y, rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+        _assert_same_state(model, eager, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,695 @@
+"""``tritonbn.fuse_model``: rewrite a model so that BatchNorm → ReLU and BatchNorm → add → ReLU run as one
+fused tritonbn op (``BatchNormAct1d/2d/3d``), and every other BatchNorm as a tritonbn ``BatchNorm*d``.
+
+How (each choice avoids a known pitfall of existing tools):
+* The caller's model is deep-copied; the copy keeps every module, its class, name, hooks and custom
+  methods. Only two things change: BatchNorm classes (a class swap, as in ``convert_model``: same
+  parameter and buffer objects, so state_dict keys and values are the model's), and the ``forward`` of
+  each module in which something was fused, which becomes the FX-regenerated one (set on a subclass of
+  the module's own class, so ``isinstance`` and custom methods still work).
+* Each module is traced on its own with every submodule a leaf, so a rewritten forward only calls the
+  module's own children and no container's forward is bypassed. A pattern is fused only within one
+  forward; a module that cannot be traced keeps its forward and its children are traced on their own.
+* The ReLU is matched per call site (``symbolic_trace`` gives one node per call of a shared
+  ``self.relu``); only that call is removed, the ReLU module stays (``fuse_modules`` replaces a shared
+  ReLU by Identity and breaks Bottleneck).
+* Exact classes only (as ``torch.fx.experimental.optimization.fuse``): subclasses of BatchNorm or ReLU
+  may compute something else.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import operator
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tritonbn import modules as _tbn
+
+# Exact classes only: a subclass may compute something else.
+_TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_TRITON_BN = (_tbn.BatchNorm1d, _tbn.BatchNorm2d, _tbn.BatchNorm3d)
+_ACT_BN = (_tbn.BatchNormAct1d, _tbn.BatchNormAct2d, _tbn.BatchNormAct3d)
+_PLAIN = dict(zip(_TORCH_BN + _TRITON_BN, _TRITON_BN * 2))
+_ACT = dict(zip(_TORCH_BN + _TRITON_BN, _ACT_BN * 2))
+
+_RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
+_RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
+_ADD_FUNCTIONS = {operator.add: "+", operator.iadd: "+=", torch.add: "torch.add"}
+_ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+@dataclass
+class Fused:
+    bn: str  # qualified name of the BatchNorm; now a BatchNormAct*d under the same name
+    into: str  # "BatchNormAct2d", ...
+    pattern: str  # "bn_relu" or "bn_add_relu"
+    module: str  # the module whose forward was rewritten ("" = the model itself)
+    relu: str  # how the removed ReLU was spelled, e.g. "nn.ReLU 'relu'", "F.relu"
+    add: str | None = None  # how the removed add was spelled: "+", "+=", "torch.add", "Tensor.add_"
+    residual: str | None = None  # the add's other operand (its FX node in ``module``'s forward)
+
+
+@dataclass
+class Skipped:
+    bn: str
+    reason: str
+    action: str  # "converted": now an unfused tritonbn BatchNorm*d; "unchanged": left as it was
+
+
+@dataclass
+class Fallback:
+    module: str  # a module whose forward is kept as it is; its children were traced on their own
+    reason: str
+
+
+@dataclass
+class FuseReport:
+    fused: list[Fused] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)  # modules whose forward was regenerated
+    warnings: list[str] = field(default_factory=list)
+
+    def skip(self, bn: str, reason: str, action: str) -> None:
+        self.skipped.append(Skipped(bn, reason, action))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def format(self) -> str:
+        n_add = sum(f.pattern == "bn_add_relu" for f in self.fused)
+        lines = [f"fused {len(self.fused)} BatchNorm ({len(self.fused) - n_add} BN+ReLU, "
+                 f"{n_add} BN+add+ReLU), {len(self.skipped)} not fused; "
+                 f"forward rewritten in {len(self.rewritten)} modules"]
+        for f in self.fused:
+            how = f"ReLU {f.relu}" if f.add is None else f"add {f.add} with {f.residual}, ReLU {f.relu}"
+            lines.append(f"  fused     {_show(f.bn)} -> {f.into} in {_forward_of(f.module)} ({how})")
+        for s in self.skipped:
+            lines.append(f"  {s.action:9s} {_show(s.bn)}: {s.reason}")
+        lines += [f"  fallback  {_show(b.module)}: {b.reason}" for b in self.fallbacks]
+        lines += [f"  warning   {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def _show(name: str) -> str:
+    return f"'{name}'" if name else "the model"
+
+
+def _forward_of(name: str) -> str:
+    return f"'{name}'.forward" if name else "the model's forward"
+
+
+# --- graph helpers ---------------------------------------------------------------------------------
+
+def _hooks(m: nn.Module) -> str | None:
+    kinds = [k for k, d in (("forward", m._forward_hooks), ("forward pre", m._forward_pre_hooks),
+                            ("backward", m._backward_hooks), ("backward pre", m._backward_pre_hooks)) if d]
+    return " and ".join(kinds) + " hooks" if kinds else None
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _relu(node: fx.Node, root: nn.Module):
+    """``(input, spelling, problem)`` when ``node`` is a ReLU, else None. ``problem`` says why this ReLU
+    call may not be removed (its hooks would no longer run, ...)."""
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        if not isinstance(m, nn.ReLU):
+            return None
+        spelling, problem = f"nn.ReLU '{node.target}'", None
+        if type(m) is not nn.ReLU:
+            problem = f"'{node.target}' is a {type(m).__name__}, a ReLU subclass (its forward may differ)"
+        elif _hooks(m):
+            problem = f"ReLU '{node.target}' has {_hooks(m)}, which would no longer run"
+        elif "forward" in m.__dict__:
+            problem = f"ReLU '{node.target}' has its forward overridden on the instance"
+        elif node.kwargs or len(node.args) != 1:
+            problem = f"ReLU '{node.target}' is called with extra arguments"
+        return (node.args[0] if node.args else None), spelling, problem
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        extra = set(node.kwargs) - {"input", "inplace"} or len(node.args) > 2
+        return _arg(node, 0, "input"), _RELU_FUNCTIONS[node.target], (
+            "the ReLU is called with extra arguments" if extra else None)
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        extra = node.kwargs or len(node.args) != 1
+        return node.args[0], _RELU_METHODS[node.target], (
+            "the ReLU is called with extra arguments" if extra else None)
+    return None
+
+
+def _add(node: fx.Node):
+    """``(a, b, spelling, in_place, problem)`` when ``node`` adds two values, else None."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        spelling, in_place = _ADD_FUNCTIONS[node.target], node.target is operator.iadd
+        if node.target is torch.add:
+            a, b = _arg(node, 0, "input"), _arg(node, 1, "other")
+            extra = set(node.kwargs) - {"input", "other", "alpha", "out"} or len(node.args) > 2
+        else:
+            a, b = node.args[0], node.args[1]
+            extra = bool(node.kwargs)
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        spelling, in_place = _ADD_METHODS[node.target], node.target == "add_"
+        a, b = node.args[0], _arg(node, 1, "other")
+        extra = set(node.kwargs) - {"other", "alpha"} or len(node.args) > 2
+    else:
+        return None
+    alpha = node.kwargs.get("alpha", 1)
+    problem = None
+    if node.kwargs.get("out") is not None:
+        problem = f"the add ({spelling}) writes to out="
+    elif isinstance(alpha, fx.Node) or alpha != 1 or isinstance(alpha, bool):
+        problem = f"the add ({spelling}) has alpha={alpha}"
+    elif extra:
+        problem = f"the add ({spelling}) is called with extra arguments"
+    return a, b, spelling, in_place, problem
+
+
+def _mutated_input(node: fx.Node, root: nn.Module):
+    """The input that ``node`` updates in place and returns (``a += b``, ``a.add_(b)``, ``a.relu_()``,
+    an in-place ReLU), or None."""
+    add = _add(node)
+    if add is not None:
+        return add[0] if add[3] else None
+    relu = _relu(node, root)
+    if relu is None or relu[2] is not None:
+        return None
+    if node.op == "call_module":
+        return relu[0] if root.get_submodule(node.target).inplace else None
+    if node.op == "call_method":
+        return relu[0] if node.target == "relu_" else None
+    return relu[0] if node.target is torch.relu_ or _arg(node, 1, "inplace", False) is True else None
+
+
+def _follow_in_place(graph: fx.Graph, root: nn.Module) -> None:
+    """An in-place op returns the tensor it updated, so every later use of that tensor may use the op's
+    result instead: ``out.add_(identity); out = relu(out)`` becomes a chain BN → add → ReLU."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in graph.nodes:
+        a = _mutated_input(n, root)
+        if isinstance(a, fx.Node):
+            for user in list(a.users):
+                if user is not n and order[user] > order[n]:
+                    user.replace_input_with(a, n)
+
+
+def _describe(node: fx.Node, root: nn.Module) -> str:
+    if node.op == "output":
+        return "the return value"
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(root.get_submodule(node.target)).__name__})"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _mode_state():
+    """Grad and autocast modes: FX symbolic tracing drops ``no_grad`` / ``autocast`` blocks."""
+    try:
+        autocast = tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
+    except TypeError:  # torch < 2.4 takes no device type
+        autocast = (torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled())
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule call is a leaf ``call_module`` node."""
+
+    def __init__(self):
+        super().__init__()
+        self.start_state = _mode_state()
+        self.mode_changed = False
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+    def create_node(self, *args, **kwargs):
+        if _mode_state() != self.start_state:
+            self.mode_changed = True
+        return super().create_node(*args, **kwargs)
+
+
+class _NotRewritable(Exception):
+    pass
+
+
+def _trace(module: nn.Module) -> fx.Graph:
+    """Trace ``module``'s forward, in train and in eval mode; raise _NotRewritable unless one graph
+    describes both (a rewritten forward must not bake in either branch of ``if self.training``)."""
+    if "forward" in module.__dict__:
+        raise _NotRewritable("forward is overridden on the instance")
+    modes = [(m, m.training) for m in module.modules()]
+    graphs = []
+    try:
+        for training in (True, False):
+            for m, _ in modes:  # flags only: a user's train() override may do more
+                m.training = training
+            tracer = _LeafTracer()
+            try:
+                graph = tracer.trace(module)
+            except Exception as e:  # noqa: BLE001 - any tracing failure means "keep this forward"
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise _NotRewritable(f"not FX-traceable ({type(e).__name__}: {msg})") from e
+            if tracer.mode_changed:
+                raise _NotRewritable("forward changes grad mode or autocast (FX tracing does not record it)")
+            graphs.append(graph)
+    finally:
+        for m, training in modes:
+            m.training = training
+    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        raise _NotRewritable("forward depends on self.training (its traced graphs differ between modes)")
+    return graphs[0]
+
+
+class _MetaRecorder(fx.Interpreter):
+    """Runs a traced graph (as ``fx.passes.shape_prop.ShapeProp`` does) and records the shape, dtype and
+    device of the watched nodes' values, once per call."""
+
+    def __init__(self, module, graph, watch, sink):
+        super().__init__(module, graph=graph)
+        self.watch, self.sink = watch, sink
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.watch:
+            meta = (tuple(out.shape), out.dtype, out.device) if isinstance(out, torch.Tensor) else None
+            self.sink.setdefault(n, []).append(meta)
+        return out
+
+
+# --- the pass --------------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    bn: fx.Node
+    relu: fx.Node
+    relu_spelling: str
+    add: fx.Node | None = None
+    add_spelling: str | None = None
+    other: fx.Node | None = None
+
+
+@dataclass
+class _Traced:
+    name: str
+    module: nn.Module
+    graph: fx.Graph
+    new_attrs: set  # attributes the tracer added (tensor constants); removed unless rewritten
+
+
+def _plan(b: fx.Node, root: nn.Module):
+    """A _Plan for the BN call ``b``, or the reason it cannot be fused (structure only)."""
+    if b.kwargs or len(b.args) != 1:
+        return "BN is called with extra arguments"
+    if len(b.users) != 1:
+        return f"BN output has {len(b.users)} users" if b.users else "BN output is unused"
+    user = next(iter(b.users))
+    if user.op == "output":
+        return "BN output is the return value (fusion stays within one module's forward)"
+    relu = _relu(user, root)
+    if relu is not None:
+        inp, spelling, problem = relu
+        return problem or (_Plan(b, user, spelling) if inp is b else "BN output is not the ReLU's input")
+    add = _add(user)
+    if add is None:
+        return f"BN output feeds {_describe(user, root)}, not a ReLU or an add"
+    a, other, add_spelling, in_place, problem = add
+    if problem:
+        return problem
+    if a is b and other is b:
+        return "the add adds the BN output to itself"
+    if a is not b:
+        if in_place:
+            return f"the in-place add ({add_spelling}) updates its other operand, not the BN output"
+        other = a
+    if not isinstance(other, fx.Node):
+        return f"the add's other operand is a {type(other).__name__}, not a tensor (it would broadcast)"
+    if len(user.users) != 1:
+        return f"add result has {len(user.users)} users" if user.users else "add result is unused"
+    r = next(iter(user.users))
+    relu = _relu(r, root)
+    if relu is None:
+        return f"add result feeds {_describe(r, root)}, not a ReLU"
+    inp, spelling, problem = relu
+    if problem:
+        return problem
+    if inp is not user:
+        return "add result is not the ReLU's input"
+    # The fused call moves to the add (where the other operand exists): nothing in between may update a
+    # tensor in place, which could be the BN input or a view of it.
+    n = b.next
+    while n is not user:
+        if _may_mutate(n, root):
+            return f"'{n.name}', between the BN and the add, updates a tensor in place"
+        n = n.next
+    return _Plan(b, r, spelling, user, add_spelling, other)
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+                       operator.ixor, operator.ilshift, operator.irshift}
+
+
+def _may_mutate(n: fx.Node, root: nn.Module) -> bool:
+    """Whether ``n`` may update one of its inputs in place (by torch's naming conventions)."""
+    if n.op == "call_method":
+        return n.target.endswith("_")
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return (n.target in _IN_PLACE_OPERATORS or n.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.endswith("__")))
+    if n.op == "call_module":
+        return getattr(root.get_submodule(n.target), "inplace", False) is True
+    return False
+
+
+def _bn_problem(bn: nn.Module) -> str | None:
+    hooks = _hooks(bn)
+    if hooks:
+        return f"BN has {hooks}, which would see the fused output"
+    if "forward" in bn.__dict__:
+        return "BN has its forward overridden on the instance"
+    return None
+
+
+def _rewrite(t: _Traced, plans: list[_Plan]) -> None:
+    graph = t.graph
+    for p in plans:
+        # The BN node becomes the fused call, with the ReLU's users; with an add it moves to the add, where
+        # the residual exists.
+        if p.add is not None:
+            p.add.prepend(p.bn)
+        p.relu.replace_all_uses_with(p.bn)
+        graph.erase_node(p.relu)
+        if p.add is not None:
+            graph.erase_node(p.add)
+            p.bn.args = (p.bn.args[0], p.other)
+    graph.lint()
+    m = t.module
+    if isinstance(m, fx.GraphModule):  # its class is its own: regenerate its code in place
+        m.graph = graph
+        m.recompile()
+        return
+    gm = fx.GraphModule(m, graph, class_name=type(m).__name__)
+    cls = type(m)
+    # A subclass of the module's own class: isinstance, methods and hooks stay. Its qualname is not
+    # importable, so pickling the whole module fails loudly (save the state_dict instead).
+    m.__class__ = type(cls)(cls.__name__, (cls,), {
+        "forward": type(gm).forward, "__module__": cls.__module__,
+        "__qualname__": f"{cls.__qualname__}.<tritonbn fused>", "_tritonbn_fused_code": gm.code})
+
+
+def _check_example_inputs(example_inputs):
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("fuse_model: example_inputs must be a tuple of the model's positional arguments (or one "
+                    f"Tensor), got {type(example_inputs).__name__}")
+
+
+def _probe(model: nn.Module, to_prove: list, example_inputs: tuple) -> dict:
+    """Run a copy of ``model`` on the example inputs, each module of ``to_prove`` ((traced, plan) pairs)
+    through its traced graph, and return {node: [meta per call]} for the BN inputs and residuals."""
+    probe = copy.deepcopy(model)
+    sink: dict = {}
+    watched: dict = {}  # id(traced) -> (traced, nodes)
+    for t, p in to_prove:
+        watched.setdefault(id(t), (t, set()))[1].update((p.bn.args[0], p.other))
+    for t, watch in watched.values():
+        m = probe.get_submodule(t.name)
+        for attr in t.new_attrs:  # tensor constants the tracer put on the traced copy
+            setattr(m, attr, getattr(t.module, attr))
+        if _var_args(m):
+            continue  # no proof: the graph's placeholders cannot be matched to the call's arguments
+        sig = inspect.signature(type(m).forward)
+        recorder = _MetaRecorder(m, t.graph, watch, sink)
+
+        def forward(*args, _m=m, _sig=sig, _rec=recorder, **kwargs):
+            bound = _sig.bind(_m, *args, **kwargs)
+            bound.apply_defaults()
+            return _rec.run(*list(bound.arguments.values())[1:])
+
+        m.forward = forward
+    # Copies: a forward may update its inputs in place.
+    args = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in example_inputs]
+    try:
+        with torch.no_grad():
+            probe(*args)
+    except Exception as e:
+        raise RuntimeError(f"fuse_model: the model failed on example_inputs ({type(e).__name__}: {e})") from e
+    return sink
+
+
+def _var_args(m: nn.Module) -> bool:
+    params = inspect.signature(type(m).forward).parameters.values()
+    return any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def _add_problem(p: _Plan, metas: dict, have_examples: bool, module: nn.Module) -> str | None:
+    x = p.bn.args[0]
+    if p.other is x:  # bn(x) + x: BatchNorm keeps its input's shape and dtype
+        return None
+    if not have_examples:
+        return "needs example_inputs to prove the add neither broadcasts nor promotes dtype"
+    if _var_args(module):
+        return ("forward(*args/**kwargs): example_inputs cannot be matched to its graph to prove the add "
+                "neither broadcasts nor promotes dtype")
+    xs, others = metas.get(x), metas.get(p.other)
+    if not xs or not others:
+        return ("the module did not run on example_inputs: cannot prove the add neither broadcasts nor "
+                "promotes dtype")
+    for xm, om in zip(xs, others):
+        if xm is None or om is None:
+            return "the add's other operand is not a tensor"
+        if xm[0] != om[0]:
+            return f"the add broadcasts (BN output {xm[0]}, other operand {om[0]})"
+        if xm[1] != om[1]:
+            return f"the add promotes dtype (BN output {xm[1]}, other operand {om[1]})"
+        if xm[2] != om[2]:
+            return f"the add mixes devices (BN output on {xm[2]}, other operand on {om[2]})"
+    return None
+
+
+def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseReport]:
+    """Return ``(fused_model, report)``: a new model in which every BatchNorm followed only by a ReLU, or
+    only by an add whose result feeds only a ReLU, is one fused tritonbn op, and every other BatchNorm is
+    a tritonbn ``BatchNorm*d``. ``model`` is never modified. Call it before building the optimizer (the
+    fused model has its own parameters) and before ``torch.compile`` / DDP.
+
+    What is fused: an exact torch or tritonbn ``BatchNorm1d/2d/3d`` module call whose output's only user
+    is a ReLU (``nn.ReLU`` shared or not, in place or not, ``F.relu``, ``torch.relu``/``relu_``,
+    ``.relu()``/``.relu_()``), or an add (``+``, ``+=``, ``torch.add`` without alpha/out, ``.add``/
+    ``.add_``, either operand order) whose result's only user is such a ReLU, all in the same module's
+    forward. The BN becomes a ``BatchNormAct*d`` under its own name (state_dict keys and values are the
+    model's, so checkpoints load both ways), the add's other operand is passed as its ``residual``, and
+    the ReLU call (not the ReLU module) is removed from that forward.
+
+    When it is not: a BN whose output leaves its module's forward (the last BN of an ``nn.Sequential``
+    followed by a ReLU in the parent: each module's forward is rewritten on its own, so no container is
+    bypassed); an intermediate with another user; an add that would broadcast, promote dtype or mix
+    devices; a BN or ReLU module with hooks (they would no longer run, or see other values), a
+    BN called from several places or registered under several names; subclasses (SyncBatchNorm,
+    user classes: left unchanged); a module whose forward cannot be traced, changes grad mode or autocast
+    inside, or depends on ``self.training`` (its forward is kept, its children are handled on their own:
+    see ``report.fallbacks``). Every BN is listed in ``report.fused`` or ``report.skipped`` with the reason.
+
+    ``example_inputs`` (a tuple of positional arguments, or one Tensor) proves the adds: a copy of the
+    model runs on them once, under no_grad and the caller's autocast state, and an add is fused only if
+    its operands had the same shape, dtype and device in every call. Without them, an add is fused only
+    when that is provable from the graph alone (``bn(x) + x``); the others are reported as needing
+    example_inputs; BN+ReLU needs no proof. The proof holds for inputs like the examples: a later input
+    that makes the operands differ (another dtype under autocast, broadcasting shapes) makes the fused
+    op raise, never silently broadcast. Fuse under the autocast you train with, or with inputs of the
+    training dtype.
+
+    The rewritten forwards are the FX-traced ones: Python values they read (other than
+    ``self.training``, which is checked) are fixed at fuse time, and another method that calls a fused
+    BN module directly gets ``relu(bn(x))``. Rewritten modules are instances of a subclass of their
+    class (``isinstance`` and custom methods work; ``copy.deepcopy`` works, pickling the whole module
+    does not: save the ``state_dict``).
+    """
+    _check_model(model)
+    example_inputs = _check_example_inputs(example_inputs)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:
+        raise TypeError(f"fuse_model: cannot deep-copy the model ({type(e).__name__}: {e})") from e
+    p = _Pass(work)
+    p.trace_all()
+    p.find_candidates()
+    to_prove = [(t, plan) for t, _, plan in p.accepted
+                if plan.add is not None and plan.other is not plan.bn.args[0]]
+    metas = _probe(model, to_prove, example_inputs) if to_prove and example_inputs is not None else {}
+    p.decide(metas, example_inputs is not None)
+    p.apply()
+    return work, p.report
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("fuse_model: expected an eager torch.nn.Module, got a TorchScript module")
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    if isinstance(model, wrappers) or hasattr(model, "_orig_mod"):
+        raise TypeError(f"fuse_model: got a {type(model).__name__} wrapper; fuse the plain model, then wrap "
+                        "or compile the fused one")
+
+
+class _Pass:
+    def __init__(self, work: nn.Module):
+        self.work, self.report = work, FuseReport()
+        self.name_of, self.parent_of, self.registrations = {}, {}, Counter()
+        for name, m in work.named_modules(remove_duplicate=False):
+            self.name_of.setdefault(id(m), name)
+            self.registrations[id(m)] += 1
+            for child in m.children():
+                self.parent_of.setdefault(id(child), m)
+        self.bns = [(n, m) for n, m in work.named_modules() if isinstance(m, _BatchNorm)]
+        self.traced: list[_Traced] = []
+        self.opaque: dict = {}  # id(module) -> why its forward is kept
+        self.reasons: dict = {}  # id(bn) -> why it is not fused
+        self.accepted: list = []  # (traced, bn, plan) that passed the structural and module checks
+        self.chosen: dict = {}  # id(traced) -> plans to apply
+
+    def trace_all(self) -> None:
+        """Trace every module that has a BatchNorm below it and a forward of its own."""
+        ancestors = {}
+        for path, m in self.work.named_modules(remove_duplicate=False):
+            if isinstance(m, _BatchNorm):
+                atoms = path.split(".") if path else []
+                for i in range(len(atoms)):
+                    anc = self.work.get_submodule(".".join(atoms[:i]))
+                    ancestors.setdefault(id(anc), anc)
+        for m in ancestors.values():
+            if type(m).forward is nn.Module.forward or isinstance(m, _BatchNorm):  # e.g. ModuleList
+                continue
+            before = set(m.__dict__)
+            try:
+                graph = _trace(m)
+            except _NotRewritable as e:
+                for attr in set(m.__dict__) - before:
+                    delattr(m, attr)
+                self.opaque[id(m)] = str(e)
+                self.report.fallbacks.append(Fallback(self.name_of[id(m)], str(e)))
+                continue
+            self.traced.append(_Traced(self.name_of[id(m)], m, graph, set(m.__dict__) - before))
+
+    def find_candidates(self) -> None:
+        """Structural plans per BN call site, then the conditions on the BN module itself."""
+        calls: Counter = Counter()
+        candidates = []
+        for t in self.traced:
+            _follow_in_place(t.graph, t.module)
+            for node in t.graph.nodes:
+                bn = t.module.get_submodule(node.target) if node.op == "call_module" else None
+                if not isinstance(bn, _BatchNorm):
+                    continue
+                calls[id(bn)] += 1
+                plan = _plan(node, t.module)
+                if isinstance(plan, str):
+                    self.reasons.setdefault(id(bn), f"in {_forward_of(t.name)}: {plan}")
+                else:
+                    candidates.append((t, bn, plan))
+        for t, bn, plan in candidates:
+            parent = self.parent_of.get(id(bn))
+            if type(bn) not in _ACT:
+                problem = "not an exact BatchNorm1d/2d/3d"
+            elif calls[id(bn)] > 1:
+                problem = f"BN is called {calls[id(bn)]} times (a fused module would change every call)"
+            elif self.registrations[id(bn)] > 1:
+                problem = f"BN is registered under {self.registrations[id(bn)]} names"
+            elif parent is not None and id(parent) in self.opaque:
+                problem = self._opaque_reason(parent)
+            else:
+                problem = _bn_problem(bn)
+            if problem:
+                self.reasons[id(bn)] = problem
+            else:
+                self.accepted.append((t, bn, plan))
+
+    def _opaque_reason(self, parent: nn.Module) -> str:
+        where = _forward_of(self.name_of[id(parent)])
+        return f"called from {where}, which is kept ({self.opaque[id(parent)]})"
+
+    def decide(self, metas: dict, have_examples: bool) -> None:
+        claimed = {}  # add/ReLU node -> the BN fused with it
+        for t, bn, plan in self.accepted:
+            problem = _add_problem(plan, metas, have_examples, t.module) if plan.add is not None else None
+            owner = claimed.get(plan.add) or claimed.get(plan.relu)
+            if problem is None and owner is not None:
+                problem = f"its add is fused with '{owner}'"
+            if problem:
+                self.reasons[id(bn)] = f"in {_forward_of(t.name)}: {problem}"
+                continue
+            claimed.update({n: self.name_of[id(bn)] for n in (plan.add, plan.relu) if n is not None})
+            self.chosen.setdefault(id(t), []).append(plan)
+            pattern = "bn_relu" if plan.add is None else "bn_add_relu"
+            residual = None if plan.other is None else plan.other.name
+            self.report.fused.append(Fused(self.name_of[id(bn)], _ACT[type(bn)].__name__, pattern, t.name,
+                                           plan.relu_spelling, plan.add_spelling, residual))
+
+    def apply(self) -> None:
+        """Rewrite the forwards and swap the BatchNorm classes."""
+        fused_ids = set()
+        for t in self.traced:
+            plans = self.chosen.get(id(t))
+            if not plans:
+                for attr in t.new_attrs:
+                    delattr(t.module, attr)
+                continue
+            bn_modules = [t.module.get_submodule(plan.bn.target) for plan in plans]
+            _rewrite(t, plans)
+            self.report.rewritten.append(t.name)
+            for bn in bn_modules:
+                bn.__class__ = _ACT[type(bn)]  # adds no state: the same parameters and buffers
+                bn.activation = "relu"
+                fused_ids.add(id(bn))
+        for name, bn in self.bns:
+            if id(bn) in fused_ids:
+                continue
+            if isinstance(bn, _ACT_BN):
+                self.report.skip(name, "already a fused tritonbn BatchNormAct", "unchanged")
+            elif type(bn) not in _PLAIN:
+                why = f"{type(bn).__name__} is not an exact BatchNorm1d/2d/3d (left as it is)"
+                self.report.skip(name, why, "unchanged")
+            else:
+                action = "unchanged" if _PLAIN[type(bn)] is type(bn) else "converted"
+                bn.__class__ = _PLAIN[type(bn)]
+                self.report.skip(name, self._unfused_reason(bn), action)
+        order = {n: i for i, (n, _) in enumerate(self.bns)}
+        self.report.fused.sort(key=lambda f: order[f.bn])
+        self.report.skipped.sort(key=lambda s: order[s.bn])
+        hooks = ("_global_forward_hooks", "_global_forward_pre_hooks")
+        if any(getattr(nn.modules.module, h, None) for h in hooks):
+            self.report.warnings.append("global module hooks are registered: they no longer see the removed "
+                                        "ReLU calls")
+
+    def _unfused_reason(self, bn: nn.Module) -> str:
+        if id(bn) in self.reasons:
+            return self.reasons[id(bn)]
+        parent = self.parent_of.get(id(bn))
+        if parent is not None and id(parent) in self.opaque:
+            return self._opaque_reason(parent)
+        return "not called as a module in any traced forward (unused, or used through its attributes)"
