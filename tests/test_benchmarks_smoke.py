@@ -23,7 +23,16 @@ def test_byte_model():
     assert harness.model_bytes("eval_fwd", 1000, 2) == 2 * E
     assert harness.model_bytes("bwd", 1000, 2) == 5 * E
     assert harness.model_bytes("fwd_bwd", 1000, 2) == 8 * E
-    assert set(harness.BYTE_MODEL_TEXT) == set(harness.MODES) == set(harness.BYTES_PER_ELEMENT_PASS)
+    modes = set(harness.MODES) | set(harness.FUSED_MODES)
+    assert set(harness.BYTE_MODEL_TEXT) == modes == set(harness.BYTES_PER_ELEMENT_PASS)
+    # issue 9's byte model: fused BN+ReLU 3E fwd / 5E bwd, BN+Add+ReLU 4E / 6E; unfused 5E/8E and 8E/8E
+    per_e = {m: harness.model_bytes(m, 1000, 2) // E for m in harness.FUSED_MODES}
+    assert per_e == {"relu_train_fwd": 3, "relu_fwd_bwd": 3 + 5, "relu_eval_fwd": 2,
+                     "add_relu_train_fwd": 4, "add_relu_fwd_bwd": 4 + 6, "add_relu_eval_fwd": 3}
+    unf = harness.UNFUSED_BYTES_PER_ELEMENT_PASS
+    assert unf["relu_train_fwd"] == 5 and unf["relu_fwd_bwd"] == 5 + 8
+    assert unf["add_relu_train_fwd"] == 8 and unf["add_relu_fwd_bwd"] == 8 + 8
+    assert all(unf[m] > harness.BYTES_PER_ELEMENT_PASS[m] for m in harness.FUSED_MODES)
 
 
 def test_geomean():
@@ -53,6 +62,22 @@ def test_shapes_and_plan():
     assert len(todo) == 2 * (2 * len(shapes.QUICK) - 1)
     assert [t[1] for t in todo[: len(todo) // 2]] == ["bf16"] * (len(todo) // 2)
     assert bench.parse_args(["--smoke"]).dtypes == ["fp32"]
+    # fused rows come after every plain row; relu and add_relu of one shape side by side
+    fargs = bench.parse_args(["--quick", "--fused", "--fused-shapes", "rn50", "--time-budget", "100"])
+    assert fargs.modes == [*harness.MODES, *harness.FUSED_MODES] and fargs.fused_budget == 40
+    ftodo = bench.plan(fargs)
+    assert ftodo[: len(todo)] == todo
+    fused = ftodo[len(todo) :]
+    n_rn50 = len(shapes.select(shapes.QUICK, "rn50"))
+    assert len(fused) == 2 * 2 * 2 * n_rn50  # dtypes x layouts x (relu, add_relu)
+    assert [t[3] for t in fused[:2]] == [list(harness.FUSED_MODES[:3]), list(harness.FUSED_MODES[3:])]
+    assert all(t[0].group.startswith("rn50") for t in fused)
+    assert [bench.epilogue(m) for m in ("fwd_bwd", "relu_fwd_bwd", "add_relu_eval_fwd")] == [
+        None, "relu", "add_relu"]
+    assert bench.base_mode("add_relu_train_fwd") == "train_fwd" and bench.base_mode("bwd") == "bwd"
+    assert bench.mode_providers(["tritonbn", "eager", "compile"], "relu_fwd_bwd") == [
+        "tritonbn", bench.UNFUSED, "eager", "compile"]
+    assert bench.mode_providers(["tritonbn", "eager"], "fwd_bwd") == ["tritonbn", "eager"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "nope"])
 
@@ -109,6 +134,10 @@ def test_summary_and_markdown():
     assert "PARTIAL (time budget)" in md and "4.00×" in md and "## bwd" in md and "OOM: boom" in md
 
 
+# every benchmark's CPU smoke mode, with its extra options; run concurrently by the fixture below
+SMOKE_RUNS = {"bench": ["--fused"], "train_check": []}
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """bench --smoke and train_check --smoke, concurrently (each is mostly single-threaded interpreter)."""
@@ -116,14 +145,14 @@ def smoke_run(tmp_path_factory):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(out)],
+            [sys.executable, "-m", f"benchmarks.{name}", "--smoke", *extra, "--out", str(out)],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for name in ("bench", "train_check")
+        for name, extra in SMOKE_RUNS.items()
     }
     res = {}
     for name, p in procs.items():
@@ -146,19 +175,27 @@ def test_bench_smoke(smoke_run):
     assert set(doc["env"]) >= {"torch", "triton", "tritonbn", "git_commit", "gpu", "python"}
     meta = doc["meta"]
     assert meta["complete"] and not meta["timing_meaningful"] and meta["errors"] == 0 and meta["flagged"] == 0
-    assert len(doc["rows"]) == meta["rows_planned"] == len(bench.plan(bench.parse_args(["--smoke"]))) * 4
+    todo = bench.plan(bench.parse_args(["--smoke", "--fused"]))
+    assert len(doc["rows"]) == meta["rows_planned"] == sum(len(t[3]) for t in todo)
     for r in doc["rows"]:
-        assert set(r["providers"]) == set(bench.PROVIDERS)
+        assert list(r["providers"]) == bench.mode_providers(list(bench.PROVIDERS), r["mode"])
         for p, cell in r["providers"].items():
             assert cell["error"] is None, (r["case"], r["mode"], p, cell["error"])
             assert cell["ms"] > 0 and cell["gbs"] > 0 and cell["err"] < 1e-4, (r["case"], r["mode"], p, cell)
         assert r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0
+        assert (r["speedup_vs_unfused"] is not None) == (r["epilogue"] is not None)
         assert r["tritonbn_uses_triton"] is True  # the interpreter ran tritonbn's kernels, not a fallback
-    assert {(r["mode"]) for r in doc["rows"]} == set(harness.MODES)
+    assert {(r["mode"]) for r in doc["rows"]} == set(harness.MODES) | set(harness.FUSED_MODES)
+    # the fused rows check dz against the fp64 reference, and only the add_relu rows have one
+    for r in doc["rows"]:
+        assert ("dz" in r["err_parts"]["tritonbn"]) == (r["epilogue"] == "add_relu")
+    groups = {g["mode"] for g in doc["summary"]["groups"]}
+    assert groups == set(harness.MODES) | set(harness.FUSED_MODES)
     assert {r["layout"] for r in doc["rows"]} == {"contiguous", "channels_last"}
     assert {len(r["shape"]) for r in doc["rows"]} == {2, 3, 4, 5}
     md = (out / "bench.md").read_text()
     assert "## Summary" in md and "NOT meaningful" in md and "Byte model" in md
+    assert "## add_relu_fwd_bwd (10E fused (unfused 16E)" in md and "tritonbn_unfused µs" in md
     png = out / "bench.png"
     assert png.exists() and 0 < png.stat().st_size < 400_000
 
