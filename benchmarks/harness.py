@@ -201,8 +201,12 @@ def count_launches(fn) -> list[str]:
 
 
 def count_aten_ops(fn) -> dict[str, int]:
-    """ATen operators one call of fn dispatches (below autograd: what runs, views included), by name."""
+    """ATen operators one call of fn dispatches (below autograd: what runs, views included), by name.
+    tritonbn's Triton launches are skipped meanwhile (``tritonbn.ops._launch_hook``): the interpreter's
+    own tensor ops would count otherwise, and no launcher branches on tensor values."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tritonbn import ops
 
     counts: dict[str, int] = {}
 
@@ -212,8 +216,12 @@ def count_aten_ops(fn) -> dict[str, int]:
             counts[name] = counts.get(name, 0) + 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
-        fn()
+    prev, ops._launch_hook = ops._launch_hook, lambda *a, **k: None
+    try:
+        with Count():
+            fn()
+    finally:
+        ops._launch_hook = prev
     return counts
 
 
