@@ -28,10 +28,16 @@ Each step has a device synchronize before and after: ms/step is that wall time, 
 step's Python returned (what eager mode costs the CPU). Medians over --steps timed steps after --warmup
 untimed ones.
 
-Loss tracking: every variant of a run takes the same steps on the same batch from the same weights, so its
-loss must follow torch's: `loss_gap` = max over all steps of |loss - torch's loss| / torch's first loss,
-and a variant `tracks` when every loss is finite and the gap is within TRACK_TOL. A broken BN is off at the
-first step; bf16 rounding drifts slowly. The exit status is 1 if any variant errs or does not track.
+Correctness, so that a wrong model cannot look fast. (1) Once per model, on the first batch size: one
+training-mode forward and backward of a fresh copy of each variant, in eager mode and in fp32 with TF32
+off (bf16 rounding noise would hide small errors: ~10% on gradients), against torch's: relative L2 gaps
+of the logits, of all parameter gradients and of the updated running statistics (`check`; each within
+CHECK_TOL; a broken forward, backward or statistics update is off by O(1)). The loss alone would not do:
+at initialization, with random labels, even a model without its BatchNorms has a loss near ln(classes).
+(2) Every run: all variants take the same steps on the same batch from the same weights, so each loss must
+follow torch's: `loss_gap` = max over all steps of |loss - torch's loss| / torch's first loss, within
+TRACK_TOL. A variant `tracks` when both hold and every loss is finite. The exit status is 1 if any variant
+errs or does not track.
 
 Order and --time-budget (seconds): the jobs run in the order of what summary.json needs: first model (the
 ResNet-50) eager and graph at every batch, then its compile at --compile-batches, then the other models.
@@ -62,6 +68,8 @@ VARIANTS = ("torch", "tritonbn", "fused")
 MODES = ("eager", "graph", "compile")
 # max |loss - torch's loss| over the steps, as a fraction of torch's first loss
 TRACK_TOL = {"bf16": 0.05, "none": 0.02}
+# relative L2 gap to torch of one fp32 step's logits, gradients and running statistics (the model check)
+CHECK_TOL = 1e-2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -195,15 +203,94 @@ def prepare_model(torch, tb, args, name, device) -> dict:
     info["fused"] = None
     if fuse is None:
         info["fused_skipped"] = "unavailable: this tritonbn has no fuse_model"
-        return info
-    try:
-        fused, report = fuse(copy.deepcopy(model))
-        info["fused"] = fused.to(memory_format=torch.channels_last).train()
-        info["fuse_report"] = report.to_dict() if hasattr(report, "to_dict") else str(report)
-    except Exception as e:
-        traceback.print_exc()
-        info["fused_skipped"] = f"fuse_model failed: {bench._short(e)}"
+    else:
+        try:
+            fused, report = fuse(copy.deepcopy(model))
+            info["fused"] = fused.to(memory_format=torch.channels_last).train()
+            info["fuse_report"] = report.to_dict() if hasattr(report, "to_dict") else str(report)
+        except Exception as e:
+            traceback.print_exc()
+            info["fused_skipped"] = f"fuse_model failed: {bench._short(e)}"
+    info["check"] = check_variants(torch, tb, args, info, device)
     return info
+
+
+def make_batch(torch, args, batch, device):
+    """The static batch of every run at this batch size: random images (channels_last), random labels."""
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    x = torch.randn(batch, 3, args.image_size, args.image_size, generator=g)
+    y = torch.randint(0, args.num_classes, (batch,), generator=g)
+    return x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+
+
+def check_variants(torch, tb, args, info, device) -> dict:
+    """One training-mode forward + backward of a fresh copy of each variant on the first batch size, in
+    eager mode, fp32, TF32 off: relative L2 gaps to torch's logits, parameter gradients and running
+    statistics."""
+    x, y = make_batch(torch, args, args.batches[0], device)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _check_variants(torch, tb, info, x, y)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def _check_variants(torch, tb, info, x, y) -> dict:
+    ref, out = None, {}
+    for v in VARIANTS:
+        if v == "fused" and info["fused"] is None:
+            continue
+        try:
+            m = variant_model(tb, info, v)
+            logits = m(x)
+            torch.nn.functional.cross_entropy(logits, y).backward()
+            r = {
+                "logits": [logits.detach().float()],
+                "grads": [
+                    (n, p.grad.detach().float()) for n, p in m.named_parameters() if p.grad is not None
+                ],
+                "stats": [(k, t.detach().float()) for k, t in m.state_dict().items() if "running_" in k],
+            }
+            del m, logits
+        except Exception as e:
+            traceback.print_exc()
+            out[v] = {"error": bench._short(e), "ok": False}
+            continue
+        if v == "torch":
+            ref = r
+            continue
+        if ref is None:
+            out[v] = {"ok": None, "reason": "torch's step failed: nothing to compare with"}
+            continue
+        c = out[v] = {"logits_gap": _rel_l2(torch, r["logits"], ref["logits"])}
+        for key in ("grads", "stats"):
+            a, b = _match(r[key], ref[key])
+            c[f"{key}_gap"] = _rel_l2(torch, a, b) if a is not None else None
+            if a is None:
+                c["reason"] = f"{key}: the variant's names and shapes do not match torch's"
+        c["ok"] = all(
+            c.get(k) is not None and c[k] <= CHECK_TOL for k in ("logits_gap", "grads_gap", "stats_gap")
+        )
+    return out
+
+
+def _match(a, b):
+    """Tensors of a and b ((name, tensor) lists) paired by name, or by position when the names differ
+    but the shapes agree; (None, None) when they cannot be paired."""
+    da, db = dict(a), dict(b)
+    if da.keys() == db.keys() and all(da[k].shape == db[k].shape for k in db):
+        return [da[k] for k in db], list(db.values())
+    if len(a) == len(b) and all(x.shape == y.shape for (_, x), (_, y) in zip(a, b)):
+        return [t for _, t in a], [t for _, t in b]
+    return None, None
+
+
+def _rel_l2(torch, a, b) -> float:
+    """||a - b|| / ||b|| over lists of tensors (inf when a has a non-finite value)."""
+    num = sum(float(torch.sum((x - y).double() ** 2)) for x, y in zip(a, b))
+    den = sum(float(torch.sum(y.double() ** 2)) for y in b)
+    return math.sqrt(num / den) if den > 0 and math.isfinite(num) else (0.0 if num == 0 else math.inf)
 
 
 def variant_model(tb, info, variant):
@@ -287,10 +374,7 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
     if mode == "graph" and device != "cuda":
         res["skipped"] = "CUDA graphs need a CUDA device: not run on the CPU"
         return res
-    g = torch.Generator(device="cpu").manual_seed(batch)
-    x = torch.randn(batch, 3, args.image_size, args.image_size, generator=g)
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, args.num_classes, (batch,), generator=g).to(device)
+    x, y = make_batch(torch, args, batch, device)
     res["tritonbn_uses_triton"] = bool(tb.uses_triton(x)) if hasattr(tb, "uses_triton") else None
     runners = {}
     for v in args.compile_variants if mode == "compile" else VARIANTS:
@@ -313,11 +397,11 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
             runners.pop(v, None)
         if mode == "compile" and v in runners:
             _time_steps(torch, args, {v: runners.pop(v)}, res, device)
-            track(res, TRACK_TOL[args.amp])
+            track(res, TRACK_TOL[args.amp], info.get("check", {}))
             if progress:
                 progress(res)
     _time_steps(torch, args, runners, res, device)
-    track(res, TRACK_TOL[args.amp])
+    track(res, TRACK_TOL[args.amp], info.get("check", {}))
     return res
 
 
@@ -362,13 +446,15 @@ def _quantile(xs, q):
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def track(res, tol) -> None:
-    """Loss gap and speed-up of every variant against torch's run of the same job."""
+def track(res, tol, check) -> None:
+    """Loss gap and speed-up of every variant against torch's run of the same job; `tracks` also needs
+    the variant's model check (`check_variants`) to have passed."""
     V = res["variants"]
     ref = V.get("torch", {})
     for v, cell in V.items():
         if v == "torch" or "losses" not in cell:
             continue
+        cell["check_ok"] = check.get(v, {}).get("ok")
         if not ref.get("losses"):
             cell["tracks"], cell["loss_gap"] = None, None
             cell["tracks_reason"] = "no torch run to compare with"
@@ -380,7 +466,10 @@ def track(res, tol) -> None:
         finite = all(math.isfinite(x) for x in a)
         cell["loss_gap"] = max(gaps) / scale if finite and gaps else math.inf
         cell["loss_gap_first_step"] = gaps[0] / scale if finite and gaps else math.inf
-        cell["tracks"] = finite and n == len(b) and cell["loss_gap"] <= tol
+        loss_ok = finite and n == len(b) and cell["loss_gap"] <= tol
+        cell["tracks"] = loss_ok and cell["check_ok"] is True
+        if loss_ok and cell["check_ok"] is not True:
+            cell["tracks_reason"] = f"model check: {check.get(v) or 'not run'}"
         if ref.get("ms") and cell.get("ms"):
             cell["speedup_vs_torch"] = ref["ms"] / cell["ms"]
 
@@ -471,6 +560,7 @@ def main(argv=None) -> int:
         "optimizer": "SGD(momentum=0.9)",
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "track_tol": TRACK_TOL[args.amp],
+        "check_tol": CHECK_TOL,
         "timing_meaningful": not args.smoke,
         "jobs_planned": len(todo),
         "complete": False,
