@@ -96,6 +96,28 @@ def test_shapes_and_plan():
         bench.parse_args(["--modes", "nope"])
 
 
+def test_fused_errors_skip_only_ambiguous_relu_masks():
+    """A ReLU mask may flip where the pre-activation is within roundings of 0 (dx, dz differ there by
+    dy): not an error. Anywhere else it is."""
+    torch = pytest.importorskip("torch")
+    pre = torch.tensor([2.0, -1.0, 1e-9, 3.0], dtype=torch.float64)
+    grad = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    ref = dict(y=pre.clamp(min=0), dx=grad, dz=grad, dw=one, db=one, rm=one, rv=one, y_eval=pre, pre=pre)
+    flipped = {
+        **ref,
+        "dx": torch.tensor([1.0, 0.0, 0.7, 1.0]),
+        "dz": torch.tensor([1.0, 0.0, 0.7, 1.0]),
+        "same_strides": True,
+    }
+    assert bench.mode_errors(torch, flipped, ref, "bf16")["fwd_bwd"] == 0.0
+    wrong = {**flipped, "dz": torch.tensor([1.0, 0.5, 0.7, 1.0])}  # a mask error where pre = -1
+    assert bench.mode_errors(torch, wrong, ref, "bf16")["fwd_bwd"] == pytest.approx(0.5)
+    # without a ReLU (no "pre") every element counts
+    plain = {k: v for k, v in ref.items() if k not in ("pre", "dz")}
+    assert bench.mode_errors(torch, {**flipped, "dz": None}, plain, "bf16")["bwd"] == pytest.approx(0.7)
+
+
 def _row(case, mode, t_tb, t_eager, t_comp, count=1, group="g"):
     prov = {
         p: {"ms": t, "frac_copy_bw": 0.5, "error": None}
