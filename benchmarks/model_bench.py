@@ -36,8 +36,11 @@ CHECK_TOL; a broken forward, backward or statistics update is off by O(1)). The 
 at initialization, with random labels, even a model without its BatchNorms has a loss near ln(classes).
 (2) Every run: all variants take the same steps on the same batch from the same weights, so each loss must
 follow torch's: `loss_gap` = max over all steps of |loss - torch's loss| / torch's first loss, within
-TRACK_TOL. A variant `tracks` when both hold and every loss is finite. The exit status is 1 if any variant
-errs or does not track.
+TRACK_TOL, and within FIRST_STEP_TOL at the first step. TRACK_TOL is loose (10% in bf16) because bf16
+training runs diverge chaotically (train_check's control, torch against torch with weights perturbed by
+1e-6, drifts 4% in 50 steps); it catches a run that fails outright in one mode (a graph replaying stale
+buffers, a compiled model that does not learn), and (1) catches the subtle errors. A variant `tracks` when
+(1) and (2) hold and every loss is finite. The exit status is 1 if any variant errs or does not track.
 
 Order and --time-budget (seconds): the jobs run in the order of what summary.json needs: first model (the
 ResNet-50) eager and graph at every batch, then its compile at --compile-batches, then the other models.
@@ -67,7 +70,8 @@ from . import harness as H
 VARIANTS = ("torch", "tritonbn", "fused")
 MODES = ("eager", "graph", "compile")
 # max |loss - torch's loss| over the steps, as a fraction of torch's first loss
-TRACK_TOL = {"bf16": 0.05, "none": 0.02}
+TRACK_TOL = {"bf16": 0.10, "none": 0.05}
+FIRST_STEP_TOL = {"bf16": 0.01, "none": 1e-4}  # before any update: rounding only
 # relative L2 gap to torch of one fp32 step's logits, gradients and running statistics (the model check)
 CHECK_TOL = 1e-2
 
@@ -228,12 +232,14 @@ def check_variants(torch, tb, args, info, device) -> dict:
     eager mode, fp32, TF32 off: relative L2 gaps to torch's logits, parameter gradients and running
     statistics."""
     x, y = make_batch(torch, args, args.batches[0], device)
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    B = torch.backends
+    flags = B.cudnn.allow_tf32, B.cuda.matmul.allow_tf32, B.cudnn.benchmark
+    # fp32 without TF32; no cuDNN autotuning for convolutions that run once
+    B.cudnn.allow_tf32 = B.cuda.matmul.allow_tf32 = B.cudnn.benchmark = False
     try:
         return _check_variants(torch, tb, info, x, y)
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        B.cudnn.allow_tf32, B.cuda.matmul.allow_tf32, B.cudnn.benchmark = flags
 
 
 def _check_variants(torch, tb, info, x, y) -> dict:
@@ -397,11 +403,11 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
             runners.pop(v, None)
         if mode == "compile" and v in runners:
             _time_steps(torch, args, {v: runners.pop(v)}, res, device)
-            track(res, TRACK_TOL[args.amp], info.get("check", {}))
+            track(res, (TRACK_TOL[args.amp], FIRST_STEP_TOL[args.amp]), info.get("check", {}))
             if progress:
                 progress(res)
     _time_steps(torch, args, runners, res, device)
-    track(res, TRACK_TOL[args.amp], info.get("check", {}))
+    track(res, (TRACK_TOL[args.amp], FIRST_STEP_TOL[args.amp]), info.get("check", {}))
     return res
 
 
@@ -447,8 +453,8 @@ def _quantile(xs, q):
 
 
 def track(res, tol, check) -> None:
-    """Loss gap and speed-up of every variant against torch's run of the same job; `tracks` also needs
-    the variant's model check (`check_variants`) to have passed."""
+    """Loss gap and speed-up of every variant against torch's run of the same job; tol = (max gap, first
+    step's gap); `tracks` also needs the variant's model check (`check_variants`) to have passed."""
     V = res["variants"]
     ref = V.get("torch", {})
     for v, cell in V.items():
@@ -466,7 +472,9 @@ def track(res, tol, check) -> None:
         finite = all(math.isfinite(x) for x in a)
         cell["loss_gap"] = max(gaps) / scale if finite and gaps else math.inf
         cell["loss_gap_first_step"] = gaps[0] / scale if finite and gaps else math.inf
-        loss_ok = finite and n == len(b) and cell["loss_gap"] <= tol
+        loss_ok = (
+            finite and n == len(b) and cell["loss_gap"] <= tol[0] and cell["loss_gap_first_step"] <= tol[1]
+        )
         cell["tracks"] = loss_ok and cell["check_ok"] is True
         if loss_ok and cell["check_ok"] is not True:
             cell["tracks_reason"] = f"model check: {check.get(v) or 'not run'}"
@@ -560,6 +568,7 @@ def main(argv=None) -> int:
         "optimizer": "SGD(momentum=0.9)",
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "track_tol": TRACK_TOL[args.amp],
+        "first_step_tol": FIRST_STEP_TOL[args.amp],
         "check_tol": CHECK_TOL,
         "timing_meaningful": not args.smoke,
         "jobs_planned": len(todo),
