@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -705,30 +703,18 @@ def _setup_dynamo(torch):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton" in sys.modules:
-            print(
-                "bench: warning: triton already imported; TRITON_INTERPRET=1 comes too late", file=sys.stderr
-            )
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-    import torch
+    started = H.start_run("bench", args.smoke, args.out)
+    if started is None:
+        return 2
+    torch, device, env, out = started
     import torch.nn.functional as F
 
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("bench: no CUDA device; use --smoke for the CPU harness check", file=sys.stderr)
-        return 2
     try:
         import tritonbn as tb
     except Exception as e:  # the other providers still run; every tritonbn cell records the error
         tb = e
         traceback.print_exc()
     _setup_dynamo(torch)
-    env = H.env_info(device)
-    out = args.out or (
-        Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if args.smoke else H.default_out_dir(env)
-    )
-    out.mkdir(parents=True, exist_ok=True)
     timed = not args.smoke
     if timed:
 

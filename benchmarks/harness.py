@@ -48,6 +48,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -362,6 +363,30 @@ def default_out_dir(info: dict, root: Path | None = None) -> Path:
     while path.exists():
         path, n = root / f"{base}-run{n}", n + 1
     return path
+
+
+def start_run(name: str, smoke: bool, out: Path | None):
+    """The start every benchmark's main shares. --smoke: the CPU, with Triton's interpreter (set before
+    triton is first imported); otherwise a CUDA device, required. Returns (torch, device, env, out dir),
+    or None when there is no CUDA device (the caller exits with status 2)."""
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            print(
+                f"{name}: warning: triton already imported; TRITON_INTERPRET=1 comes too late",
+                file=sys.stderr,
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    device = "cpu" if smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{name}: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
+        return None
+    env = env_info(device)
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if smoke else default_out_dir(env)
+    out.mkdir(parents=True, exist_ok=True)
+    return torch, device, env, out
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -22,11 +22,9 @@ prints a table and the per-mode geomeans; summary.json takes `summary[mode]` fro
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -195,24 +193,15 @@ def table(doc) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-    import torch
-
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("host_us: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
+    started = H.start_run("host_us", args.smoke, args.out)
+    if started is None:
         return 2
+    torch, device, env, out = started
     try:
         import tritonbn as tb
     except Exception as e:  # torch's numbers are still measured; tritonbn's cells record the error
         tb = e
         traceback.print_exc()
-    env = H.env_info(device)
-    out = args.out or (
-        Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if args.smoke else H.default_out_dir(env)
-    )
-    out.mkdir(parents=True, exist_ok=True)
     todo = plan(args)
     meta = {
         "argv": sys.argv[1:] if argv is None else list(argv),

@@ -55,11 +55,9 @@ import argparse
 import copy
 import gc
 import math
-import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -521,24 +519,15 @@ def job_line(res) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-    import torch
-
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("model_bench: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
+    started = H.start_run("model_bench", args.smoke, args.out)
+    if started is None:
         return 2
+    torch, device, env, out = started
     import tritonbn as tb
 
     bench._setup_dynamo(torch)
     if device == "cuda" and not args.no_cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    env = H.env_info(device)
-    out = args.out or (
-        Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if args.smoke else H.default_out_dir(env)
-    )
-    out.mkdir(parents=True, exist_ok=True)
     todo = plan(args)
     meta = {
         "argv": sys.argv[1:] if argv is None else list(argv),

@@ -651,6 +651,9 @@ def test_summary_assembles_and_checks_the_criteria(tmp_path):
     assert ok["issue 8: host µs eval torch/tritonbn (geomean)"] is True
     assert ok["issue 8: host µs train_fwd torch/tritonbn (geomean)"] is False
     assert ok["issue 8: host µs fwd_bwd torch/tritonbn (geomean)"] is None
+    assert ok["issue 8: Triton launches per eval call (max)"] is True
+    assert ok["issue 8: Triton launches per train_fwd call (max)"] is True
+    assert ok["issue 8: Triton launches per fwd_bwd call (max)"] is None
     assert ok["issue 8: kernel geomean fwd_bwd vs eager (CUDA graphs)"] is True
     assert ok["issue 8: slowest kernel row vs eager (CUDA graphs)"] is False  # fwd_bwd's 0.9
     assert ok["issue 8: resnet50 graph_b128 speed-up"] is True  # 28 / 24 >= 1.15
