@@ -6,25 +6,30 @@
 # Steps, in this order, each with a hard cap, all under one whole-script DEADLINE (s, default 500, under
 # the 10-minute remote-command limit with room for the machine's start and the copy back):
 #
-#   step          cap (s, defaults)                            writes
+#   step          budget (s, defaults; typical use)            writes
 #   env           ~7 (imports torch, triton, torchvision)     OUTDIR/env.txt
-#   cuda_tests    TEST_TIMEOUT=110 (pytest -m cuda)            OUTDIR/pytest_cuda.log
-#   host_us       HOST_BUDGET=35 (+15 hard)                    OUTDIR/host_us.json
-#   bench         BENCH_BUDGET=120 (+30 hard), of which        OUTDIR/bench.json, bench.md
-#                 FUSED_BUDGET=45 kept for the fused rows
+#   cuda_tests    TEST_TIMEOUT=110 (pytest -m cuda; ~85)       OUTDIR/pytest_cuda.log
+#   host_us       HOST_BUDGET=30 (+15 hard)                    OUTDIR/host_us.json
+#   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
+#                 leaves 140 s for the rest. ResNet-50 eager+graph b32/b128 (torch, tritonbn, fuse_model),
+#                 its torch.compile at b128 (torch, then tritonbn; each started only with >= 70 s left),
+#                 then mobilenet_v2 eager+graph
+#   bench         what is left minus 55 s, at most             OUTDIR/bench.json, bench.md
+#                 BENCH_BUDGET=150 (+30 hard; ~100), of which FUSED_BUDGET=45 is kept for the fused rows
 #                 (--quick --cuda-graphs --fused, fused rows on the ResNet-50 shapes)
-#   model         what is left minus 25 s (~200 s)             OUTDIR/model.json
-#                 ResNet-50 eager+graph b32/b128 (torch, tritonbn, fuse_model), its torch.compile at b128
-#                 (torch, then tritonbn; ~75 s each), then mobilenet_v2 eager+graph
-#   summary       15 (after host_us, bench and model too)      OUTDIR/summary.json
+#   summary       15 (also after host_us, model and bench)     OUTDIR/summary.json
 #   host_overhead 20, only when >= 45 s are left               console only
+#
+# The model step goes before the kernel suite: a torch.compile of ResNet-50 is all or nothing (~1-2 min),
+# while the suite stops between shapes and its geomeans cover what it reached.
 #
 # and the whole console output -> OUTDIR/gpu_check.log. Eight files in one folder, no subfolders (the
 # device machine returns at most 8). Installs nothing; runs the tree in place (PYTHONPATH=repo). A step
 # that fails or hits its cap does not stop the next ones, and every benchmark writes its JSON as it goes,
 # so a stopped step keeps what it measured; summary.json records what is missing and why. Exit status:
-# non-zero if any step failed. Tune with DEADLINE, TEST_TIMEOUT, HOST_BUDGET, BENCH_BUDGET, FUSED_BUDGET,
-# PYTHON, and extra options per step: HOST_ARGS, BENCH_ARGS, MODEL_ARGS, TEST_PATHS (default tests).
+# non-zero if any step failed. Tune with DEADLINE, TEST_TIMEOUT, HOST_BUDGET, MODEL_BUDGET, BENCH_BUDGET,
+# FUSED_BUDGET, PYTHON, and extra options per step: HOST_ARGS, MODEL_ARGS (e.g. --compile-estimate 90),
+# BENCH_ARGS, TEST_PATHS (default tests).
 # SMOKE=1 runs the same steps on a CPU (Triton interpreter, each benchmark's --smoke mode): the test suite
 # does that to check this script end to end.
 set -u
@@ -38,10 +43,11 @@ mkdir -p "$out" && out="$(cd "$out" && pwd)" || { echo "gpu_check: cannot create
 SMOKE="${SMOKE:-0}"
 DEADLINE="${DEADLINE:-500}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-110}"
-HOST_BUDGET="${HOST_BUDGET:-35}"
-BENCH_BUDGET="${BENCH_BUDGET:-120}"
+HOST_BUDGET="${HOST_BUDGET:-30}"
+MODEL_BUDGET="${MODEL_BUDGET:-220}"
+BENCH_BUDGET="${BENCH_BUDGET:-150}"
 FUSED_BUDGET="${FUSED_BUDGET:-45}"
-SUMMARY_RESERVE=25  # seconds kept back from the model step for the summary and the file listing
+SUMMARY_RESERVE=25  # seconds kept back from the last benchmark for the summary and the file listing
 if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1  # before triton is imported: CPU tensors take the Triton kernels
     smoke=(--smoke)
@@ -131,7 +137,7 @@ run_tests() {
     local extra=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 60)  # per test, where the plugin exists
     local cap
-    cap=$(max 30 "$(min "$TEST_TIMEOUT" $(($(left) - 300)))")  # leaves the benchmarks >= 5 minutes
+    cap=$(max 30 "$(min "$TEST_TIMEOUT" $(($(left) - 330)))")  # leaves the benchmarks >= 5.5 minutes
     # shellcheck disable=SC2086  # TEST_PATHS is a list of paths
     timeout -k 10 "$cap" "$PY" -m pytest -m cuda -q -p no:cacheprovider "${extra[@]}" $TEST_PATHS \
         >"$out/pytest_cuda.log" 2>&1
@@ -144,28 +150,30 @@ run_tests() {
 step cuda_tests run_tests
 
 # --- host µs per call -----------------------------------------------------------------------------------
-budget=$(max 10 "$(min "$HOST_BUDGET" $(($(left) - 280)))")
+budget=$(max 10 "$(min "$HOST_BUDGET" $(($(left) - 300)))")
 # shellcheck disable=SC2086  # HOST_ARGS is a list of options
 step host_us timeout -k 10 $((budget + 15)) "$PY" -m benchmarks.host_us "${smoke[@]}" --out "$out" \
     --time-budget "$budget" ${HOST_ARGS:-}
 summarize
 
+# --- end-to-end training steps ----------------------------------------------------------------------------
+# model_bench starts no job (and no compile) its budget cannot cover; the hard timeout is a backstop
+# (SIGTERM makes it write what it has, the variants of an unfinished compile job included).
+budget=$(max 60 "$(min "$MODEL_BUDGET" $(($(left) - 140)))")
+# shellcheck disable=SC2086  # MODEL_ARGS is a list of options
+step model timeout -k 15 $((budget + 20)) "$PY" -m benchmarks.model_bench "${smoke[@]}" --out "$out" \
+    --time-budget "$budget" --compile-estimate 70 ${MODEL_ARGS:-}
+summarize
+
 # --- kernel suite: plain rows, then fused rows (ResNet-50 shapes) -------------------------------------
 # bench stops starting new shapes at its budget and writes what it has; the hard timeout is a backstop
 # (SIGTERM also makes it write its files before exiting).
-budget=$(max 30 "$(min "$BENCH_BUDGET" $(($(left) - 200)))")
+budget=$(max 30 "$(min "$BENCH_BUDGET" $(($(left) - SUMMARY_RESERVE - 30)))")
 fused=$(min "$FUSED_BUDGET" $((budget / 2)))
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 step bench timeout -k 15 $((budget + 30)) "$PY" -m benchmarks.bench "${smoke[@]}" --quick --cuda-graphs --fused \
     --fused-shapes "$([ "$SMOKE" = 1 ] && echo smoke_2d || echo rn50)" --no-png --out "$out" \
     --time-budget "$budget" --fused-budget "$fused" ${BENCH_ARGS:-}
-summarize
-
-# --- end-to-end training steps ----------------------------------------------------------------------------
-budget=$(max 30 $(($(left) - SUMMARY_RESERVE - 20)))
-# shellcheck disable=SC2086  # MODEL_ARGS is a list of options
-step model timeout -k 15 $((budget + 20)) "$PY" -m benchmarks.model_bench "${smoke[@]}" --out "$out" \
-    --time-budget "$budget" ${MODEL_ARGS:-}
 
 # --- summary.json ---------------------------------------------------------------------------------------
 step summary timeout -k 5 15 "$PY" -m benchmarks.summary "$out"
