@@ -79,6 +79,7 @@ def test_shapes_and_plan():
     assert len(fused) == 2 * 2 * 2 * n_rn50  # dtypes x layouts x (relu, add_relu)
     assert [t[3] for t in fused[:2]] == [list(harness.FUSED_MODES[:3]), list(harness.FUSED_MODES[3:])]
     assert all(t[0].group.startswith("rn50") for t in fused)
+    assert [t[1:3] for t in fused[:2]] == [("bf16", "channels_last")] * 2  # ResNet training's layout first
     assert [bench.epilogue(m) for m in ("fwd_bwd", "relu_fwd_bwd", "add_relu_eval_fwd")] == [
         None,
         "relu",
