@@ -12,6 +12,14 @@ Modes: train_fwd (module in train mode, x and the affine parameters require grad
 bwd (autograd.grad of a precomputed graph w.r.t. x, weight, bias), fwd_bwd (forward + .backward(dy),
 grads reset to None between repetitions), eval_fwd (running statistics, no grad).
 Providers: tritonbn.BatchNormNd, torch.nn.BatchNormNd (cuDNN or ATen), torch.compile of the latter.
+
+Fused modes (`--fused`, issue 9): relu_{train_fwd,fwd_bwd,eval_fwd} time y = relu(BN(x)) and
+add_relu_{train_fwd,fwd_bwd,eval_fwd} time y = relu(BN(x) + z), z a second input of x's shape and layout
+(its gradient is computed too). Providers there: tritonbn = the fused op (tritonbn.BatchNormActNd with
+activation="relu", i.e. batch_norm(..., residual=z, activation="relu")), tritonbn_unfused = tritonbn's
+BatchNormNd then a separate in-place add and ReLU, eager = torch's BatchNormNd then the same add and ReLU
+(torchvision's BasicBlock tail), compile = torch.compile of that torch composition. The fused rows run
+after every plain row (the plain rows first get the time budget minus --fused-budget).
 Input dtypes bf16/fp16 run with fp32 parameters and running stats by default, as under autocast (AMP);
 `--param-dtype same` makes them the input dtype.
 See benchmarks/harness.py for the byte model behind GB/s and "% of copy bandwidth".
@@ -21,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -41,7 +47,15 @@ LAYOUTS = ("contiguous", "channels_last")
 # Max error normalised by max |reference| (fp64) above which a row is flagged -- and only when
 # tritonbn is also more than 2x worse than eager in the same dtype.
 TOL = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 1e-3}
-PSHORT = {"tritonbn": "tbn", "eager": "eag", "compile": "cmp", "tritonbn_compile": "tbn+cmp"}
+# fused modes: tritonbn is the fused op, tritonbn_unfused tritonbn's BN then a separate add / ReLU
+UNFUSED = "tritonbn_unfused"
+PSHORT = {
+    "tritonbn": "tbn",
+    "eager": "eag",
+    "compile": "cmp",
+    "tritonbn_compile": "tbn+cmp",
+    UNFUSED: "tbn-unf",
+}
 SHORT = {"contiguous": "contig", "channels_last": "cl", "train_fwd": "fwd", "eval_fwd": "eval"}
 
 
@@ -67,7 +81,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, help="output dir (default benchmarks/results/<card>-<date>; smoke: a tmp dir)"
     )
-    p.add_argument("--modes", default=",".join(H.MODES), help="comma list of " + ",".join(H.MODES))
+    p.add_argument(
+        "--modes", default=",".join(H.MODES), help="comma list of " + ",".join(H.MODES + H.FUSED_MODES)
+    )
+    p.add_argument("--fused", action="store_true", help="add the fused modes " + ",".join(H.FUSED_MODES))
+    p.add_argument(
+        "--fused-shapes", default=None, help="shapes for the fused modes (like --shapes; default: --shapes)"
+    )
+    p.add_argument(
+        "--fused-budget",
+        type=float,
+        default=None,
+        help="seconds of --time-budget kept for the fused rows (default 40%% of it when fused modes run)",
+    )
     p.add_argument("--dtypes", default=None, help="comma list of bf16,fp16,fp32 (quick: bf16,fp32)")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of contiguous,channels_last")
     p.add_argument("--shapes", default=None, help="comma list of shape names, groups, globs or substrings")
@@ -106,8 +132,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also time calls replayed from a CUDA graph (graph_ms: kernels without host cost; not bwd)",
     )
     a = p.parse_args(argv)
-    for name, allowed in (("modes", H.MODES), ("layouts", LAYOUTS), ("providers", ALL_PROVIDERS)):
+    for name, allowed in (
+        ("modes", H.MODES + H.FUSED_MODES),
+        ("layouts", LAYOUTS),
+        ("providers", ALL_PROVIDERS),
+    ):
         setattr(a, name, _csv(getattr(a, name), allowed, p, name))
+    if a.fused:
+        a.modes += [m for m in H.FUSED_MODES if m not in a.modes]
+    if a.fused_budget is None:
+        a.fused_budget = 0.4 * a.time_budget if a.time_budget and set(a.modes) & set(H.FUSED_MODES) else 0.0
     default_dtypes = "fp32" if a.smoke else "bf16,fp32" if a.quick else ",".join(DTYPES)
     a.dtypes = _csv(a.dtypes or default_dtypes, DTYPES, p, "dtypes")
     a.warmup = a.warmup or (5 if a.quick else 25)
@@ -125,21 +159,52 @@ def _csv(s, allowed, parser, name):
     return vals
 
 
-def plan(args) -> list[tuple[Case, str, str]]:
-    """(case, dtype, layout) in run order: dtype, then layout outermost, so that a run cut short by the
-    time budget has covered every shape for the first dtype (bf16) rather than every dtype of a few."""
+def epilogue(mode: str) -> str | None:
+    """None for plain BN modes, "relu" or "add_relu" for the fused ones."""
+    return next((e for e in ("add_relu", "relu") if mode.startswith(e + "_")), None)
+
+
+def base_mode(mode: str) -> str:
+    """The plain mode a fused one times the same way: relu_fwd_bwd -> fwd_bwd."""
+    e = epilogue(mode)
+    return mode[len(e) + 1 :] if e else mode
+
+
+def plan(args) -> list[tuple[Case, str, str, list[str]]]:
+    """(case, dtype, layout, modes) in run order: every plain row first, then the fused ones (relu and
+    add_relu of a shape next to each other, channels_last first); within each, dtype, then layout
+    outermost, so that a run cut short by the time budget has covered every shape for the first dtype
+    (bf16) rather than every dtype of a few. The modes of one item share one epilogue (one set of
+    providers and one correctness pass)."""
     pool = SMOKE if args.smoke else (QUICK if args.quick else FULL)
-    cases = select(pool, args.shapes)
+    plain = [m for m in args.modes if epilogue(m) is None]
+    fused = {e: [m for m in args.modes if epilogue(m) == e] for e in ("relu", "add_relu")}
+    # the fused rows take channels_last first: the layout of the models they are for (ResNet, bf16)
+    cl_first = sorted(args.layouts, key=lambda lay: lay != "channels_last")
+    phases = [(select(pool, args.shapes), [plain], args.layouts)]
+    phases.append(
+        (select(pool, args.fused_shapes or args.shapes), [fused["relu"], fused["add_relu"]], cl_first)
+    )
     out = []
-    for dt in args.dtypes:
-        for lay in args.layouts:
-            for c in cases:
-                if lay == "channels_last" and not c.has_layouts:
-                    continue
-                if args.smoke and lay == "channels_last" and c.ndim_bn != 2:
-                    continue  # one channels-last case keeps the interpreter run short; strides are generic
-                out.append((c, dt, lay))
+    for cases, groups, layouts in phases:
+        for dt in args.dtypes:
+            for lay in layouts:
+                for c in cases:
+                    if lay == "channels_last" and not c.has_layouts:
+                        continue
+                    # smoke: one channels-last case keeps the interpreter run short; strides are generic
+                    if args.smoke and lay == "channels_last" and c.ndim_bn != 2:
+                        continue
+                    out += [(c, dt, lay, modes) for modes in groups if modes]
     return out
+
+
+def mode_providers(providers, mode: str) -> list[str]:
+    """The providers of a mode's rows: fused modes add tritonbn_unfused right after tritonbn."""
+    if epilogue(mode) is None or "tritonbn" not in providers:
+        return list(providers)
+    i = providers.index("tritonbn") + 1
+    return [*providers[:i], UNFUSED, *providers[i:]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,39 +242,74 @@ def bn_state(torch, nd, C, pdtype, device, seed):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
-def make_modules(torch, providers, tb, nd, C, pdtype, device, state, backend):
+def make_modules(torch, providers, tb, nd, C, pdtype, device, state, backend, epi=None):
+    """provider -> (call, bn, params), or tritonbn's import error. `call(x)` / `call(x, z)` runs the
+    provider; `bn` is its BatchNorm module (train/eval flag, running statistics); params its weight and bias.
+    With an epilogue ("relu", "add_relu") tritonbn is the fused module and every other provider the BN
+    module followed by a separate add and ReLU (see `_chain`)."""
     mods = {}
     for p in providers:
-        if p.startswith("tritonbn"):
-            if isinstance(tb, Exception):
-                mods[p] = tb
-                continue
-            m = getattr(tb, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
+        if p.startswith("tritonbn") and isinstance(tb, Exception):
+            mods[p] = tb
+            continue
+        fused = epi is not None and p in ("tritonbn", "tritonbn_compile")
+        if fused:
+            bn = getattr(tb, f"BatchNormAct{nd}d")(C, device=device, dtype=pdtype, activation="relu")
         else:
-            m = getattr(torch.nn, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
-        m.load_state_dict(state)
-        params = [m.weight, m.bias]
+            lib = tb if p.startswith("tritonbn") else torch.nn
+            bn = getattr(lib, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
+        bn.load_state_dict(state)
+        call = bn if epi is None or fused else _chain(torch, bn)
         if p.endswith("compile"):
-            m = torch.compile(m, dynamic=False, backend=backend)
-        mods[p] = (m, params)
+            call = torch.compile(call, dynamic=False, backend=backend)
+        mods[p] = (call, bn, [bn.weight, bn.bias])
     return mods
 
 
+def _chain(torch, bn):
+    """BN, then the residual added in place and an in-place ReLU: torchvision's BasicBlock tail
+    (`out = bn2(out); out += identity; out = relu(out)`, ReLU(inplace=True)), each op a separate pass."""
+
+    def chain(x, z=None):
+        y = bn(x)
+        if z is not None:
+            y += z
+        return torch.relu_(y)
+
+    return chain
+
+
+def _call(f, x, z):
+    return f(x) if z is None else f(x, z)
+
+
 # --------------------------------------------------------------------------------------------------
-# correctness: each provider vs an fp64 torch reference, once per (shape, dtype, layout)
+# correctness: each provider vs an fp64 torch reference, once per (shape, dtype, layout, epilogue)
 
 
-def _err(torch, a, ref) -> float:
+def _err(torch, a, ref, keep=None) -> float:
+    """max |a - ref| / max |ref|, over the elements `keep` selects (all by default)."""
     a = a.detach().double()
     if not bool(torch.isfinite(a).all()):
         return math.inf
     denom = ref.detach().abs().max().item() or 1.0
-    return (a - ref.detach()).abs().max().item() / denom
+    diff = (a - ref.detach()).abs()
+    return (diff if keep is None else diff * keep).max().item() / denom
 
 
-def _outputs(torch, F, m, params, x_base, dy, ref_state=None):
-    """train forward + grads + updated running stats + eval forward with them."""
+# Unit roundoff of each input dtype: the ReLU's mask is ambiguous where |pre-activation| is within a few
+# roundings of 0 (an unfused chain rounds BN's output, then the sum with z, before the ReLU sees them).
+_EPS = {"bf16": 2.0**-8, "fp16": 2.0**-11, "fp32": 2.0**-23}
+MASK_BAND = 8  # |pre| <= MASK_BAND * eps * max|pre|: dx and dz are not compared there
+
+
+def _outputs(torch, F, prov, x_base, dy, z_base=None, ref_state=None):
+    """train forward + grads (dz too when z is given) + updated running stats + eval forward with them.
+    `prov` is a make_modules entry; with ref_state, `prov` is (None, None, [weight, bias]) and the fp64
+    functional reference runs (relu(BN(x) [+ z]) when z is given or prov says relu)."""
+    call, bn, params = prov
     x = x_base.detach().clone().requires_grad_(True)
+    z = None if z_base is None else z_base.detach().clone().requires_grad_(True)
     if ref_state is not None:  # fp64 functional reference
         w, b = (
             params[0].detach().double().requires_grad_(True),
@@ -217,34 +317,51 @@ def _outputs(torch, F, m, params, x_base, dy, ref_state=None):
         )
         rm, rv = ref_state["running_mean"].double().clone(), ref_state["running_var"].double().clone()
         x = x_base.detach().double().requires_grad_(True)
-        y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
-        dx, dw, db = torch.autograd.grad(y, [x, w, b], dy.double())
+        z = None if z_base is None else z_base.detach().double().requires_grad_(True)
+        epi = ref_state.get("epilogue")
+
+        def ref(xx, zz, training):
+            y = F.batch_norm(xx, rm, rv, w, b, training, 0.1, 1e-5)
+            y = y if zz is None else y + zz
+            return torch.relu(y) if epi else y
+
+        y = ref(x, z, True)
+        grads = torch.autograd.grad(y, [x, w, b, *([z] if z is not None else [])], dy.double())
         with torch.no_grad():
-            ye = F.batch_norm(x_base.double(), rm, rv, w, b, False, 0.1, 1e-5)
-        return dict(y=y, dx=dx, dw=dw, db=db, rm=rm, rv=rv, y_eval=ye)
-    m.train()
-    y = m(x)
-    dx, dw, db = torch.autograd.grad(y, [x, *params], dy)
-    mod = getattr(m, "_orig_mod", m)
-    m.eval()
+            ye = ref(x_base.double(), None if z_base is None else z_base.double(), False)
+            pre = (
+                (F.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5) + (0 if z is None else z))
+                if epi
+                else None
+            )
+        return dict(zip(("dx", "dw", "db", "dz"), grads), y=y, rm=rm, rv=rv, y_eval=ye, pre=pre)
+    bn.train()
+    y = _call(call, x, z)
+    grads = torch.autograd.grad(y, [x, *params, *([z] if z is not None else [])], dy)
+    bn.eval()
     with torch.no_grad():
-        ye = m(x_base)
+        ye = _call(call, x_base, z_base)
     return dict(
+        zip(("dx", "dw", "db", "dz"), grads),
         y=y,
-        dx=dx,
-        dw=dw,
-        db=db,
-        rm=mod.running_mean,
-        rv=mod.running_var,
+        rm=bn.running_mean,
+        rv=bn.running_var,
         y_eval=ye,
         same_strides=y.stride() == x_base.stride(),
     )
 
 
-def mode_errors(torch, out, ref) -> dict:
-    e = {k: _err(torch, out[k], ref[k]) for k in ("y", "dx", "dw", "db", "rm", "rv", "y_eval")}
+def mode_errors(torch, out, ref, dt="fp32") -> dict:
+    """Errors of one provider's outputs against the fp64 reference, per mode. With a ReLU, dx and dz are
+    compared where the mask is unambiguous (|pre-activation| above MASK_BAND roundings of dtype `dt`)."""
+    keys = [k for k in ("y", "dx", "dw", "db", "dz", "rm", "rv", "y_eval") if k in ref]
+    keep = None
+    if ref.get("pre") is not None:
+        pre = ref["pre"].detach().abs()
+        keep = (pre > MASK_BAND * _EPS[dt] * pre.max()).double()
+    e = {k: _err(torch, out[k], ref[k], keep if k in ("dx", "dz") else None) for k in keys}
     fwd = max(e["y"], e["rm"], e["rv"])
-    bwd = max(e["dx"], e["dw"], e["db"])
+    bwd = max(e[k] for k in ("dx", "dw", "db", "dz") if k in e)
     return {
         "train_fwd": fwd,
         "bwd": bwd,
@@ -259,23 +376,30 @@ def mode_errors(torch, out, ref) -> dict:
 # timing
 
 
-def time_mode(torch, m, params, mode, x_base, dy, timer):
+def time_mode(torch, prov, mode, x_base, dy, timer, z_base=None):
+    """Time one mode of one provider (a make_modules entry); fused modes time their base mode's calls
+    with z as the second input (its gradient is computed too)."""
+    call, bn, params = prov
+    mode = base_mode(mode)
     if mode == "eval_fwd":
-        m.eval()
+        bn.eval()
 
         def fn():
             with torch.no_grad():
-                m(x_base)
+                _call(call, x_base, z_base)
 
         return timer(fn)
-    m.train()
+    bn.train()
     x = x_base.detach().requires_grad_(True)
-    leaves = [x, *params]
+    z = None if z_base is None else z_base.detach().requires_grad_(True)
+    leaves = [x, *params, *([z] if z is not None else [])]
     if mode == "train_fwd":
-        return timer(lambda: m(x))  # the graph it records is dropped at once, as after a real backward
+        return timer(
+            lambda: _call(call, x, z)
+        )  # the graph it records is dropped at once, as after a backward
     if mode == "fwd_bwd":
-        return timer(lambda: m(x).backward(dy), grad_to_none=leaves)
-    y = m(x)
+        return timer(lambda: _call(call, x, z).backward(dy), grad_to_none=leaves)
+    y = _call(call, x, z)
     # not graphable: autograd runs backward nodes on their forward's stream, here the uncaptured default one
     return timer(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), graphable=False)
 
@@ -291,28 +415,29 @@ def summarize(rows, providers) -> dict:
         groups.setdefault((r["mode"], "all", "all"), []).append(r)
     out = []
     for (mode, dt, lay), rs in groups.items():
-        out.append(
-            {
-                "mode": mode,
-                "dtype": dt,
-                "layout": lay,
-                "rows": len(rs),
-                "geomean_speedup_vs_eager": H.geomean(r["speedup_vs_eager"] for r in rs),
-                "geomean_speedup_vs_compile": H.geomean(r["speedup_vs_compile"] for r in rs),
-                "geomean_graph_speedup_vs_eager": H.geomean(r.get("graph_speedup_vs_eager") for r in rs),
-                "geomean_graph_speedup_vs_compile": H.geomean(r.get("graph_speedup_vs_compile") for r in rs),
-                "geomean_frac_copy_bw": {
-                    p: H.geomean(r["providers"].get(p, {}).get("frac_copy_bw") for r in rs) for p in providers
-                },
-            }
+        g = {"mode": mode, "dtype": dt, "layout": lay, "rows": len(rs)}
+        for key in ("speedup_vs_eager", "speedup_vs_compile", "speedup_vs_unfused"):
+            g["geomean_" + key] = H.geomean(r.get(key) for r in rs)
+            g["geomean_graph_" + key] = H.geomean(r.get("graph_" + key) for r in rs)
+        # the slowest row: "no shape below 1.0x" is a per-row criterion
+        g["min_graph_speedup_vs_eager"] = min(
+            (r["graph_speedup_vs_eager"] for r in rs if r.get("graph_speedup_vs_eager")), default=None
         )
-    order = {m: i for i, m in enumerate(H.MODES)}
+        g["min_speedup_vs_eager"] = min(
+            (r["speedup_vs_eager"] for r in rs if r.get("speedup_vs_eager")), default=None
+        )
+        g["geomean_frac_copy_bw"] = {
+            p: H.geomean(r["providers"].get(p, {}).get("frac_copy_bw") for r in rs)
+            for p in mode_providers(list(providers), mode)
+        }
+        out.append(g)
+    order = {m: i for i, m in enumerate(H.MODES + H.FUSED_MODES)}
     out.sort(key=lambda s: (order[s["mode"]], s["dtype"] == "all", s["dtype"], s["layout"]))
     # Whole-network BN time: sum over ResNet-50's 53 layers, only where every one of its shapes was timed.
     rn = []
     for grp in sorted({r["group"] for r in rows if r["group"].startswith("rn50")}):
         for (mode, dt, lay), rs in groups.items():
-            if dt == "all":
+            if dt == "all" or epilogue(mode):
                 continue
             sel = [r for r in rs if r["group"] == grp]
             if sum(r["count"] for r in sel) != 53:
@@ -342,6 +467,8 @@ def _pct(v):
 def markdown(doc) -> str:
     env, meta, rows, summ = doc["env"], doc["meta"], doc["rows"], doc["summary"]
     provs = meta["providers"]
+    # summary columns: every provider some row has (the fused rows add tritonbn_unfused)
+    sum_provs = mode_providers(provs, H.FUSED_MODES[0]) if any(r.get("epilogue") for r in rows) else provs
     L = ["# tritonbn batch-norm benchmark", ""]
     status = "complete" if meta["complete"] else f"PARTIAL ({meta.get('stopped_reason')})"
     L.append(f"Status: **{status}**, {len(rows)} of {meta['rows_planned']} rows, {meta['elapsed_s']:.0f} s.")
@@ -382,20 +509,30 @@ def markdown(doc) -> str:
         "",
         "## Summary (geometric means over shapes; speed-up = other time / tritonbn time)",
         "",
-        "| mode | dtype | layout | rows | vs eager | vs compile | "
-        + " | ".join(f"{p} % copy" for p in provs)
-        + (" | vs eager (graphs) | vs compile (graphs)" if meta.get("cuda_graphs") else "")
+        "Fused modes: tritonbn = the fused op; vs unfused = against tritonbn's BN followed by a separate add "
+        "and ReLU.",
+        "",
+        "| mode | dtype | layout | rows | vs eager | vs compile | vs unfused | "
+        + " | ".join(f"{p} % copy" for p in sum_provs)
+        + (
+            " | vs eager (graphs) | vs compile (graphs) | vs unfused (graphs) | min vs eager (graphs)"
+            if meta.get("cuda_graphs")
+            else ""
+        )
         + " |",
-        "|---|---|---|---|---|---|" + "---|" * (len(provs) + 2 * bool(meta.get("cuda_graphs"))),
+        "|---|---|---|---|---|---|---|" + "---|" * (len(sum_provs) + 4 * bool(meta.get("cuda_graphs"))),
     ]
     for s in summ["groups"]:
         L.append(
             f"| {s['mode']} | {s['dtype']} | {s['layout']} | {s['rows']} | "
             f"{_x(s['geomean_speedup_vs_eager'])} | {_x(s['geomean_speedup_vs_compile'])} | "
-            + " | ".join(_pct(s["geomean_frac_copy_bw"].get(p)) for p in provs)
+            f"{_x(s.get('geomean_speedup_vs_unfused'))} | "
+            + " | ".join(_pct(s["geomean_frac_copy_bw"].get(p)) for p in sum_provs)
             + (
                 f" | {_x(s.get('geomean_graph_speedup_vs_eager'))}"
                 f" | {_x(s.get('geomean_graph_speedup_vs_compile'))}"
+                f" | {_x(s.get('geomean_graph_speedup_vs_unfused'))}"
+                f" | {_x(s.get('min_graph_speedup_vs_eager'))}"
                 if meta.get("cuda_graphs")
                 else ""
             )
@@ -419,35 +556,38 @@ def markdown(doc) -> str:
         rs = [r for r in rows if r["mode"] == mode]
         if not rs:
             continue
+        mp = mode_providers(provs, mode)
+        fused = epilogue(mode) is not None
         L += [
             "",
             f"## {mode} ({H.BYTE_MODEL_TEXT[mode]})",
             "",
             "| shape | dtype | layout | "
-            + " | ".join(f"{p} µs" for p in provs)
+            + " | ".join(f"{p} µs" for p in mp)
             + " | tritonbn GB/s | % copy ("
-            + "/".join(provs)
-            + ") | vs eager | vs compile | host µs/call ("
-            + "/".join(provs)
+            + "/".join(mp)
+            + ") | vs eager | vs compile | "
+            + ("vs unfused | " if fused else "")
+            + "host µs/call ("
+            + "/".join(mp)
             + ") | "
-            + ("graph µs (" + "/".join(provs) + ") | " if meta.get("cuda_graphs") else "")
+            + ("graph µs (" + "/".join(mp) + ") | " if meta.get("cuda_graphs") else "")
             + "err tritonbn | err eager |",
-            "|---|---|---|" + "---|" * (len(provs) + 7 + bool(meta.get("cuda_graphs"))),
+            "|---|---|---|" + "---|" * (len(mp) + 7 + fused + bool(meta.get("cuda_graphs"))),
         ]
         for r in rs:
             P = r["providers"]
             L.append(
                 f"| {r['case']} | {r['dtype']} | {SHORT.get(r['layout'], r['layout'])} | "
-                + " | ".join(
-                    "ERR" if P.get(p, {}).get("error") else _us(P.get(p, {}).get("ms")) for p in provs
-                )
+                + " | ".join("ERR" if P.get(p, {}).get("error") else _us(P.get(p, {}).get("ms")) for p in mp)
                 + f" | {H.fmt(P.get('tritonbn', {}).get('gbs'), '.0f')} | "
-                + "/".join(_pct(P.get(p, {}).get("frac_copy_bw")) for p in provs)
+                + "/".join(_pct(P.get(p, {}).get("frac_copy_bw")) for p in mp)
                 + f" | {_x(r['speedup_vs_eager'])} | {_x(r['speedup_vs_compile'])} | "
-                + "/".join(H.fmt(P.get(p, {}).get("host_us"), ".0f") for p in provs)
+                + (f"{_x(r.get('speedup_vs_unfused'))} | " if fused else "")
+                + "/".join(H.fmt(P.get(p, {}).get("host_us"), ".0f") for p in mp)
                 + " | "
                 + (
-                    "/".join(_us(P.get(p, {}).get("graph_ms")) for p in provs) + " | "
+                    "/".join(_us(P.get(p, {}).get("graph_ms")) for p in mp) + " | "
                     if meta.get("cuda_graphs")
                     else ""
                 )
@@ -485,9 +625,11 @@ def plot_png(doc, path: Path) -> None:
         "eager": "tab:blue",
         "compile": "tab:green",
         "tritonbn_compile": "tab:orange",
+        UNFUSED: "tab:purple",
     }
     for i, mode in enumerate(modes):
         rs = [r for r in rows if r["mode"] == mode]
+        mp = mode_providers(provs, mode)
         labels = [f"{r['case']}|{r['dtype']}|{SHORT.get(r['layout'], r['layout'])}" for r in rs]
         xs = range(len(rs))
         ax = axes[i][0]
@@ -503,10 +645,10 @@ def plot_png(doc, path: Path) -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_title(f"{mode}: tritonbn speed-up", fontsize=9)
         ax = axes[i][1]
-        w = 0.8 / len(provs)
-        for j, p in enumerate(provs):
+        w = 0.8 / len(mp)
+        for j, p in enumerate(mp):
             ax.bar(
-                [x + (j - (len(provs) - 1) / 2) * w for x in xs],
+                [x + (j - (len(mp) - 1) / 2) * w for x in xs],
                 [100 * (r["providers"].get(p, {}).get("frac_copy_bw") or 0) for r in rs],
                 w,
                 label=p,
@@ -566,30 +708,18 @@ def _setup_dynamo(torch):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton" in sys.modules:
-            print(
-                "bench: warning: triton already imported; TRITON_INTERPRET=1 comes too late", file=sys.stderr
-            )
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-    import torch
+    started = H.start_run("bench", args.smoke, args.out)
+    if started is None:
+        return 2
+    torch, device, env, out = started
     import torch.nn.functional as F
 
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("bench: no CUDA device; use --smoke for the CPU harness check", file=sys.stderr)
-        return 2
     try:
         import tritonbn as tb
     except Exception as e:  # the other providers still run; every tritonbn cell records the error
         tb = e
         traceback.print_exc()
     _setup_dynamo(torch)
-    env = H.env_info(device)
-    out = args.out or (
-        Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if args.smoke else H.default_out_dir(env)
-    )
-    out.mkdir(parents=True, exist_ok=True)
     timed = not args.smoke
     if timed:
 
@@ -613,6 +743,7 @@ def main(argv=None) -> int:
     meta = {
         "argv": sys.argv[1:] if argv is None else list(argv),
         "providers": args.providers,
+        "fused_providers": mode_providers(args.providers, H.FUSED_MODES[0]),
         "modes": args.modes,
         "dtypes": args.dtypes,
         "layouts": args.layouts,
@@ -627,7 +758,9 @@ def main(argv=None) -> int:
         "byte_model": H.BYTE_MODEL_TEXT,
         "tolerances": TOL,
         "time_budget_s": args.time_budget,
-        "rows_planned": len(todo) * len(args.modes),
+        "fused_budget_s": args.fused_budget,
+        "unfused_byte_model": {m: f"{k}E" for m, k in H.UNFUSED_BYTES_PER_ELEMENT_PASS.items()},
+        "rows_planned": sum(len(t[3]) for t in todo),
         "complete": False,
         "stopped_reason": None,
         "elapsed_s": 0.0,
@@ -635,27 +768,41 @@ def main(argv=None) -> int:
     doc = {"env": env, "meta": meta, "rows": [], "summary": {}}
     print(
         f"bench: {env.get('gpu') or 'CPU smoke'} | torch {env['torch']} | triton {env.get('triton')} | "
-        f"copy {H.fmt(copy_bw['gbs'], '.0f')} GB/s | {len(todo)} shapes x {len(args.modes)} modes -> {out}",
+        f"copy {H.fmt(copy_bw['gbs'], '.0f')} GB/s | {len(todo)} shapes x modes, {meta['rows_planned']} rows "
+        f"-> {out}",
         flush=True,
     )
     old = signal.signal(signal.SIGTERM, _sigterm)
-    durations: list[float] = []
+    durations: dict[str, list[float]] = {"plain": [], "fused": []}
+    stopped: dict[str, str] = {}  # phase -> why its remaining items were skipped
+    has_fused = any(epilogue(t[3][0]) for t in todo)
     n_err = n_flag = 0
     try:
-        for i, (case, dt, lay) in enumerate(todo):
+        for i, (case, dt, lay, modes) in enumerate(todo):
+            phase = "fused" if epilogue(modes[0]) else "plain"
+            if phase in stopped:
+                continue
             elapsed = time.monotonic() - t0
-            if args.time_budget and durations and elapsed + statistics.median(durations) > args.time_budget:
-                meta["stopped_reason"] = (
-                    f"time budget {args.time_budget:.0f}s reached after {i} of {len(todo)} shapes"
+            # the plain rows leave --fused-budget of the time budget to the fused rows after them
+            limit = (args.time_budget or 0) - (args.fused_budget if phase == "plain" and has_fused else 0)
+            durs = durations[phase]
+            if args.time_budget and (
+                elapsed >= limit or (durs and elapsed + statistics.median(durs) > limit)
+            ):
+                done = sum(1 for t in todo[:i] if bool(epilogue(t[3][0])) == (phase == "fused"))
+                total = sum(1 for t in todo if bool(epilogue(t[3][0])) == (phase == "fused"))
+                stopped[phase] = (
+                    f"time budget: {phase} rows stopped at {elapsed:.0f}s (limit {limit:.0f}s of "
+                    f"{args.time_budget:.0f}s) after {done} of {total} shapes"
                 )
-                print(f"bench: {meta['stopped_reason']}", flush=True)
-                break
+                print(f"bench: {stopped[phase]}", flush=True)
+                continue
             tc = time.monotonic()
             try:
-                rows = run_case(torch, F, tb, args, case, dt, lay, device, timer, copy_bw, i)
+                rows = run_case(torch, F, tb, args, case, dt, lay, device, timer, copy_bw, i, modes)
             except Exception as e:  # setup failed (e.g. out of memory): record it, go on with the next shape
                 traceback.print_exc()
-                rows = [failed_row(case, dt, lay, m, args.providers, _short(e)) for m in args.modes]
+                rows = [failed_row(case, dt, lay, m, args.providers, _short(e)) for m in modes]
                 if device == "cuda":
                     torch.cuda.empty_cache()
             for r in rows:
@@ -665,11 +812,11 @@ def main(argv=None) -> int:
                     progress(r, len(doc["rows"]) + 1, meta["rows_planned"], time.monotonic() - t0), flush=True
                 )
                 doc["rows"].append(r)
-            durations.append(time.monotonic() - tc)
+            durations[phase].append(time.monotonic() - tc)
             meta["elapsed_s"] = time.monotonic() - t0
             write_outputs(doc, out, png=False)
-        else:
-            meta["complete"] = True
+        meta["complete"] = not stopped
+        meta["stopped_reason"] = "; ".join(stopped.values()) or None
     except (Stop, KeyboardInterrupt) as e:
         meta["stopped_reason"] = f"interrupted ({e or 'KeyboardInterrupt'})"
         print(f"bench: {meta['stopped_reason']}", flush=True)
@@ -682,24 +829,30 @@ def main(argv=None) -> int:
     return 1 if (n_err or n_flag) else 0
 
 
-def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, seed) -> list[dict]:
-    """All modes x providers of one (shape, dtype, layout); nothing here raises except Stop."""
+def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, seed, modes=None) -> list[dict]:
+    """All `modes` (default args.modes; one epilogue) x providers of one (shape, dtype, layout); nothing
+    here raises except Stop."""
+    modes = modes or args.modes
+    epi = epilogue(modes[0])
+    providers = mode_providers(args.providers, modes[0])
     dtype = _torch_dtype(torch, dt)
     pdtype = torch.float32 if args.param_dtype == "fp32" else dtype
     nd, C = case.ndim_bn, case.shape[1]
     torch._dynamo.reset()  # per-shape graphs only: keeps guard lists (host overhead) short
     x = make_input(torch, case.shape, dtype, lay, device, 1000 + seed)
     dy = make_input(torch, case.shape, dtype, lay, device, 2000 + seed)
+    z = make_input(torch, case.shape, dtype, lay, device, 3000 + seed) if epi == "add_relu" else None
     state = bn_state(torch, nd, C, pdtype, device, seed)
-    mods = make_modules(torch, args.providers, tb, nd, C, pdtype, device, state, args.compile_backend)
+    mods = make_modules(torch, providers, tb, nd, C, pdtype, device, state, args.compile_backend, epi)
     errs, errors = {}, {}
-    ref = _outputs(torch, F, None, [state["weight"], state["bias"]], x, dy, ref_state=state)
+    ref_prov = (None, None, [state["weight"], state["bias"]])
+    ref = _outputs(torch, F, ref_prov, x, dy, z, ref_state={**state, "epilogue": epi})
     for p, mp in mods.items():
         if isinstance(mp, Exception):
             errors[p] = f"import tritonbn failed: {type(mp).__name__}: {mp}"
             continue
         try:  # also the first call: Triton / Inductor compilation happens here, outside the timings
-            errs[p] = mode_errors(torch, _outputs(torch, F, mp[0], mp[1], x, dy), ref)
+            errs[p] = mode_errors(torch, _outputs(torch, F, mp, x, dy, z), ref, dt)
         except Exception as e:
             errors[p] = _short(e)
     del ref
@@ -710,16 +863,16 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
     )
     rows = []
     itemsize = x.element_size()
-    for mode in args.modes:
+    for mode in modes:
         nbytes = H.model_bytes(mode, case.numel, itemsize)
         prov = {}
-        for p in args.providers:
-            cell = {"err": errs.get(p, {}).get(mode), "error": errors.get(p)}
+        for p in providers:
+            cell = {"err": errs.get(p, {}).get(base_mode(mode)), "error": errors.get(p)}
             if p in errors:
                 prov[p] = cell
                 continue
             try:
-                t = time_mode(torch, mods[p][0], mods[p][1], mode, x, dy, timer)
+                t = time_mode(torch, mods[p], mode, x, dy, timer, z)
                 cell.update(t)
                 cell["gbs"] = nbytes / (t["ms"] * 1e-3) / 1e9
                 cell["frac_copy_bw"] = cell["gbs"] / copy_bw["gbs"] if copy_bw["gbs"] else None
@@ -741,11 +894,16 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
                 "param_dtype": str(pdtype).replace("torch.", ""),
                 "layout": lay,
                 "mode": mode,
+                "epilogue": epi,
                 "numel": case.numel,
                 "bytes": nbytes,
+                "unfused_bytes": (
+                    H.UNFUSED_BYTES_PER_ELEMENT_PASS[mode] * case.numel * itemsize if epi else None
+                ),
                 "providers": prov,
                 "speedup_vs_eager": ms["eager"] / t_tb if t_tb and ms.get("eager") else None,
                 "speedup_vs_compile": ms["compile"] / t_tb if t_tb and ms.get("compile") else None,
+                "speedup_vs_unfused": ms[UNFUSED] / t_tb if t_tb and ms.get(UNFUSED) else None,
                 **_graph_speedups(prov),
                 "tritonbn_uses_triton": uses_triton,
                 "err_tritonbn": et,
@@ -755,7 +913,7 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
                 "flagged": et is not None and et > TOL[dt] and et > 2 * (ee or 0.0),
             }
         )
-    del mods, x, dy
+    del mods, x, dy, z
     return rows
 
 
@@ -766,6 +924,7 @@ def _graph_speedups(prov) -> dict:
     return {
         "graph_speedup_vs_eager": g["eager"] / tb if tb and g.get("eager") else None,
         "graph_speedup_vs_compile": g["compile"] / tb if tb and g.get("compile") else None,
+        "graph_speedup_vs_unfused": g[UNFUSED] / tb if tb and g.get(UNFUSED) else None,
     }
 
 
@@ -779,11 +938,13 @@ def failed_row(case: Case, dt, lay, mode, providers, error) -> dict:
         "param_dtype": None,
         "layout": lay,
         "mode": mode,
+        "epilogue": epilogue(mode),
         "numel": case.numel,
         "bytes": None,
-        "providers": {p: {"error": error} for p in providers},
+        "providers": {p: {"error": error} for p in mode_providers(list(providers), mode)},
         "speedup_vs_eager": None,
         "speedup_vs_compile": None,
+        "speedup_vs_unfused": None,
         "tritonbn_uses_triton": None,
         "err_tritonbn": None,
         "err_eager": None,
@@ -803,7 +964,9 @@ def progress(r, i, n, elapsed) -> str:
     return (
         f"[{i:4d}/{n} {elapsed:5.0f}s] {r['case']:<24} {r['dtype']} {SHORT.get(r['layout']):<6} "
         f"{SHORT.get(r['mode'], r['mode']):<7} us: {times} | {_x(r['speedup_vs_eager'])} vs eager "
-        f"{_x(r['speedup_vs_compile'])} vs comp | {_pct(P.get('tritonbn', {}).get('frac_copy_bw'))} copy | "
+        f"{_x(r['speedup_vs_compile'])} vs comp "
+        + (f"{_x(r.get('speedup_vs_unfused'))} vs unf " if r.get("epilogue") else "")
+        + f"| {_pct(P.get('tritonbn', {}).get('frac_copy_bw'))} copy | "
         f"err {H.fmt(r['err_tritonbn'], '.0e')}{' FLAG' if r['flagged'] else ''}"
     )
 
@@ -816,13 +979,22 @@ def summary_text(doc, out: Path) -> str:
         f"{meta['errors']} provider errors; {meta['flagged']} flagged rows; "
         f"copy bw {H.fmt(meta['copy_bandwidth']['gbs'], '.0f')} GB/s; "
         f"timings {'GPU' if meta['timing_meaningful'] else 'MEANINGLESS (smoke)'}",
-        "geomean speed-up of tritonbn (mode dtype layout: vs eager, vs compile, tritonbn % copy):",
+        "geomean speed-up of tritonbn (mode dtype layout: vs eager, vs compile, tritonbn % copy"
+        + ("; graphs: vs eager, slowest row vs eager" if meta.get("cuda_graphs") else "")
+        + "; fused modes: vs unfused):",
     ]
     for s in summ["groups"]:
         lines.append(
-            f"  {s['mode']:<9} {s['dtype']:<4} {s['layout']:<13} n={s['rows']:<3} "
+            f"  {s['mode']:<18} {s['dtype']:<4} {s['layout']:<13} n={s['rows']:<3} "
             f"{_x(s['geomean_speedup_vs_eager']):>7} {_x(s['geomean_speedup_vs_compile']):>7} "
             f"{_pct(s['geomean_frac_copy_bw'].get('tritonbn')):>5}"
+            + (
+                f" | graphs {_x(s.get('geomean_graph_speedup_vs_eager')):>7} "
+                f"{_x(s.get('min_graph_speedup_vs_eager')):>7}"
+                if meta.get("cuda_graphs")
+                else ""
+            )
+            + (f" | vs unfused {_x(s.get('geomean_speedup_vs_unfused'))}" if epilogue(s["mode"]) else "")
         )
     lines.append(
         f"bench: wrote {out}/bench.json, bench.md"

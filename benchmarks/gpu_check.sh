@@ -1,53 +1,86 @@
 #!/usr/bin/env bash
-# One-command GPU check for tritonbn (issue #4). On a CUDA machine, from any directory:
+# The one prepared GPU run for tritonbn (issues 8 and 9). On a CUDA machine, from any directory:
 #
-#     benchmarks/gpu_check.sh OUTDIR            # e.g. benchmarks/gpu_check.sh "$OUT"
+#     GIT_COMMIT=<sha> benchmarks/gpu_check.sh OUTDIR     # e.g. OUTDIR="$OUT" on the device machine
 #
-# 1. environment (GPU, driver, python, torch, triton, commit)  -> OUTDIR/env.txt
-#    host time per call (benchmarks/host_overhead.py)          -> console / gpu_check.log
-# 2. CUDA-marked tests (pytest -m cuda)                         -> OUTDIR/pytest_cuda.log
-# 3. benchmark suite, --quick, under a time budget              -> OUTDIR/bench.{json,md,png}
-# 4. end-to-end training check                                  -> OUTDIR/train.{json,md}
-# and this whole console output                                  -> OUTDIR/gpu_check.log
-# Eight files, no subfolders. Installs nothing; runs the tree in place (PYTHONPATH=repo). Every step runs
-# even if an earlier one failed; the exit status is non-zero if any step failed. Sized for < 7 minutes on
-# an H100. Every step has a hard timeout and the steps share DEADLINE (s, default 540: under a 10-minute
-# remote-command limit even when every step runs into its cap). Tune with BENCH_BUDGET (s, default 240),
-# TEST_TIMEOUT (s, default 120), TRAIN_TIMEOUT (s, default 120), DEADLINE, PYTHON, and BENCH_ARGS (extra
-# bench options, e.g. BENCH_ARGS="--cuda-graphs" for kernel-only replay times).
+# Steps, in this order, each with a hard cap, all under one whole-script DEADLINE (s, default 500, under
+# the 10-minute remote-command limit with room for the machine's start and the copy back):
+#
+#   step          budget (s, defaults; typical use)            writes
+#   env           ~7 (imports torch, triton, torchvision)     OUTDIR/env.txt
+#   cuda_tests    TEST_TIMEOUT=110 (pytest -m cuda; ~85)       OUTDIR/pytest_cuda.log
+#   host_us       HOST_BUDGET=30 (+15 hard)                    OUTDIR/host_us.json
+#   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
+#                 leaves 140 s for the rest. ResNet-50 eager+graph b32/b128 (torch, tritonbn, fuse_model),
+#                 its torch.compile at b128 (torch, then tritonbn; each started only with >= 70 s left),
+#                 then mobilenet_v2 eager+graph
+#   bench         what is left minus 55 s, at most             OUTDIR/bench.json, bench.md
+#                 BENCH_BUDGET=150 (+30 hard; ~100), of which FUSED_BUDGET=45 is kept for the fused rows
+#                 (--quick --cuda-graphs --fused, fused rows on the ResNet-50 shapes)
+#   summary       15 (also after host_us, model and bench)     OUTDIR/summary.json
+#   host_overhead 20, only when >= 45 s are left               console only
+#
+# The model step goes before the kernel suite: a torch.compile of ResNet-50 is all or nothing (~1-2 min),
+# while the suite stops between shapes and its geomeans cover what it reached.
+#
+# and the whole console output -> OUTDIR/gpu_check.log. Eight files in one folder, no subfolders (the
+# device machine returns at most 8). Installs nothing; runs the tree in place (PYTHONPATH=repo). A step
+# that fails or hits its cap does not stop the next ones, and every benchmark writes its JSON as it goes,
+# so a stopped step keeps what it measured; summary.json records what is missing and why. Exit status:
+# non-zero if any step failed. Tune with DEADLINE, TEST_TIMEOUT, HOST_BUDGET, MODEL_BUDGET, BENCH_BUDGET,
+# FUSED_BUDGET, PYTHON, and extra options per step: HOST_ARGS, MODEL_ARGS (e.g. --compile-estimate 90),
+# BENCH_ARGS, TEST_PATHS (default tests).
+# SMOKE=1 runs the same steps on a CPU (Triton interpreter, each benchmark's --smoke mode): the test suite
+# does that to check this script end to end.
 set -u
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="${1:-$repo/benchmarks/results/gpu-check-$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$out" && out="$(cd "$out" && pwd)" || { echo "gpu_check: cannot create $out" >&2; exit 2; }
 cd "$repo" || exit 2
 PY="${PYTHON:-python3}"
-BENCH_BUDGET="${BENCH_BUDGET:-240}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-120}"
-TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-120}"
-DEADLINE="${DEADLINE:-540}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET  # the interpreter would silently turn every GPU number into a CPU one
+out="${1:-$("$PY" -m benchmarks.summary --results-dir)}"
+mkdir -p "$out" && out="$(cd "$out" && pwd)" || { echo "gpu_check: cannot create $out" >&2; exit 2; }
+SMOKE="${SMOKE:-0}"
+DEADLINE="${DEADLINE:-500}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-110}"
+HOST_BUDGET="${HOST_BUDGET:-30}"
+MODEL_BUDGET="${MODEL_BUDGET:-220}"
+BENCH_BUDGET="${BENCH_BUDGET:-150}"
+FUSED_BUDGET="${FUSED_BUDGET:-45}"
+SUMMARY_RESERVE=25  # seconds kept back from the last benchmark for the summary and the file listing
+if [ "$SMOKE" = 1 ]; then
+    export TRITON_INTERPRET=1  # before triton is imported: CPU tensors take the Triton kernels
+    smoke=(--smoke)
+    TEST_PATHS="${TEST_PATHS:-tests/test_cuda_graphs.py}"
+else
+    unset TRITON_INTERPRET  # the interpreter would silently turn every GPU number into a CPU one
+    smoke=()
+    TEST_PATHS="${TEST_PATHS:-tests}"
+fi
 
 exec > >(tee -a "$out/gpu_check.log") 2>&1
 tee_pid=$!
 t_all=$SECONDS
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+max() { if [ "$1" -gt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 left() { echo $((DEADLINE - (SECONDS - t_all))); }  # seconds until the whole-script deadline
 declare -a names=() codes=() secs=()
 step() {  # step NAME CMD...: run, record status and duration, never abort
     local name="$1" t0=$SECONDS rc
     shift
     echo
-    echo "=== [$(date +%H:%M:%S)] $name: $*"
+    echo "=== [$(date +%H:%M:%S) +$((SECONDS - t_all))s, $(left)s left] $name: $*"
     "$@"
     rc=$?
     names+=("$name") codes+=("$rc") secs+=("$((SECONDS - t0))")
     echo "=== $name: exit $rc after $((SECONDS - t0))s"
     return 0
 }
+summarize() {  # summary.json from whatever pieces exist: cheap (no torch), so after every benchmark
+    timeout -k 5 15 "$PY" -m benchmarks.summary "$out" >/dev/null 2>&1 || echo "gpu_check: summary failed"
+}
 
-# --- 1. environment -----------------------------------------------------------------------------------
+# --- env ------------------------------------------------------------------------------------------------
 if [ -z "${GIT_COMMIT:-}" ]; then
     GIT_COMMIT="$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)"
     [ "$GIT_COMMIT" != unknown ] && [ -n "$(git -C "$repo" status --porcelain -- tritonbn benchmarks 2>/dev/null)" ] \
@@ -56,9 +89,10 @@ fi
 export GIT_COMMIT
 env_report() {
     echo "date:       $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "host:       $(uname -srm)"
+    echo "host:       $(uname -srm), $(nproc) CPUs"
     echo "commit:     $GIT_COMMIT"
     echo "outdir:     $out"
+    echo "deadline:   ${DEADLINE}s; smoke: $SMOKE"
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi -L
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit \
@@ -67,7 +101,7 @@ env_report() {
         echo "nvidia-smi: not found"
     fi
     "$PY" - <<'EOF'
-import platform, sys
+import sys
 print("python:    ", sys.version.split()[0], sys.executable)
 import torch
 print("torch:     ", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
@@ -78,15 +112,16 @@ if torch.cuda.is_available():
           f"{p.total_memory / 2**30:.0f} GiB", f"L2 {getattr(p, 'L2_cache_size', 0) / 1e6:.0f} MB")
 import triton
 print("triton:    ", triton.__version__)
-for mod in ("matplotlib", "pytest", "pytest_timeout"):
+for mod in ("torchvision", "matplotlib", "pytest", "pytest_timeout"):
     try:
         m = __import__(mod)
         print(f"{mod + ':':<11}", getattr(m, "__version__", "?"))
     except Exception as e:
-        print(f"{mod + ':':<11}", "missing", type(e).__name__)
+        print(f"{mod + ':':<11}", "missing", type(e).__name__, str(e)[:120])
 try:
     import tritonbn
-    print("tritonbn:  ", getattr(tritonbn, "__version__", "?"), tritonbn.__file__)
+    print("tritonbn:  ", getattr(tritonbn, "__version__", "?"), tritonbn.__file__,
+          "fuse_model:", hasattr(tritonbn, "fuse_model"))
 except Exception as e:
     print("tritonbn:   IMPORT FAILED", type(e).__name__, e)
 EOF
@@ -97,17 +132,14 @@ env_to_file() {
 }
 step env env_to_file
 
-# --- 1b. host time per call: tritonbn's Python vs one Triton launch vs the whole module call ---------
-step host_overhead timeout -k 5 60 "$PY" -m benchmarks.host_overhead
-
-# --- 2. CUDA tests --------------------------------------------------------------------------------------
+# --- CUDA tests -----------------------------------------------------------------------------------------
 run_tests() {
     local extra=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 60)  # per test, where the plugin exists
     local cap
-    cap=$(min "$TEST_TIMEOUT" $(($(left) - TRAIN_TIMEOUT - 120)))  # leave the bench at least 2 minutes
-    [ "$cap" -lt 30 ] && cap=30
-    timeout -k 10 "$cap" "$PY" -m pytest -m cuda -q -p no:cacheprovider "${extra[@]}" tests \
+    cap=$(max 30 "$(min "$TEST_TIMEOUT" $(($(left) - 330)))")  # leaves the benchmarks >= 5.5 minutes
+    # shellcheck disable=SC2086  # TEST_PATHS is a list of paths
+    timeout -k 10 "$cap" "$PY" -m pytest -m cuda -q -p no:cacheprovider "${extra[@]}" $TEST_PATHS \
         >"$out/pytest_cuda.log" 2>&1
     local rc=$?
     tail -n 25 "$out/pytest_cuda.log"
@@ -117,34 +149,55 @@ run_tests() {
 }
 step cuda_tests run_tests
 
-# --- 3. benchmark ---------------------------------------------------------------------------------------
-# bench stops starting new shapes at BENCH_BUDGET and writes what it has; the hard timeout is a backstop
+# --- host µs per call -----------------------------------------------------------------------------------
+budget=$(max 10 "$(min "$HOST_BUDGET" $(($(left) - 300)))")
+# shellcheck disable=SC2086  # HOST_ARGS is a list of options
+step host_us timeout -k 10 $((budget + 15)) "$PY" -m benchmarks.host_us "${smoke[@]}" --out "$out" \
+    --time-budget "$budget" ${HOST_ARGS:-}
+summarize
+
+# --- end-to-end training steps ----------------------------------------------------------------------------
+# model_bench starts no job (and no compile) its budget cannot cover; the hard timeout is a backstop
+# (SIGTERM makes it write what it has, the variants of an unfinished compile job included).
+budget=$(max 60 "$(min "$MODEL_BUDGET" $(($(left) - 140)))")
+# shellcheck disable=SC2086  # MODEL_ARGS is a list of options
+step model timeout -k 15 $((budget + 20)) "$PY" -m benchmarks.model_bench "${smoke[@]}" --out "$out" \
+    --time-budget "$budget" --compile-estimate 70 ${MODEL_ARGS:-}
+summarize
+
+# --- kernel suite: plain rows, then fused rows (ResNet-50 shapes) -------------------------------------
+# bench stops starting new shapes at its budget and writes what it has; the hard timeout is a backstop
 # (SIGTERM also makes it write its files before exiting).
-budget=$(min "$BENCH_BUDGET" $(($(left) - TRAIN_TIMEOUT - 60)))
-[ "$budget" -lt 60 ] && budget=60
+budget=$(max 30 "$(min "$BENCH_BUDGET" $(($(left) - SUMMARY_RESERVE - 30)))")
+fused=$(min "$FUSED_BUDGET" $((budget / 2)))
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-step bench timeout -k 15 "$((budget + 40))" "$PY" -m benchmarks.bench --quick --out "$out" --time-budget "$budget" \
-    ${BENCH_ARGS:-}
+step bench timeout -k 15 $((budget + 30)) "$PY" -m benchmarks.bench "${smoke[@]}" --quick --cuda-graphs --fused \
+    --fused-shapes "$([ "$SMOKE" = 1 ] && echo smoke_2d || echo rn50)" --no-png --out "$out" \
+    --time-budget "$budget" --fused-budget "$fused" ${BENCH_ARGS:-}
 
-# --- 4. training check ----------------------------------------------------------------------------------
-step train_check timeout -k 10 "$(min "$TRAIN_TIMEOUT" $(($(left) - 10)))" "$PY" -m benchmarks.train_check --out "$out"
+# --- summary.json ---------------------------------------------------------------------------------------
+step summary timeout -k 5 15 "$PY" -m benchmarks.summary "$out"
 
-# --- summary (last in the log, where a truncated console still shows it) -----------------------------
-echo
-echo "================ gpu_check summary ($((SECONDS - t_all))s total) ================"
-grep -E '^(device|torch|triton|commit): ' "$out/env.txt" 2>/dev/null
-if [ -f "$out/bench.md" ]; then
-    sed -n '/^Status:/p;/^Copy bandwidth/p' "$out/bench.md"
-    sed -n '/^## Summary/,/^## /p' "$out/bench.md" | sed '$d' | grep -E '^\|' | grep -v '^|---'
+# --- optional: where tritonbn's host time goes (console only) -------------------------------------------
+if [ "$SMOKE" != 1 ] && [ "$(left)" -ge 45 ]; then
+    step host_overhead timeout -k 5 20 "$PY" -m benchmarks.host_overhead
 fi
-[ -f "$out/train.md" ] && grep -E '^\| (config|fp32|bf16)' "$out/train.md"
+
+# --- end: the step table last in the log, where a truncated console still shows it ------------------------
+rm -f "$out"/*.tmp  # a write interrupted by a timeout; the previous complete file stands
+echo
+echo "================ gpu_check ($((SECONDS - t_all))s of ${DEADLINE}s) ================"
+grep -E '^(device|torch|triton|commit|tritonbn): ' "$out/env.txt" 2>/dev/null
 fail=0
-printf '%-12s %-6s %s\n' step exit seconds
+printf '%-14s %-6s %s\n' step exit seconds
 for i in "${!names[@]}"; do
-    printf '%-12s %-6s %s\n' "${names[$i]}" "${codes[$i]}" "${secs[$i]}"
+    printf '%-14s %-6s %s\n' "${names[$i]}" "${codes[$i]}" "${secs[$i]}"
     [ "${codes[$i]}" -ne 0 ] && fail=1
 done
-echo "files in $out: $(cd "$out" && ls | tr '\n' ' ')"
+nfiles=$(find "$out" -maxdepth 1 -type f | wc -l)
+echo "files in $out ($nfiles): $(cd "$out" && ls | tr '\n' ' ')"
+[ "$(find "$out" -mindepth 1 -type d | wc -l)" -eq 0 ] || echo "gpu_check: WARNING: subfolders in $out"
+[ "$nfiles" -le 8 ] || echo "gpu_check: WARNING: more than 8 files; the device machine returns only 8"
 echo "gpu_check: $([ $fail -eq 0 ] && echo PASSED || echo FAILED)"
 exec >&- 2>&-
 wait "$tee_pid" 2>/dev/null  # let tee finish gpu_check.log before the caller collects OUTDIR

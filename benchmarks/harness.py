@@ -22,6 +22,20 @@ GPU work on H100/H200), so host-side launch cost is hidden only up to that much:
 host time than flush + kernels is timed at host speed. Each cell therefore also reports `host_us`, the
 CPU time to issue one call with the GPU not waited for (what a training loop pays per call); where
 host_us approaches the time column, the row measures host overhead, not kernels.
+
+Fused modes (y = relu(BN(x) [+ z]), issue 9), charged at the traffic of a fused two-pass kernel; an
+unfused chain (BN, then a separate add and ReLU, each a pass over the activation) moves the second
+figure:
+
+    relu_train_fwd      3E  (unfused 5E: + ReLU reads y, writes y)
+    relu_eval_fwd       2E  (unfused 4E)
+    relu_fwd_bwd        8E  (unfused 13E: forward 5E + backward 8E, ReLU backward reads dy and y, writes dy)
+    add_relu_train_fwd  4E  (unfused 8E: BN 3E + add 3E + ReLU 2E)
+    add_relu_eval_fwd   3E  (unfused 7E: BN 2E + add 3E + ReLU 2E)
+    add_relu_fwd_bwd   10E  (unfused 16E: forward 8E + backward 8E; fused backward 6E: x and dy read
+                             twice, dx and dz written)
+
+The ReLU mask (a bit per element when stored, nothing when recomputed from x) is not counted.
 """
 
 from __future__ import annotations
@@ -34,16 +48,52 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 MODES = ("train_fwd", "bwd", "fwd_bwd", "eval_fwd")
-BYTES_PER_ELEMENT_PASS = {"train_fwd": 3, "eval_fwd": 2, "bwd": 5, "fwd_bwd": 8}
+# y = relu(BN(x)) and y = relu(BN(x) + z): training forward, forward+backward, eval (issue 9)
+FUSED_MODES = (
+    "relu_train_fwd",
+    "relu_fwd_bwd",
+    "relu_eval_fwd",
+    "add_relu_train_fwd",
+    "add_relu_fwd_bwd",
+    "add_relu_eval_fwd",
+)
+BYTES_PER_ELEMENT_PASS = {
+    "train_fwd": 3,
+    "eval_fwd": 2,
+    "bwd": 5,
+    "fwd_bwd": 8,
+    "relu_train_fwd": 3,
+    "relu_eval_fwd": 2,
+    "relu_fwd_bwd": 8,
+    "add_relu_train_fwd": 4,
+    "add_relu_eval_fwd": 3,
+    "add_relu_fwd_bwd": 10,
+}
+# what an unfused chain (BN module, then a separate add and ReLU) moves in the fused modes
+UNFUSED_BYTES_PER_ELEMENT_PASS = {
+    "relu_train_fwd": 5,
+    "relu_eval_fwd": 4,
+    "relu_fwd_bwd": 13,
+    "add_relu_train_fwd": 8,
+    "add_relu_eval_fwd": 7,
+    "add_relu_fwd_bwd": 16,
+}
 BYTE_MODEL_TEXT = {
     "train_fwd": "3E: read x (statistics) + read x (normalize) + write y",
     "eval_fwd": "2E: read x + write y",
     "bwd": "5E: read x, dy (reductions) + read x, dy (dx) + write dx",
     "fwd_bwd": "8E: train_fwd + bwd",
+    "relu_train_fwd": "3E fused (unfused 5E): BN train_fwd, ReLU in the normalize pass",
+    "relu_eval_fwd": "2E fused (unfused 4E): read x + write y",
+    "relu_fwd_bwd": "8E fused (unfused 13E): 3E forward + 5E backward, mask from x",
+    "add_relu_train_fwd": "4E fused (unfused 8E): read x twice, read z, write y",
+    "add_relu_eval_fwd": "3E fused (unfused 7E): read x, z + write y",
+    "add_relu_fwd_bwd": "10E fused (unfused 16E): 4E forward + 6E backward (x, dy twice; dx, dz written)",
 }
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,21 +147,83 @@ def gpu_time_ms(fn, warmup_ms: int, rep_ms: int, grad_to_none=None) -> dict:
     return {"ms": ms, "p20_ms": None, "p80_ms": None}
 
 
-def host_us_per_call(fn, n: int = 20, grad_to_none=None) -> float:
-    """CPU microseconds to issue one call of fn, n calls queued back to back (far below the launch
-    queue depth, so the CPU never waits for the GPU), synchronized only before and after."""
-    import torch
+_CUDA_SYNC = object()
 
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
+
+def host_us_per_call(fn, n: int = 20, grad_to_none=None, loops: int = 1, warmup: int = 0, sync=_CUDA_SYNC):
+    """CPU microseconds to issue one call of fn: `loops` loops of n calls queued back to back (far below
+    the launch queue depth, so the CPU never waits for the GPU), synchronized only between loops; the
+    median loop's mean. `sync` defaults to torch.cuda.synchronize; None for CPU-only callables."""
+    import statistics
+
+    if sync is _CUDA_SYNC:
+        import torch
+
+        sync = torch.cuda.synchronize
+
+    def call():
         if grad_to_none:
             for t in grad_to_none:
                 t.grad = None
         fn()
-    dt = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return dt / n * 1e6
+
+    for _ in range(warmup):
+        call()
+    per_loop = []
+    for _ in range(loops):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        per_loop.append((time.perf_counter() - t0) / n * 1e6)
+    if sync:
+        sync()
+    return statistics.median(per_loop)
+
+
+def count_launches(fn) -> list[str]:
+    """Names of the Triton kernels one call of fn launches, recorded through
+    ``tritonbn.ops._launch_hook`` (each launch still runs); the hook is removed afterwards."""
+    from tritonbn import ops
+
+    names: list[str] = []
+
+    def record_and_run(kernel, grid, args, constexprs, num_warps):
+        names.append(getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)))
+        kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+    prev, ops._launch_hook = ops._launch_hook, record_and_run
+    try:
+        fn()
+    finally:
+        ops._launch_hook = prev
+    return names
+
+
+def count_aten_ops(fn) -> dict[str, int]:
+    """ATen operators one call of fn dispatches (below autograd: what runs, views included), by name.
+    tritonbn's Triton launches are skipped meanwhile (``tritonbn.ops._launch_hook``): the interpreter's
+    own tensor ops would count otherwise, and no launcher branches on tensor values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tritonbn import ops
+
+    counts: dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(getattr(func, "overloadpacket", func))
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    prev, ops._launch_hook = ops._launch_hook, lambda *a, **k: None
+    try:
+        with Count():
+            fn()
+    finally:
+        ops._launch_hook = prev
+    return counts
 
 
 def graph_time_ms(fn, warmup_ms: int, rep_ms: int, grad_to_none=None) -> float:
@@ -243,8 +355,38 @@ def card_slug(info: dict) -> str:
     return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
 
 
-def default_out_dir(info: dict) -> Path:
-    return REPO / "benchmarks" / "results" / f"{card_slug(info)}-{time.strftime('%Y%m%d')}"
+def default_out_dir(info: dict, root: Path | None = None) -> Path:
+    """benchmarks/results/<card>-<YYYY-MM-DD>, or -runN (the first N free) when that exists already."""
+    root = root or REPO / "benchmarks" / "results"
+    base = f"{card_slug(info)}-{time.strftime('%Y-%m-%d')}"
+    path, n = root / base, 1
+    while path.exists():
+        path, n = root / f"{base}-run{n}", n + 1
+    return path
+
+
+def start_run(name: str, smoke: bool, out: Path | None):
+    """The start every benchmark's main shares. --smoke: the CPU, with Triton's interpreter (set before
+    triton is first imported); otherwise a CUDA device, required. Returns (torch, device, env, out dir),
+    or None when there is no CUDA device (the caller exits with status 2)."""
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            print(
+                f"{name}: warning: triton already imported; TRITON_INTERPRET=1 comes too late",
+                file=sys.stderr,
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    device = "cpu" if smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print(f"{name}: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
+        return None
+    env = env_info(device)
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if smoke else default_out_dir(env)
+    out.mkdir(parents=True, exist_ok=True)
+    return torch, device, env, out
 
 
 def write_json_atomic(path: Path, obj) -> None:

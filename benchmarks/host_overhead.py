@@ -16,24 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+
+from .harness import host_us_per_call
 
 
 def _host_us(fn, loops: int = 7, calls: int = 200, sync=None) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(loops):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    if sync:
-        sync()
-    return statistics.median(times)
+    return host_us_per_call(fn, n=calls, loops=loops, warmup=20, sync=sync)
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -253,19 +251,10 @@ def markdown(doc) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
-    import torch
-
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("train_check: no CUDA device; use --smoke for the CPU check", file=sys.stderr)
+    started = H.start_run("train_check", args.smoke, args.out)
+    if started is None:
         return 2
-    env = H.env_info(device)
-    out = args.out or (
-        Path(tempfile.mkdtemp(prefix="tritonbn-smoke-")) if args.smoke else H.default_out_dir(env)
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    torch, device, env, out = started
     meta = {
         "steps": args.steps,
         "batch": args.batch,
