@@ -252,8 +252,13 @@ def _functional_calls(device):
 def _opinfo_calls(device):
     """PyTorch's own OpInfo samples for ``nn.functional.batch_norm`` (every variant, degenerate ones
     included), as (args, kwargs)."""
+    frozen = torch.backends.flags_frozen()
     from torch.testing._internal.common_methods_invocations import op_db
 
+    if not frozen:
+        # Importing torch's test utilities freezes torch.backends flags for the whole process
+        # (disable_global_flags); undo that so later tests and benchmarks can set them.
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
     calls = []
     for op in op_db:
         if op.name != "nn.functional.batch_norm":
