@@ -142,17 +142,19 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
         return custom_ops.dispatch(input, running_mean, running_var, _param(weight), _param(bias), training,
                                    momentum, eps, num_batches_tracked, residual, activation)
     weight, bias = _param(weight), _param(bias)
-    if not ops.readable(input, flat=residual is not None and activation != 0):
-        # Copied here, not inside the kernels' autograd function, so double backward sees the copy too.
-        input = input.contiguous()
-    needs_graph = input.requires_grad or _requires_grad(weight) or _requires_grad(bias) or \
-        _requires_grad(residual)
-    if needs_graph and torch.is_grad_enabled():
-        return ops.BatchNormFunction.apply(input, weight, bias, residual, running_mean, running_var,
-                                           num_batches_tracked, training, momentum, eps, activation, bump)
+    needs_graph = torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight) or
+                                               _requires_grad(bias) or _requires_grad(residual))
+    # The plan may copy the input (not readable in place): done here, outside the autograd function, so
+    # that double backward sees the copy too.
+    input, plan = ops.forward_plan(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                   training, momentum, residual, activation,
+                                   needs_graph and residual is not None and activation != 0, bump)
+    if needs_graph:
+        return ops.BatchNormFunction.apply(input, weight, bias, residual, (
+            plan, running_mean, running_var, num_batches_tracked, momentum, eps))
     # No graph to record (inference, no_grad): skip the autograd.Function machinery on the hot path.
-    return ops.forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                       momentum, eps, residual, activation, False, bump)[0]
+    return ops.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                           momentum, eps, residual)[0]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

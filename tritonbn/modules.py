@@ -20,19 +20,24 @@ class _TritonBatchNormMixin:
 
     def _bn_forward(self, input, residual, activation: int):
         self._check_input_dim(input)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
-        bn_training = self.training or (running_mean is None and running_var is None)
-        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if uses_triton(input) and supported(input, running_mean, running_var, self.weight, self.bias,
-                                            bn_training, self.eps):
+        # Parameters and buffers straight from their dicts: nn.Module.__getattr__ is slow, and this runs
+        # once per layer per step.
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        training = self.training
+        if not training or self.track_running_stats:
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        else:
+            running_mean = running_var = None
+        bn_training = training or (running_mean is None and running_var is None)
+        num_batches = buffers.get("num_batches_tracked") if training and self.track_running_stats else None
+        if uses_triton(input) and supported(input, running_mean, running_var, weight, bias, bn_training,
+                                            self.eps):
             # num_batches_tracked is incremented by the kernels (eager): nothing changes if a check raises.
-            return batch_norm_impl(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                   self.momentum, self.eps, self.num_batches_tracked if tracking else None,
-                                   bump=tracking, residual=residual, activation=activation)
-        return self._torch_forward(input, running_mean, running_var, bn_training, tracking, residual,
-                                   activation)
+            return batch_norm_impl(input, running_mean, running_var, weight, bias, bn_training, self.momentum,
+                                   self.eps, num_batches, num_batches is not None, residual, activation)
+        return self._torch_forward(input, running_mean, running_var, bn_training, num_batches is not None,
+                                   residual, activation)
 
     def _torch_forward(self, input, running_mean, running_var, bn_training, tracking, residual, activation):
         """torch's own ``_BatchNorm.forward``, except that ``num_batches_tracked`` is incremented only once

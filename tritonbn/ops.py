@@ -405,6 +405,8 @@ class ForwardPlan:
         tuning = TUNING
         acc = _acc_dtype(dtype)
         self.acc = acc
+        self.training = training
+        self.flags = flags
         c = view.c
         self.c = c
         self.numel = view.n * view.c * view.s
@@ -430,53 +432,44 @@ class ForwardPlan:
             BLOCK_S=e.block_s, BLOCK_C=e.block_c, ACC_DTYPE=tl_acc))
 
 
-def _forward_plan(x, view_key, training, flags) -> tuple[torch.Tensor, ForwardPlan, int, object]:
-    """(x, possibly copied), its plan, device index and stream."""
-    dev, stream = _device(x)
-    cache = _plan_cache()
-    key = (view_key, x.dtype, dev, training, flags)
+def forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, training: bool, momentum,
+                 residual=None, activation: int = 0, write_mask: bool = False, bump: bool = False):
+    """``(x, plan)`` of a forward call (arguments as ``forward``): x is a dense copy when the input is not
+    readable in place (or, for the bitmask, not in memory order). Cached by everything the kernels
+    specialize on, the big tensors' 16-byte alignment included."""
+    has_running = running_mean is not None
+    flags = (weight is not None, bias is not None, has_running and training,
+             training and has_running and momentum is None and num_batches_tracked is not None,
+             bump and training, residual is not None, activation, write_mask)
+    key = (x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
+    cache = _plans if TUNING is _plans_tuning else _plan_cache()
     plan = cache.get(key)
     if plan is None:
-        view = _dense_view(view_key[0], view_key[1])
-        if view is None or (flags[7] and view.flat_layout == TILED):
+        view = _dense_view(tuple(x.shape), x.stride())
+        if view is None or (write_mask and view.flat_layout == TILED):
             # Not readable in place, or the bitmask needs memory order: contiguous (planar) copy.
             x = x.contiguous()
-            return _forward_plan(x, (tuple(x.shape), x.stride(), True), training, flags)
-        plan = cache[key] = ForwardPlan(view, x.dtype, dev, training, flags)
-    return x, plan, dev, stream
+            return forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                                momentum, residual, activation, write_mask, bump)
+        plan = cache[key] = ForwardPlan(view, x.dtype, x.get_device(), training, flags)
+    return x, plan
 
 
-def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
-            momentum, eps: float, residual=None, activation: int = 0, write_mask: bool = False,
-            bump: bool = False):
-    """The forward pass: returns ``(y, stats, mask)``.
-
-    Training: batch statistics (``stats`` = ``[mean (C) | invstd (C) | partials]``, accumulation dtype),
-    running stats updated in place when given, with ``momentum`` or, when it is None and
-    ``num_batches_tracked`` is given, the cumulative factor 1/num_batches_tracked read on the device;
-    ``bump`` increments ``num_batches_tracked`` on the device first (the module's counter). Eval: from the
-    running statistics, ``stats`` is None. ``residual`` (x's shape and dtype) is added before
-    ``activation`` (0: none, 1: ReLU); ``write_mask`` also returns the ReLU mask as a bitmask (int32
-    words, bit i = element i of ``x`` in memory order), else ``mask`` is None. Returns ``(y, stats, mask,
-    x)``, x being the tensor the kernels read (a dense copy when the input was not readable in place)."""
-    # Alignment is part of the key: Triton specializes the big tensors' pointers on it.
-    view_key = (tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0)
-    has_running = running_mean is not None
-    cumulative = training and has_running and momentum is None and num_batches_tracked is not None
-    flags = (weight is not None, bias is not None, has_running and training, cumulative, bump and training,
-             residual is not None, activation, write_mask)
-    x, plan, dev, stream = _forward_plan(x, view_key, training, flags)
+def run_forward(plan: ForwardPlan, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                eps: float, residual=None):
+    """Run a forward ``plan`` on ``x`` (as returned by ``forward_plan``): ``(y, stats, mask)``."""
     y = torch.empty_like(x)
+    training = plan.training
     if plan.numel == 0:
-        return y, _empty_stats(x, plan.c) if training else None, None, x
-    acc = plan.acc
+        return y, _empty_stats(x, plan.c) if training else None, None
+    dev, stream = _device(x)
     ws = None
     if training:
-        ws = torch.empty(plan.ws_numel, dtype=acc, device=x.device)
-        cnt = _counters(x, dev, stream, plan.num_cblocks)
+        ws = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
         any_ = ws
-        plan.stats(stream, x, ws, cnt, running_mean if has_running else any_,
-                   running_var if has_running else any_,
+        plan.stats(stream, x, ws, _counters(x, dev, stream, plan.num_cblocks),
+                   running_mean if running_mean is not None else any_,
+                   running_var if running_var is not None else any_,
                    num_batches_tracked if num_batches_tracked is not None else any_,
                    *plan.stats_ints, 0.0 if momentum is None else float(momentum), float(eps), *plan.strides)
         mean_src = var_src = ws
@@ -488,11 +481,30 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, tra
         z = _like(x, residual)
         if z.data_ptr() % 16:   # the kernel was specialized for an aligned residual
             z = torch.empty_like(x).copy_(z)
-    mask = torch.empty(plan.mask_words, dtype=torch.int32, device=x.device) if write_mask else None
+    mask = torch.empty(plan.mask_words, dtype=torch.int32, device=x.device) if plan.mask_words else None
     plan.fwd(stream, x, y, z, mask if mask is not None else any_, mean_src, var_src,
              weight if weight is not None else any_, bias if bias is not None else any_,
-             num_batches_tracked if bump and training else any_, *plan.fwd_ints, float(eps), *plan.strides)
-    return y, ws, mask, x
+             num_batches_tracked if plan.flags[4] else any_, *plan.fwd_ints, float(eps), *plan.strides)
+    return y, ws, mask
+
+
+def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
+            momentum, eps: float, residual=None, activation: int = 0, write_mask: bool = False,
+            bump: bool = False):
+    """The forward pass.
+
+    Training: batch statistics (``stats`` = ``[mean (C) | invstd (C) | partials]``, accumulation dtype),
+    running stats updated in place when given, with ``momentum`` or, when it is None and
+    ``num_batches_tracked`` is given, the cumulative factor 1/num_batches_tracked read on the device;
+    ``bump`` increments ``num_batches_tracked`` on the device first (the module's counter). Eval: from the
+    running statistics, ``stats`` is None. ``residual`` (x's shape and dtype) is added before
+    ``activation`` (0: none, 1: ReLU); ``write_mask`` also returns the ReLU mask as a bitmask (int32
+    words, bit i = element i of ``x`` in memory order), else ``mask`` is None. Returns ``(y, stats, mask,
+    x)``, x being the tensor the kernels read (a dense copy when the input was not readable in place)."""
+    x, plan = forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                           momentum, residual, activation, write_mask, bump)
+    return (*run_forward(plan, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                         residual), x)
 
 
 def readable(x: torch.Tensor, flat: bool = False) -> bool:
@@ -649,11 +661,10 @@ def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
 
 def bn_normalize(x: torch.Tensor, stats, weight, bias, eps: float) -> torch.Tensor:
     """y = (x − mean)·invstd·γ + β from given statistics ``stats`` = ``[mean | invstd]`` (one launch)."""
-    flags = (weight is not None, bias is not None, False, False, False, False, 0, False)
-    x, plan, dev, stream = _forward_plan(x, (tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0), True,
-                                         flags)
+    x, plan = forward_plan(x, weight, bias, None, None, None, True, 0.0)
     y = torch.empty_like(x)
     if plan.numel:
+        _, stream = _device(x)
         plan.fwd(stream, x, y, x, stats, stats, stats, weight if weight is not None else stats,
                  bias if bias is not None else stats, stats, *plan.fwd_ints, float(eps), *plan.strides)
     return y
@@ -689,19 +700,21 @@ class BatchNormFunction(torch.autograd.Function):
     """Autograd layer over the launchers, fused epilogue included. Saves the input the kernels read, the
     parameters, the statistics workspace (training, fp32 / fp64) or the running statistics (eval), and the
     ReLU bitmask when there is a residual: no full-size tensor besides x. Double backward (create_graph)
-    runs the same formulas as differentiable torch ops (``tritonbn.torch_math``)."""
+    runs the same formulas as differentiable torch ops (``tritonbn.torch_math``).
+
+    ``call`` = ``(plan, running_mean, running_var, num_batches_tracked, momentum, eps)`` from
+    ``forward_plan``: one argument rather than six keeps ``apply`` cheap."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, num_batches_tracked, training,
-                momentum, eps, activation, bump):
-        write_mask = activation != 0 and residual is not None
-        y, stats, mask, x = forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                    momentum, eps, residual, activation, write_mask, bump)
-        if training:
+    def forward(ctx, x, weight, bias, residual, call):
+        plan, running_mean, running_var, num_batches_tracked, momentum, eps = call
+        y, stats, mask = run_forward(plan, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                     momentum, eps, residual)
+        if plan.training:
             ctx.save_for_backward(x, weight, bias, stats, stats, mask)
         else:
             ctx.save_for_backward(x, weight, bias, running_mean, running_var, mask)
-        ctx.cfg = (training, eps, activation, bias.dtype if bias is not None else None)
+        ctx.cfg = (plan.training, eps, plan.flags[6], bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
@@ -716,7 +729,7 @@ class BatchNormFunction(torch.autograd.Function):
         else:
             grads = backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
                              need_dw, dbias_dtype, need_dz)[:4]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None)
 
 
 def _differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation,
