@@ -9,6 +9,8 @@ Design choices (each one avoids a known bug of existing tools):
 * A layer module registered or called more than once is never edited in place: the call site that
   is folded gets its own clone.
 * The caller's model is deep-copied first and never touched.
+* A fused tritonbn ``BatchNormAct`` call is split into its BN part, the add and the activation first
+  (``fused_bn``): only the BN part is folded, the add and activation stay.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import fold_math
+from . import fold_math, fused_bn
 from .errors import FoldError, first_line
 from .report import FoldReport
 
@@ -156,6 +158,56 @@ class _GraphFolder:
         self.calls = Counter(
             id(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"
         )
+        self.names: dict = {}  # BN call node -> the BN's qualified name (a split call may be retargeted)
+        self.epilogue: dict = {}  # BN call node -> what its fused module also computed (report fields)
+        self.unsplit: dict = {}  # fused BN call node left whole -> why
+
+    def bn_name(self, node: fx.Node) -> str:
+        return self.names.get(node, _join(self.prefix, node.target))
+
+    def split_fused(self) -> None:
+        """Split every call of a fused BatchNormAct whose BN part may fold into BN part + add +
+        activation (``fused_bn.split_call``); the others stay whole (correct, just not folded)."""
+        sites: dict = {}  # id(fused module) -> (module, [(node, operands)])
+        for node in self.gm.graph.nodes:
+            m = self.module(node)
+            if fused_bn.is_fused(m):
+                sites.setdefault(id(m), (m, []))[1].append((node, fused_bn.call_operands(node)))
+        for m, calls in sites.values():
+            problem = bn_unfoldable(m) or fused_bn.split_problem(m)
+            if problem is None and any(ops is None for _, ops in calls):
+                problem = "BN is called with arguments other than (input, residual)"
+            for node, ops in calls:
+                self.names[node] = self.bn_name(node)
+                residual = None if ops is None else fused_bn.residual_label(ops[1], self.prefix)
+                self.epilogue[node] = {"activation": m.activation, "residual": residual}
+                if problem:
+                    self.unsplit[node] = problem
+            if problem:
+                continue
+            part = fused_bn.plain_part(m)
+            if id(m) in self.ctx.bn_ranks:
+                self.ctx.bn_ranks[id(part)] = self.ctx.bn_ranks[id(m)]
+            target = self.part_target(m, calls[0][0].target, part)
+            for node, (_, residual) in calls:
+                node.target = target
+                fused_bn.split_call(self.gm.graph, node, m.activation, residual)
+
+    def part_target(self, m: nn.Module, target: str, part: nn.Module) -> str:
+        """Install the BN part in place of the fused module when no other forward can reach it (one
+        name, not inside a user module another forward folds), else under a new name."""
+        atoms = target.split(".")
+        inside_user = any(_is_user_module(self.gm.get_submodule(".".join(atoms[:i])))
+                          for i in range(1, len(atoms)))
+        if self.ctx.names_per_module[id(m)] <= 1 and not inside_user:
+            _set_submodule(self.gm, target, part)
+            return target
+        base = target.replace(".", "_") + "_bn"
+        name, i = base, 1
+        while hasattr(self.gm, name):
+            name, i = f"{base}_{i}", i + 1
+        self.gm.add_submodule(name, part)
+        return name
 
     def module(self, node) -> nn.Module | None:
         if isinstance(node, fx.Node) and node.op == "call_module":
@@ -219,7 +271,8 @@ class _GraphFolder:
         into = self.install(prod, layer, _with_params(layer, w, b))
         bn_node.replace_all_uses_with(prod)
         self.gm.graph.erase_node(bn_node)
-        self.ctx.report.fold(name, _join(self.prefix, into), "after", type(layer).__name__)
+        self.ctx.report.fold(name, _join(self.prefix, into), "after", type(layer).__name__,
+                             **self.epilogue.get(bn_node, {}))
         self.warn_scale(name, s)
         return None
 
@@ -257,7 +310,8 @@ class _GraphFolder:
         into = self.install(cons, layer, _with_params(layer, w, b))
         bn_node.replace_all_uses_with(bn_node.args[0])
         self.gm.graph.erase_node(bn_node)
-        self.ctx.report.fold(name, _join(self.prefix, into), "before", type(layer).__name__)
+        self.ctx.report.fold(name, _join(self.prefix, into), "before", type(layer).__name__,
+                             **self.epilogue.get(bn_node, {}))
         self.warn_scale(name, s)
         return None
 
@@ -269,12 +323,13 @@ class _GraphFolder:
             )
 
     def run(self) -> None:
+        self.split_fused()
         for node in list(self.gm.graph.nodes):
             bn = self.module(node)
             if not isinstance(bn, _BatchNorm):
                 continue
-            name = _join(self.prefix, node.target)
-            reason = bn_unfoldable(bn)
+            name = self.bn_name(node)
+            reason = self.unsplit.get(node) or bn_unfoldable(bn)
             if reason is None and (node.kwargs or len(node.args) != 1):
                 reason = "BN is called with extra arguments"
             if reason is None:
@@ -285,7 +340,7 @@ class _GraphFolder:
                 if before is None:
                     continue
                 reason = f"not after a foldable layer ({after}); not before one ({before})"
-            self.ctx.report.skip(name, reason)
+            self.ctx.report.skip(name, reason, **self.epilogue.get(node, {}))
 
 
 def _fold_tree(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
@@ -296,7 +351,7 @@ def _fold_tree(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
         for name, m in module.named_modules():
             if isinstance(m, _BatchNorm):
                 ctx.report.skip(_join(prefix, name), f"'{prefix or type(module).__name__}' is not "
-                                f"FX-traceable ({type(e).__name__}: {msg})")
+                                f"FX-traceable ({type(e).__name__}: {msg})", **_fused_fields(m))
         return module
     _GraphFolder(gm, prefix, ctx).run()
     for node in gm.graph.nodes:
@@ -311,6 +366,11 @@ def _fold_tree(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _fused_fields(m: nn.Module) -> dict:
+    """Report fields of a fused BatchNormAct left whole (its residual, if any, is not known here)."""
+    return {"activation": m.activation, "residual": None} if fused_bn.is_fused(m) else {}
 
 
 def as_input_tuple(example_inputs, error=FoldError, tensors_only=False) -> tuple:
@@ -370,7 +430,8 @@ def fold_batchnorm(model: nn.Module, example_inputs=None):
     seen = {f.bn for f in report.folded} | {s.bn for s in report.skipped}
     for n in bn_names:
         if n not in seen:
-            report.skip(n, "not called as a module in the traced forward (unused or used functionally)")
+            report.skip(n, "not called as a module in the traced forward (unused or used functionally)",
+                        **_fused_fields(work.get_submodule(n)))
     report.bn_before = len(bn_names)
     report.bn_after = sum(isinstance(m, _BatchNorm) for m in folded.modules())
     folded.eval()

@@ -27,6 +27,7 @@ from .errors import (
     one_line,
 )
 from .fold_module import as_input_tuple, check_eval, fold_batchnorm
+from .fused_bn import is_fused, torch_class
 from .onnx_fold import fold_onnx
 from .outputs import StagedWrites, check_output_paths, write_atomic  # noqa: F401 - write_atomic: kept API
 from .report import FoldReport
@@ -55,16 +56,24 @@ _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def plain_torch_bn(model: nn.Module) -> nn.Module:
-    """Replace (in place, on a copy the caller owns) every non-torch BN by an equivalent torch BN."""
+    """Replace (in place, on a copy the caller owns) every non-torch BN by an equivalent torch BN; a fused
+    tritonbn BatchNormAct by torch BN + add + activation (its own forward if it overrides BatchNormAct's)."""
     for name, m in list(model.named_modules()):
         if not isinstance(m, _BatchNorm) or type(m) in _TORCH_BN + (EvalBatchNorm,):
             continue
-        cls = next((c for c in _TORCH_BN if isinstance(m, c)), EvalBatchNorm)
+        if is_fused(m):
+            cls = torch_class(m)
+            if cls is None:
+                continue
+        else:
+            cls = next((c for c in _TORCH_BN if isinstance(m, c)), EvalBatchNorm)
         ref = m.running_mean if m.running_mean is not None else m.weight
         new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                   device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
         new.load_state_dict(m.state_dict())
         new.train(m.training)
+        if is_fused(m):
+            new.activation = m.activation
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     return model
