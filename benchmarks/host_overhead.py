@@ -6,8 +6,11 @@ to issue the call. This splits that CPU time into
 * ``python``: tritonbn's own Python (validation, autograd, launchers) with kernel launches recorded
   instead of run (``tritonbn.ops._launch_hook``): runs on any machine;
 * ``triton launch``: one launch of a trivial Triton kernel with as many arguments as ours (GPU only);
+* ``triton launch``, cached: the same launch through tritonbn's cached ``CompiledKernel.run`` path;
 * ``module call``: a whole ``tritonbn.BatchNorm2d`` call, forward and forward+backward (GPU only),
-  next to ``torch.nn.BatchNorm2d`` for scale.
+  next to ``torch.nn.BatchNorm2d`` for scale;
+* ``backward``: a whole ``y.backward(dy)`` against the time spent in tritonbn's launchers, measured on
+  autograd's device thread where the backward runs (a main-thread profiler does not see it).
 
 Host µs per call are medians of repeated timed loops, with the GPU synchronized only between loops.
 """
@@ -15,7 +18,8 @@ Host µs per call are medians of repeated timed loops, with the GPU synchronized
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
+import time
 
 from .harness import host_us_per_call
 
@@ -39,29 +43,24 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if cuda else None
     rows = []
 
-    # Pure Python: the launches are recorded, not run (tiny CPU tensors, so no kernel work at all).
+    # Pure Python: the launches are recorded, not run (tiny CPU tensors, so no kernel work at all). A
+    # launch hook makes CPU tensors take the Triton path (tritonbn.dispatch).
     small = torch.randn(2, shape[1], 2, 2, requires_grad=True)
     bn = tritonbn.BatchNorm2d(shape[1])
     bn_eval = tritonbn.BatchNorm2d(shape[1]).eval()
-    ops._kernels()   # decorated now, as compiled kernels on a GPU machine, before TRITON_INTERPRET is touched
+    ops._kernels()
     ops._launch_hook = lambda *a, **k: None
-    interp = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"   # makes CPU tensors take the Triton path (launches are recorded)
     try:
-        rows.append(("python: module train forward (3 launches)", _host_us(lambda: bn(small))))
+        rows.append(("python: module train forward (2 launches)", _host_us(lambda: bn(small))))
         with torch.no_grad():
             rows.append(("python: module eval forward, no_grad (1 launch)",
                          _host_us(lambda: bn_eval(small.detach()))))
         y = bn(small)
-        rows.append(("python: backward (3 launches)",
+        rows.append(("python: backward (2 launches)",
                      _host_us(lambda: torch.autograd.grad(y, [small, bn.weight, bn.bias],
                                                           torch.ones_like(y), retain_graph=True))))
     finally:
         ops._launch_hook = None
-        if interp is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = interp
 
     if cuda:
         import triton
@@ -73,23 +72,63 @@ def main(argv=None) -> int:
             pass
 
         t = torch.empty(16, device="cuda")
-        launch = lambda: _empty[(1,)](t, t, t, t, t, t, 7, 9, 11, 13, 1e-5, 3, 5, 17,  # noqa: E731
-                                      A=1, B=2, C=3, D=4, num_warps=4)
-        rows.append(("triton launch: empty kernel, 14 args", _host_us(launch, sync=sync)))
+        args = (t, t, t, t, t, t, 7, 9, 11, 13, 1e-5, 3, 5, 17)
+        launch = lambda: _empty[(1,)](*args, A=1, B=2, C=3, D=4, num_warps=4)  # noqa: E731
+        rows.append(("triton launch: kernel[grid](...), 14 args", _host_us(launch, sync=sync)))
+        cached = ops._Launch(_empty, (1,), 4, dict(A=1, B=2, C=3, D=4))
+        stream = torch.cuda.current_stream().cuda_stream
+        cached(stream, *args)
+        rows.append((f"triton launch: cached CompiledKernel.run ({'on' if cached.fast else 'OFF'})",
+                     _host_us(lambda: cached(stream, *args), sync=sync)))
 
         x = torch.randn(shape, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+        dy = torch.randn_like(x)
         ours = tritonbn.BatchNorm2d(shape[1]).to(device)
         theirs = torch.nn.BatchNorm2d(shape[1]).to(device)
         for name, m in (("tritonbn", ours), ("torch", theirs)):
             rows.append((f"module call: {name} train forward",
                          _host_us(lambda m=m: m(x), calls=50, sync=sync)))
             rows.append((f"module call: {name} train fwd+bwd",
-                         _host_us(lambda m=m: m(x).sum().backward(), calls=20, sync=sync)))
+                         _host_us(lambda m=m: m(x).backward(dy), calls=20, sync=sync)))
+        rows += _backward_split(ours, x, dy, sync)
     print(f"host µs per call ({'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU only'}, "
           f"torch {torch.__version__})")
     for name, us in rows:
         print(f"  {name:48s} {us:8.1f}")
     return 0
+
+
+def _backward_split(module, x, dy, sync):
+    """Where a backward's host time goes. Autograd runs BatchNormFunction.backward on its device thread,
+    which a profiler on the main thread never sees: time it there, inside the function, next to the
+    whole ``y.backward(dy)`` call measured on the main thread."""
+
+    from tritonbn import ops
+
+    inside = []
+    real = ops.backward
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        out = real(*a, **k)
+        inside.append(time.perf_counter() - t0)
+        return out
+
+    ys = [module(x) for _ in range(20)]
+    sync()
+    ops.backward = timed
+    try:
+        t0 = time.perf_counter()
+        for y in ys:
+            y.backward(dy)
+        total = (time.perf_counter() - t0) / len(ys) * 1e6
+    finally:
+        ops.backward = real
+    sync()
+    launchers = statistics.median(inside) * 1e6
+    return [("backward: whole y.backward(dy), main thread", total),
+            ("backward: tritonbn launchers, autograd thread", launchers),
+            ("backward: the rest (engine, autograd.Function)", total - launchers)]
 
 
 if __name__ == "__main__":
