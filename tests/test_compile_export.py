@@ -200,6 +200,7 @@ def test_torch_export_eval_model(device):
     torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
 @pytest.mark.parametrize("dynamo", [True, False])
 def test_onnx_export_runs_in_onnxruntime(dynamo, tmp_path):
     onnx = pytest.importorskip("onnx")

@@ -31,6 +31,11 @@ class _TritonBatchNormMixin:
             running_mean = running_var = None
         bn_training = training or (running_mean is None and running_var is None)
         num_batches = buffers.get("num_batches_tracked") if training and self.track_running_stats else None
+        if torch.jit.is_tracing():
+            # TorchScript tracing (ONNX export with dynamo=False): torch's own module code, so the trace
+            # holds torch's ops and no shape check of ours turns into a TracerWarning.
+            return self._torch_forward(input, running_mean, running_var, bn_training, num_batches is not None,
+                                       residual, activation)
         if uses_triton(input) and supported(input, running_mean, running_var, weight, bias, bn_training,
                                             self.eps):
             # num_batches_tracked is incremented by the kernels (eager): nothing changes if a check raises.
@@ -78,7 +83,7 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         act = activation_code(self.activation)
-        if residual is not None and not _fusable_residual(input, residual):
+        if residual is not None and (torch.jit.is_tracing() or not _fusable_residual(input, residual)):
             # Not fusable (broadcasting, type promotion): the unfused ops, with torch's semantics, so a model
             # that tritonbn.fuse_model rewrote computes what the original did for any input.
             return epilogue(self._bn_forward(input, None, 0), residual, act)
