@@ -330,3 +330,20 @@ def test_cuda_fast_launch_matches_normal_launch(layout, fused, monkeypatch):
         results.append(outs)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_unaligned_gradient_and_residual_are_handled(device):
+    """The kernels are specialized for 16-byte aligned dy and residual: views at odd offsets are copied
+    (never read with the aligned specialization) and give the same results."""
+    torch.manual_seed(1)
+    x = make_input((4, 6, 5, 7), "contiguous", device=device).requires_grad_(True)
+    w = torch.rand(6, device=device, requires_grad=True)
+    base = torch.randn(2 * x.numel() + 1, device=device)
+    z = base[1:1 + x.numel()].view_as(x)                 # 4-byte offset: not 16-byte aligned
+    dy = base[3:3 + x.numel()].view_as(x)
+    assert z.data_ptr() % 16 and dy.data_ptr() % 16
+    y = tritonbn.batch_norm(x, None, None, w, None, training=True, residual=z, activation="relu")
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    y_a = tritonbn.batch_norm(x, None, None, w, None, training=True, residual=z.clone(), activation="relu")
+    gx_a, gw_a = torch.autograd.grad(y_a, (x, w), dy.clone())
+    assert torch.equal(y, y_a) and torch.equal(gx, gx_a) and torch.equal(gw, gw_a)

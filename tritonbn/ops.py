@@ -535,6 +535,7 @@ class BackwardPlan:
         c = view.c
         self.c = c
         self.numel = view.n * view.c * view.s
+        self.count = view.n * view.s
         self.strides = view.strides
         tl_acc = _tl_dtype(acc)
         self.reduce = self.dx = None
@@ -569,21 +570,32 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
     from x)."""
     need_db = dbias_dtype is not None
     need_dw = need_dweight and weight is not None
-    x, view = _prepare(x)
-    dy = _like(x, dy)
     if need_dz and activation == 0:
-        dz, need_dz = dy, False     # y = bn(x) + z: the residual's gradient is dy itself
+        dz, need_dz = None, False   # y = bn(x) + z: the residual's gradient is dy itself (set below)
+        dz_is_dy = True
     else:
         dz = None
+        dz_is_dy = False
     flags = (weight is not None, bias is not None, activation, mask is not None, need_dx, need_dw, need_db,
              need_dz, need_sums)
-    dev, stream = _device(x)
-    cache = _plan_cache()
-    key = ("bwd", tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0, dy.data_ptr() % 16 == 0, x.dtype, dev,
-           training, flags)
+    key = ("bwd", x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
+    cache = _plans if TUNING is _plans_tuning else _plan_cache()
     plan = cache.get(key)
     if plan is None:
-        plan = cache[key] = BackwardPlan(view, x.dtype, dev, training, flags)
+        view = _dense_view(tuple(x.shape), x.stride())
+        if view is None:   # saved inputs are dense (the forward read them in place or copied them)
+            x = x.contiguous()
+            return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
+                            need_dweight, dbias_dtype, need_dz or dz_is_dy, need_sums)
+        plan = cache[key] = BackwardPlan(view, x.dtype, x.get_device(), training, flags)
+    # dy laid out as x (a copy only for an unusual gradient, e.g. the expanded one of y.sum()) and 16-byte
+    # aligned, as the kernels are specialized for it.
+    dy = _like(x, dy)
+    if dy.data_ptr() % 16:
+        dy = torch.empty_like(x).copy_(dy)
+    if dz_is_dy:
+        dz = dy
+    dev, stream = _device(x)
     c = plan.c
     dweight = torch.empty(c, dtype=weight.dtype, device=x.device) if need_dw else None
     dbias = torch.empty(c, dtype=dbias_dtype, device=x.device) if need_db else None
@@ -610,7 +622,7 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
         plan.dx(stream, x, dy, dx if dx is not None else dy, dz if need_dz else dy,
                 mask if mask is not None else any_, mean_src, var_src,
                 weight if weight is not None else any_, bias if bias is not None else any_, sums,
-                *plan.dx_ints, var_off, view.n * view.s, float(eps), *plan.strides)
+                *plan.dx_ints, var_off, plan.count, float(eps), *plan.strides)
     return dx, dweight, dbias, dz, sums[:2 * c].view(2, c) if need_sums else None
 
 
