@@ -347,3 +347,51 @@ def test_unaligned_gradient_and_residual_are_handled(device):
     y_a = tritonbn.batch_norm(x, None, None, w, None, training=True, residual=z.clone(), activation="relu")
     gx_a, gw_a = torch.autograd.grad(y_a, (x, w), dy.clone())
     assert torch.equal(y, y_a) and torch.equal(gx, gx_a) and torch.equal(gw, gw_a)
+
+
+@pytest.mark.cuda
+def test_cuda_concurrent_streams_have_their_own_counters():
+    """Two streams running the same layer shapes at once: each launch takes its stream's counters, so
+    neither finalizes with the other's partials. Every result equals the one-stream result, bitwise."""
+    torch.manual_seed(0)
+    xs = [make_input((64, 256, 28, 28), "channels_last", dtype=torch.bfloat16, device="cuda", shift=i)
+          for i in range(2)]
+    w = torch.rand(256, device="cuda")
+    want = [tritonbn.batch_norm(x, None, None, w, None, training=True) for x in xs]
+    streams = [torch.cuda.Stream() for _ in xs]
+    torch.cuda.synchronize()
+    for _ in range(5):
+        outs = [None, None]
+        for i, (x, s) in enumerate(zip(xs, streams)):
+            with torch.cuda.stream(s):
+                outs[i] = [tritonbn.batch_norm(x, None, None, w, None, training=True) for _ in range(4)]
+        torch.cuda.synchronize()
+        for got, exp in zip(outs, want):
+            for y in got:
+                assert torch.equal(y, exp)
+    assert len({(dev, s) for dev, s in ops._counters_by_stream}) >= 3
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_on_a_fresh_stream_with_many_layers():
+    """A graph captured on a stream that never ran tritonbn takes its counters from the pre-zeroed arena
+    (nothing allocated or zeroed inside the capture) and replays correctly, many layers deep."""
+    torch.manual_seed(0)
+    layers = [tritonbn.BatchNormAct2d(32, activation="relu").cuda() for _ in range(12)]
+    x = torch.randn(16, 32, 14, 14, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def step(inp):
+        y = inp
+        for m in layers:
+            y = m(y, inp)
+        return y
+
+    eager = step(x).clone()             # warms up (compiles) on the default stream
+    stream = torch.cuda.Stream()        # never used before: a fresh counter slot
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = step(x)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
