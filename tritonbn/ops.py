@@ -103,10 +103,17 @@ def _fast_launch_supported() -> bool:
     return (3, 6) <= (major, minor) <= (3, 9) and not interpreted()
 
 
-def _launch_hooks_active() -> bool:
+@functools.cache
+def _runtime_knobs():
     from triton import knobs
 
-    return bool(knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls)
+    return knobs.runtime
+
+
+def _launch_hooks_active() -> bool:
+    """Whether Triton launch hooks (profilers such as proton) are installed: they see only normal launches."""
+    rt = _runtime_knobs()
+    return bool(rt.launch_enter_hook.calls or rt.launch_exit_hook.calls)
 
 
 class _Launch:
@@ -388,14 +395,6 @@ def _device(x: torch.Tensor):
     return -1, None
 
 
-def _aligned(t) -> bool:
-    return t is None or t.data_ptr() % 16 == 0
-
-
-def _dtype(t):
-    return None if t is None else t.dtype
-
-
 class ForwardPlan:
     """Everything about a forward call that does not change from call to call."""
 
@@ -633,25 +632,6 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, num_batches_tra
     y, stats, _, _ = forward(x, weight, bias, running_mean, running_var, num_batches_tracked, True,
                              momentum, eps)
     return (y, *stats_views(stats, x.shape[1]))
-
-
-def bn_forward_eval(x, weight, bias, running_mean, running_var, eps):
-    """Inference forward from running statistics: one elementwise kernel."""
-    return forward(x, weight, bias, running_mean, running_var, None, False, 0.0, eps)[0]
-
-
-def bn_backward(dy, x, weight, mean, invstd, training: bool, need_dx: bool, need_dweight: bool,
-                dbias_dtype: torch.dtype | None):
-    """(dx, dγ, dβ) from the saved batch ``mean``/``invstd`` (training) or with ``mean``/``invstd`` the
-    running mean and *variance* (eval, invstd computed in the kernels)."""
-    if training:
-        stats = torch.cat((mean, invstd)) if mean.numel() else mean
-        mean_src = var_src = stats
-    else:
-        mean_src, var_src = mean, invstd
-    dx, dw, db, _, _ = backward(dy, x, weight, None, mean_src, var_src, None, training, 0.0, 0, need_dx,
-                                need_dweight, dbias_dtype, False)
-    return dx, dw, db
 
 
 # SyncBatchNorm: partial statistics without the finalize, then normalize / backward with its own stats.
