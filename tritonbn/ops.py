@@ -162,7 +162,7 @@ class _Launch:
 
 _COUNTER_SLOTS = 32
 _COUNTER_SLOT_SIZE = 4096
-_counter_arenas: dict = {}     # device index -> (arena tensor, next free slot)
+_counter_arenas: dict = {}     # device index -> [arena tensor, next free slot, event after its zero fill]
 _counters_by_stream: dict = {}  # (device index, stream) -> int32 tensor
 _graph_owned: list = []         # counters a captured graph uses: kept alive as long as the process
 
@@ -175,17 +175,26 @@ def _counters(x: torch.Tensor, dev: int, stream, n: int) -> torch.Tensor:
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     arena = _counter_arenas.get(dev)
     if arena is None and not capturing:
-        arena = _counter_arenas[dev] = [torch.zeros(_COUNTER_SLOTS * _COUNTER_SLOT_SIZE, dtype=torch.int32,
-                                                    device=x.device), 0]
+        zeros = torch.zeros(_COUNTER_SLOTS * _COUNTER_SLOT_SIZE, dtype=torch.int32, device=x.device)
+        event = None
+        if x.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        arena = _counter_arenas[dev] = [zeros, 0, event]
     if n <= _COUNTER_SLOT_SIZE and arena is not None and arena[1] < _COUNTER_SLOTS:
         i = arena[1]
         arena[1] += 1
         buf = arena[0][i * _COUNTER_SLOT_SIZE:(i + 1) * _COUNTER_SLOT_SIZE]
+        if arena[2] is not None and not capturing:
+            # The arena was zeroed on the stream that created it: order this stream after that fill (a
+            # capture needs no wait: torch.cuda.graph synchronizes the device before it begins).
+            torch.cuda.current_stream(x.device).wait_event(arena[2])
     elif capturing:
         buf = torch.zeros(max(n, 1), dtype=torch.int32, device=x.device)
         _graph_owned.append(buf)
         return buf
     else:
+        # Zeroed on this stream, which alone uses it.
         buf = torch.zeros(max(n, _COUNTER_SLOT_SIZE), dtype=torch.int32, device=x.device)
     _counters_by_stream[key] = buf
     return buf
