@@ -404,6 +404,12 @@ def _device(x: torch.Tensor):
     return -1, None
 
 
+def _on_other_device(x: torch.Tensor) -> bool:
+    """Whether ``x`` lives on a CUDA device that is not the current one (a model on cuda:1 while cuda:0 is
+    current): Triton compiles and launches for the current device, so the launchers switch first."""
+    return x.is_cuda and x.get_device() != torch._C._cuda_getDevice()
+
+
 class ForwardPlan:
     """Everything about a forward call that does not change from call to call."""
 
@@ -466,6 +472,10 @@ def forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked
 def run_forward(plan: ForwardPlan, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                 eps: float, residual=None):
     """Run a forward ``plan`` on ``x`` (as returned by ``forward_plan``): ``(y, stats, mask)``."""
+    if _on_other_device(x):
+        with torch.cuda.device(x.device):
+            return run_forward(plan, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                               momentum, eps, residual)
     y = torch.empty_like(x)
     training = plan.training
     if plan.numel == 0:
@@ -576,6 +586,10 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
     Training: ``mean_src`` and ``var_src`` are the forward's ``stats``. Eval: the running mean and variance
     (constants). ``mask``: the forward's ReLU bitmask (residual + ReLU), else None (the mask is recomputed
     from x)."""
+    if _on_other_device(x):
+        with torch.cuda.device(x.device):
+            return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
+                            need_dweight, dbias_dtype, need_dz, need_sums)
     need_db = dbias_dtype is not None
     need_dw = need_dweight and weight is not None
     if need_dz and activation == 0:
@@ -645,6 +659,18 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, num_batches_tra
 
 # SyncBatchNorm: partial statistics without the finalize, then normalize / backward with its own stats.
 
+def _on_x_device(fn):
+    """Run ``fn(x, ...)`` with x's CUDA device current (see ``_on_other_device``)."""
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        if _on_other_device(x):
+            with torch.cuda.device(x.device):
+                return fn(x, *args)
+        return fn(x, *args)
+    return wrapper
+
+
+@_on_x_device
 def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
     """Per-split batch statistics ``[3, splits, C]`` = (mean − K_c, M2, count), shifted by
     K_c = x[0, c, 0] (see ``_bn_stats_kernel``), and the number of splits. One launch."""
@@ -660,6 +686,7 @@ def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
     return ws[2 * view.c:].view(3, r.splits, view.c), r.splits
 
 
+@_on_x_device
 def bn_normalize(x: torch.Tensor, stats, weight, bias, eps: float) -> torch.Tensor:
     """y = (x − mean)·invstd·γ + β from given statistics ``stats`` = ``[mean | invstd]`` (one launch)."""
     x, plan = forward_plan(x, weight, bias, None, None, None, True, 0.0)
@@ -678,6 +705,7 @@ def bn_backward_sums(x: torch.Tensor, dy: torch.Tensor, stats: torch.Tensor) -> 
                     need_sums=True)[4]
 
 
+@_on_x_device
 def bn_backward_dx(x: torch.Tensor, dy: torch.Tensor, weight, stats, sums, count: int) -> torch.Tensor:
     """Training dx from given statistics ``stats`` = ``[mean | invstd]`` and ``sums`` = ``[Σdy, Σ(dy·x̂)]``
     over ``count`` values per channel (SyncBatchNorm: the global ones). One launch."""
