@@ -100,6 +100,8 @@ CASES = [
     ((2, 5, 3, 6), "permuted"),       # dense, but H and W swapped in memory: copied
     ((2, 3, 2, 3, 4), "contiguous"),
     ((2, 5, 3, 2, 3), "channels_last"),
+    ((2, 3, 2, 6), "contiguous"),     # S = 12: planes 4-aligned, not 16 (vectorization hint DIV_S = 4)
+    ((2, 12, 2, 3), "channels_last"),  # C = 12: rows 4-aligned (DIV_C = 4)
 ]
 
 

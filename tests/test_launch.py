@@ -159,8 +159,8 @@ def test_fast_launch_passes_the_same_arguments_as_the_normal_launch(monkeypatch)
     real_kernel = ops._kernels()._bn_forward_kernel
     launch = ops._Launch(real_kernel, (3, 1), 8, dict(HAS_WEIGHT=True, HAS_BIAS=False, FROM_VAR=False,
                                                      HAS_RESIDUAL=False, ACTIVATION=0, WRITE_MASK=False,
-                                                     BUMP_BATCHES=False, LAYOUT=0, BLOCK_S=4, BLOCK_C=2,
-                                                     ACC_DTYPE=None))
+                                                     BUMP_BATCHES=False, LAYOUT=0, DIV_S=1, DIV_C=1,
+                                                     BLOCK_S=4, BLOCK_C=2, ACC_DTYPE=None))
 
     class FakeKernel:
         params = [type("P", (), {"name": n, "is_constexpr": n in _constexpr_names(real_kernel)})()

@@ -117,6 +117,24 @@ def _mask_bit(mask_ptr, off, mask):
 
 
 @triton.jit
+def _hint_divisible(v, DIV: tl.constexpr):
+    """``v``, declared a multiple of DIV (the launcher checked it): ``(v // DIV) * DIV`` lets Triton's
+    alignment analysis see it, so loads along the contiguous axis vectorize although ``v`` is not a
+    multiple of 16 (a 14×14 plane is 196 elements: 16-byte aligned rows in fp32)."""
+    if DIV > 1:
+        v = (v // DIV) * DIV
+    return v
+
+
+@triton.jit
+def _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S: tl.constexpr, DIV_C: tl.constexpr):
+    """Divisibility the launcher proved for the view: DIV_S for the planar axis (S, stride_xc, stride_xn),
+    DIV_C for the channel axis (C, stride_xs, stride_xn); at most one of them is above 1."""
+    return (_hint_divisible(C, DIV_C), _hint_divisible(S, DIV_S), _hint_divisible(stride_xn, DIV_S * DIV_C),
+            _hint_divisible(stride_xc, DIV_S), _hint_divisible(stride_xs, DIV_C))
+
+
+@triton.jit
 def _reduce_tile(C, blocks_per_split, total_blocks, stride_xc, stride_xs,
                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's channel tile and row-block range in a reduction kernel (grid ``(channel tiles,
@@ -164,8 +182,8 @@ def _bn_stats_kernel(
     C, S, num_sblocks, blocks_per_split, total_blocks, momentum: tl.float64, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
     HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BUMP_BATCHES: tl.constexpr,
-    FINALIZE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    FINALIZE: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Batch statistics: per-split partials, merged by the last program of each channel tile.
 
@@ -185,6 +203,7 @@ def _bn_stats_kernel(
 
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
+    C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
     c0, offs_s, offs_c, mask_c, tile, c_base, b_start, b_end = _reduce_tile(
         C, blocks_per_split, total_blocks, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
     x_base = x_ptr + c_base
@@ -290,7 +309,8 @@ def _bn_forward_kernel(
     stride_xn, stride_xc, stride_xs,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ACTIVATION: tl.constexpr, WRITE_MASK: tl.constexpr, BUMP_BATCHES: tl.constexpr, LAYOUT: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DIV_S: tl.constexpr, DIV_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """y = act(γ·(x − μ)·invstd + β [+ z]), written in y's dtype with x's strides (z has them too).
 
@@ -304,6 +324,7 @@ def _bn_forward_kernel(
     when FLAT.
     """
     tl.static_assert(LAYOUT != TILED or not WRITE_MASK, "the ReLU bitmask needs a FLAT layout")
+    C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
     base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
                                                    stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
     mean, _, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off, eps,
@@ -335,8 +356,9 @@ def _bn_backward_reduce_kernel(
     C, S, num_sblocks, blocks_per_split, total_blocks, var_off, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
     FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_DWEIGHT: tl.constexpr, HAS_DBIAS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DWEIGHT: tl.constexpr, HAS_DBIAS: tl.constexpr, DIV_S: tl.constexpr,
+    DIV_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """Σg and Σ(g·x̂), x̂ = (x − μ)·invstd, g = dy (no activation) or dy·[y > 0] (ReLU: the bitmask when
     HAS_MASK, else y recomputed from x exactly as the forward did), from the saved statistics (never
@@ -348,6 +370,7 @@ def _bn_backward_reduce_kernel(
 
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
+    C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
     c0, offs_s, offs_c, mask_c, tile, c_base, b_start, b_end = _reduce_tile(
         C, blocks_per_split, total_blocks, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
     chan = c0 + offs_c
@@ -404,7 +427,8 @@ def _bn_backward_dx_kernel(
     stride_xn, stride_xc, stride_xs,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr, TRAINING: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DZ: tl.constexpr,
-    LAYOUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    LAYOUT: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dx = γ·invstd · (g − Σg/m − x̂·Σ(g·x̂)/m), m = ``count`` = N·S (TRAINING: batch statistics), or
     dx = γ·invstd · g when the statistics were constants (eval); g = dy, or dy·[y > 0] after a ReLU (as in
@@ -412,6 +436,7 @@ def _bn_backward_dx_kernel(
 
     Grid: as ``_bn_forward_kernel``.
     """
+    C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
     base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
                                                    stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
     mean, invstd, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -324,6 +325,28 @@ def _tiles(view: View, tile: int, tuning: Tuning) -> tuple[int, int]:
     return block_s, block_c
 
 
+def _divisors(view: View, itemsize: int) -> tuple[int, int]:
+    """``(DIV_S, DIV_C)``: the power of two (up to one 16-byte vector) dividing the view's sizes and strides
+    along its contiguous axis, for the kernels' vectorization hints (see ``kernels._view_hints``). 1 where
+    Triton's own specialization (multiples of 16) already says it, or where it does not hold."""
+    def common(*vals):
+        g = 0
+        for v in vals:
+            g = math.gcd(g, v)
+        if g % 16 == 0:
+            return 1
+        d, cap = 1, max(1, 16 // itemsize)
+        while d < cap and g % (2 * d) == 0:
+            d *= 2
+        return d
+
+    if view.stride_s == 1 and view.stride_c != 1:
+        return common(view.s, view.stride_c, view.stride_n), 1
+    if view.stride_c == 1 and view.stride_s != 1:
+        return 1, common(view.c, view.stride_s, view.stride_n)
+    return 1, 1
+
+
 @dataclasses.dataclass(frozen=True)
 class ReducePlan:
     """Tiles and row splits of a reduction kernel (grid ``(num_cblocks, splits)``)."""
@@ -428,6 +451,7 @@ class ForwardPlan:
         self.stats = None
         if self.numel == 0:
             return
+        div_s, div_c = _divisors(view, dtype.itemsize)
         if training:
             r = _reduce_plan(view, _target_programs(dev), tuning, acc == torch.float64)
             self.num_cblocks = r.num_cblocks
@@ -435,15 +459,18 @@ class ForwardPlan:
             self.stats_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.stats = _Launch(k._bn_stats_kernel, r.grid, tuning.reduce_warps, dict(
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
-                BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
+                DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k,
+                ACC_DTYPE=tl_acc))
         e = _elementwise_plan(view, tuning, write_mask, acc == torch.float64)
+        flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
         self.fwd_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks, c if training else 0)
         self.strides = view.strides
         self.fwd = _Launch(k._bn_forward_kernel, e.grid, tuning.elementwise_warps, dict(
             HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_VAR=not training, HAS_RESIDUAL=has_residual,
             ACTIVATION=act, WRITE_MASK=write_mask, BUMP_BATCHES=bump, LAYOUT=e.layout,
-            BLOCK_S=e.block_s, BLOCK_C=e.block_c, ACC_DTYPE=tl_acc))
+            DIV_S=1 if flat else div_s, DIV_C=1 if flat else div_c, BLOCK_S=e.block_s, BLOCK_C=e.block_c,
+            ACC_DTYPE=tl_acc))
 
 
 def forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, training: bool, momentum,
@@ -559,6 +586,7 @@ class BackwardPlan:
         self.reduce = self.dx = None
         if self.numel == 0:
             return
+        div_s, div_c = _divisors(view, dtype.itemsize)
         common = dict(HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_VAR=not training, ACTIVATION=act,
                       HAS_MASK=has_mask, ACC_DTYPE=tl_acc)
         if need_dw or need_db or need_sums or (training and need_dx):
@@ -567,14 +595,15 @@ class BackwardPlan:
             self.ws_numel = 2 * c + 2 * r.splits * c
             self.reduce_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.reduce = _Launch(k._bn_backward_reduce_kernel, r.grid, tuning.reduce_warps, dict(
-                common, HAS_DWEIGHT=need_dw, HAS_DBIAS=need_db, BLOCK_S=r.block_s, BLOCK_C=r.block_c,
-                BLOCK_K=r.block_k))
+                common, HAS_DWEIGHT=need_dw, HAS_DBIAS=need_db, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s,
+                BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
             e = _elementwise_plan(view, tuning, False, acc == torch.float64)
             self.dx_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks)
             self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(
                 common, TRAINING=training, WRITE_DX=need_dx, WRITE_DZ=write_dz, LAYOUT=e.layout,
+                DIV_S=1 if e.layout != TILED else div_s, DIV_C=1 if e.layout != TILED else div_c,
                 BLOCK_S=e.block_s, BLOCK_C=e.block_c))
 
 
@@ -678,9 +707,10 @@ def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
     acc = _acc_dtype(x.dtype)
     r = _reduce_plan(view, _target_programs(dev), TUNING, acc == torch.float64)
     ws = torch.empty(2 * view.c + 3 * r.splits * view.c, dtype=acc, device=x.device)
+    div_s, div_c = _divisors(view, x.dtype.itemsize)
     launch = _Launch(_kernels()._bn_stats_kernel, r.grid, TUNING.reduce_warps, dict(
-        HAS_RUNNING=False, CUMULATIVE=False, BUMP_BATCHES=False, FINALIZE=False, BLOCK_S=r.block_s,
-        BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=_tl_dtype(acc)))
+        HAS_RUNNING=False, CUMULATIVE=False, BUMP_BATCHES=False, FINALIZE=False, DIV_S=div_s, DIV_C=div_c,
+        BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=_tl_dtype(acc)))
     launch(stream, x, ws, ws, ws, ws, ws, view.c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks,
            0.0, 0.0, *view.strides)
     return ws[2 * view.c:].view(3, r.splits, view.c), r.splits
