@@ -8,6 +8,9 @@
 #
 #   step          budget (s, defaults; typical use)            writes
 #   env           ~7 (imports torch, triton, torchvision)     OUTDIR/env.txt
+#   warm_cache    WARM_TIMEOUT=60: compiles the ~220 kernel    console only
+#                 specializations the steps below launch, on every CPU core, into Triton's cache (serially,
+#                 at their first launch, they would take minutes of the budget); skipped with SMOKE=1
 #   cuda_tests    TEST_TIMEOUT=110 (pytest -m cuda; ~85)       OUTDIR/pytest_cuda.log
 #   host_us       HOST_BUDGET=30 (+15 hard)                    OUTDIR/host_us.json
 #   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
@@ -131,6 +134,11 @@ env_to_file() {
     return "${PIPESTATUS[0]}"
 }
 step env env_to_file
+
+# --- Triton cache, compiled in parallel ahead of the first launches ------------------------------------
+if [ "$SMOKE" != 1 ]; then
+    step warm_cache timeout -k 5 "${WARM_TIMEOUT:-60}" "$PY" -m benchmarks.warm_cache
+fi
 
 # --- CUDA tests -----------------------------------------------------------------------------------------
 run_tests() {

@@ -680,3 +680,15 @@ def test_summary_without_any_piece(tmp_path):
     assert "model.json not written" in S["resnet50"]["graph_b128"]["reason"]
     assert "bench.json not written" in S["kernel_geomean_vs_eager"]["reason"]
     assert all(c["ok"] is None for c in S["criteria"])
+
+
+def test_warm_cache_records_the_gpu_checks_specializations():
+    """The cache warmer records, without a GPU, the launches ResNet-50's BN layers make (plain, BN+ReLU,
+    BN+add+ReLU, forward and backward, eval) as Triton would specialize them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.warm_cache", "--dry-run", "--no-quick"],
+                         capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    n = int(res.stdout.split("warm_cache: ")[1].split()[0])
+    assert 20 <= n <= 400, res.stdout

@@ -1,0 +1,117 @@
+"""Compile, in parallel and ahead of time, the kernel specializations the GPU check will launch.
+
+    python -m benchmarks.warm_cache              # GPU machine: fills Triton's cache for this GPU
+    python -m benchmarks.warm_cache --dry-run    # any machine: only count the specializations
+
+A Triton kernel compiles on its first launch, in the launching process, one specialization after the
+other (a second or so each). The GPU check launches a few hundred (ResNet-50's 12 BatchNorm shapes at two
+batch sizes, plain and fused, forward and backward, plus the kernel suite's shapes), which would eat its
+short time budget serially. This records the launches the library would make for those shapes, exactly
+as on the GPU (the GPU's SM count sets the splits; ``tritonbn.compile_gate`` turns each launch into the
+specialization Triton's launcher derives), and compiles them on every CPU core into Triton's on-disk
+cache, where the first launches then find them. Nothing runs on the GPU; a specialization whose cache key
+differs from the runtime's only costs its compile time here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+import time
+
+
+def _record(sm_count: int, quick_shapes: bool) -> list:
+    import torch
+
+    from tritonbn import compile_gate, ops
+
+    from .shapes import QUICK, _rn50
+
+    records = {}
+
+    def hook(kernel, grid, args, constexprs, num_warps):
+        spec = compile_gate._specialize(kernel, args, constexprs)
+        records.setdefault((kernel.fn.__name__, repr(spec), num_warps), (kernel.fn.__name__, spec, num_warps))
+
+    cases = [(c.shape, "channels_last", torch.bfloat16) for b in (32, 128) for c in _rn50(b)]
+    if quick_shapes:
+        cases += [(c.shape, layout, dtype) for c in QUICK for dtype in (torch.bfloat16, torch.float32)
+                  for layout in (("contiguous", "channels_last") if len(c.shape) >= 3 else ("contiguous",))]
+    real_target = ops._target_programs
+    ops._target_programs = lambda dev: ops.TUNING.waves * sm_count
+    ops._launch_hook = hook
+    try:
+        for shape, layout, dtype in cases:
+            # Empty CPU tensors of the real shapes: the launchers only read shapes, strides and alignment.
+            x = torch.empty(shape, dtype=dtype)
+            if layout == "channels_last" and x.dim() in (4, 5):
+                fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+                x = x.contiguous(memory_format=fmt)
+            c = shape[1]
+            w, b = torch.ones(c), torch.zeros(c)       # fp32 parameters (autocast / AMP, and fp32 input)
+            rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
+            for residual, act in ((None, 0), (None, 1), (torch.empty_like(x), 1)):
+                mask = residual is not None
+                _, stats, bits, xr = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5, residual, act, mask,
+                                                 True)
+                ops.backward(torch.empty_like(xr), xr, w, b, stats, stats, bits, True, 1e-5, act, True, True,
+                             torch.float32, mask)
+            ops.forward(x, w, b, rm, rv, None, False, 0.1, 1e-5)
+    finally:
+        ops._launch_hook = None
+        ops._target_programs = real_target
+    return list(records.values())
+
+
+def _compile(job):
+    name, (signature, consts, attrs), num_warps, arch = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from tritonbn import kernels
+
+    src = triton.compiler.ASTSource(fn=getattr(kernels, name), signature=signature, constexprs=consts,
+                                    attrs=attrs)
+    try:
+        triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        return None
+    except Exception as e:  # noqa: BLE001 - reported, never fatal: the runtime compiles it then
+        return f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="record and count, compile nothing")
+    parser.add_argument("--no-quick", action="store_true", help="ResNet-50 shapes only")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
+    t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        sm_count, arch = props.multi_processor_count, props.major * 10 + props.minor
+    else:
+        sm_count, arch = 132, 90   # an H200/H100, for --dry-run on a CPU machine
+    launches = _record(sm_count, not args.no_quick)
+    print(f"warm_cache: {len(launches)} kernel specializations (sm_{arch}, {sm_count} SMs), "
+          f"recorded in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.dry_run:
+        return 0
+    jobs = [(name, spec, w, arch) for name, spec, w in launches]
+    ctx = multiprocessing.get_context("spawn")   # the parent has a CUDA context: never fork it
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        errors = [e for e in pool.map(_compile, jobs, chunksize=4) if e]
+    for e in errors[:5]:
+        print(f"warm_cache: not compiled: {e}")
+    print(f"warm_cache: {len(jobs) - len(errors)} compiled in {time.perf_counter() - t0:.1f} s "
+          f"({args.jobs} processes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
