@@ -8,8 +8,8 @@
 #
 #   step          budget (s, defaults; typical use)            writes
 #   env           ~7 (imports torch, triton, torchvision)     OUTDIR/env.txt
-#   warm_cache    WARM_TIMEOUT=60: compiles the ~220 kernel    console only
-#                 specializations the steps below launch, on every CPU core, into Triton's cache (serially,
+#   warm_cache    WARM_TIMEOUT=75: compiles the ~490 kernel    console only
+#                 specializations the steps below launch (CUDA tests' shapes, ResNet-50's, the suite's), on every CPU core, into Triton's cache (serially,
 #                 at their first launch, they would take minutes of the budget); skipped with SMOKE=1
 #   cuda_tests    TEST_TIMEOUT=110 (pytest -m cuda; ~85)       OUTDIR/pytest_cuda.log
 #   host_us       HOST_BUDGET=30 (+15 hard)                    OUTDIR/host_us.json
@@ -137,7 +137,7 @@ step env env_to_file
 
 # --- Triton cache, compiled in parallel ahead of the first launches ------------------------------------
 if [ "$SMOKE" != 1 ]; then
-    step warm_cache timeout -k 5 "${WARM_TIMEOUT:-60}" "$PY" -m benchmarks.warm_cache
+    step warm_cache timeout -k 5 "${WARM_TIMEOUT:-75}" "$PY" -m benchmarks.warm_cache
 fi
 
 # --- CUDA tests -----------------------------------------------------------------------------------------
