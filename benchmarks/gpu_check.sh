@@ -9,8 +9,9 @@
 #   step          budget (s, defaults; typical use)            writes
 #   env           ~7 (imports torch, triton, torchvision)     OUTDIR/env.txt
 #   warm_cache    WARM_TIMEOUT=75: compiles the ~490 kernel    console only
-#                 specializations the steps below launch (CUDA tests' shapes, ResNet-50's, the suite's), on every CPU core, into Triton's cache (serially,
-#                 at their first launch, they would take minutes of the budget); skipped with SMOKE=1
+#                 specializations the steps below launch (the CUDA tests', ResNet-50's and the suite's
+#                 shapes) on every CPU core into Triton's cache: serially, at their first launch, they
+#                 would take minutes of the budget. Skipped with SMOKE=1
 #   cuda_tests    TEST_TIMEOUT=110 (pytest -m cuda; ~85)       OUTDIR/pytest_cuda.log
 #   host_us       HOST_BUDGET=30 (+15 hard)                    OUTDIR/host_us.json
 #   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
