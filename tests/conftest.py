@@ -6,6 +6,8 @@ module imports tritonbn's kernels.
 
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,9 +29,30 @@ def pytest_configure(config):
         found = importlib.util.find_spec("tritonbn.export") is not None
     except ImportError:
         found = False
-    if not found:
-        raise pytest.UsageError('tritonbn.export is not importable: install the checkout first, '
-                                'pip install -e ".[test]" (see README)')
+    if found:
+        return
+    root = Path(__file__).resolve().parents[1]
+    import tritonbn
+
+    in_place = Path(tritonbn.__file__).resolve().parent == root / "tritonbn"
+    if in_place and (root / "export" / "__init__.py").is_file():
+        # A checkout run in place, not installed (benchmarks/gpu_check.sh on a bare GPU machine): map export/
+        # as the install would, for this session only. Tests that start a new process still need the install.
+        spec = importlib.util.spec_from_file_location("tritonbn.export", root / "export" / "__init__.py",
+                                                      submodule_search_locations=[str(root / "export")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tritonbn.export"] = module
+        spec.loader.exec_module(module)
+        tritonbn.export = module
+        config._tritonbn_export_mapped = True
+        return
+    raise pytest.UsageError('tritonbn.export is not importable: install the checkout first, '
+                            'pip install -e ".[test]" (see README)')
+
+
+def pytest_report_header(config):
+    if getattr(config, "_tritonbn_export_mapped", False):
+        return "tritonbn.export: mapped from the checkout's export/ folder (not installed)"
 
 
 def pytest_collection_modifyitems(config, items):
