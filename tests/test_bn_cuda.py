@@ -108,3 +108,71 @@ def test_cuda_tensors_on_a_non_current_device():
         y.sum().backward()
     expect = bn_forward(x, None, None, None, None, True, 0.1, 1e-5)
     assert rel_err(y, expect.y) < 1e-5 and torch.isfinite(x.grad).all()
+
+
+FUSED_SHAPES = [
+    ((32, 256, 14, 14), "channels_last", torch.bfloat16), ((32, 64, 56, 56), "contiguous", torch.bfloat16),
+    ((16, 1024, 14, 14), "contiguous", torch.float32), ((16, 96, 28, 28), "channels_last", torch.float16),
+    ((512, 257), "contiguous", torch.float32),
+]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape,layout,dtype", FUSED_SHAPES)
+def test_cuda_fused_relu_and_add_relu_match_reference(shape, layout, dtype, residual):
+    """BN + [add +] ReLU fused, on realistic shapes (FLAT and TILED addressing, bitmask), against the
+    float64 reference and torch's unfused ops: outputs, running stats, dx, dγ, dβ, dz."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = make_input(shape, layout, dtype=dtype, device="cuda").requires_grad_(True)
+    z = torch.empty_like(x).copy_(torch.randn(shape, device="cuda") * 1.5).requires_grad_(True) \
+        if residual else None
+    w = (torch.rand(c, device="cuda") + 0.5).requires_grad_(True)
+    b = torch.randn(c, device="cuda").requires_grad_(True)
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    rm_t, rv_t = rm.clone(), rv.clone()
+    expect = bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5, residual=z, activation="relu")
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, residual=z, activation="relu")
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True)
+    y_t = torch.relu(y_t + z if z is not None else y_t)
+    ulp = torch.finfo(dtype).eps
+    assert y.stride() == x.stride()
+    assert rel_err(y, expect.y) <= 2 * rel_err(y_t, expect.y) + ulp
+    assert rel_err(rm, expect.running_mean) < 1e-5 and rel_err(rv, expect.running_var) < 1e-5
+    dy = torch.randn_like(y)
+    inputs = (x, w, b) + ((z,) if residual else ())
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_t = torch.autograd.grad(y_t, inputs, dy)
+    # The reference takes the mask of the output judged (the kernels' own y > 0): a value rounding to
+    # either side of 0 is not an error of the backward.
+    positive = y.detach() > 0
+    want = list(bn_backward(dy, x, w, expect.mean, expect.invstd, True, positive))
+    if residual:
+        want.append(dy.double() * positive.double())
+    positive_t = y_t.detach() > 0
+    want_t = list(bn_backward(dy, x, w, expect.mean, expect.invstd, True, positive_t))
+    if residual:
+        want_t.append(dy.double() * positive_t.double())
+    for got, got_t, exp, exp_t in zip(grads, grads_t, want, want_t):
+        assert rel_err(got, exp) <= 2 * rel_err(got_t, exp_t) + 4 * ulp
+
+
+def test_cuda_many_splits_finalize_exactly(monkeypatch):
+    """Hundreds of programs per channel tile race for the last ticket: the statistics and sums must still
+    be exact (float64 reference) and bit-identical over repeated runs."""
+    from tritonbn import ops
+
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_tile=256, waves=64))
+    x = make_input((64, 32, 56, 56), "channels_last", device="cuda").requires_grad_(True)
+    w = torch.rand(32, device="cuda", requires_grad=True)
+    expect = bn_forward(x, None, None, w, None, True, 0.1, 1e-5)
+    dy = torch.randn_like(x)
+    e_dx, e_dw, _ = bn_backward(dy, x, w, expect.mean, expect.invstd, True)
+    runs = []
+    for _ in range(5):
+        y = tritonbn.batch_norm(x, None, None, w, None, training=True)
+        dx, dw = torch.autograd.grad(y, (x, w), dy)
+        assert rel_err(y, expect.y) < 1e-5 and rel_err(dx, e_dx) < 1e-4 and rel_err(dw, e_dw) < 1e-4
+        runs.append((y, dx, dw))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
