@@ -41,14 +41,19 @@ def check_fusion(input, residual, activation) -> int:
         return code
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
-    if not isinstance(input, torch.Tensor) or residual.shape != input.shape or residual.dtype != input.dtype \
-            or residual.device != input.device:
+    if not fusable_residual(input, residual):
         desc = (f"{tuple(input.shape)} {input.dtype} on {input.device}" if isinstance(input, torch.Tensor)
                 else type(input).__name__)
         raise RuntimeError(
             f"batch_norm: residual must match input exactly (no broadcasting or type promotion): input is "
             f"{desc}, residual is {tuple(residual.shape)} {residual.dtype} on {residual.device}")
     return code
+
+
+def fusable_residual(input, residual) -> bool:
+    """Whether ``residual`` can be added inside the kernels: exactly ``input``'s shape, dtype and device."""
+    return isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor) and \
+        residual.shape == input.shape and residual.dtype == input.dtype and residual.device == input.device
 
 
 def supported(input, running_mean, running_var, weight, bias, training, eps) -> bool:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritonbn.dispatch import uses_triton
-from tritonbn.functional import activation_code, batch_norm_impl, check_fusion, supported
+from tritonbn.functional import activation_code, batch_norm_impl, fusable_residual, supported
 from tritonbn.torch_math import epilogue
 
 
@@ -77,13 +77,13 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
 
     def __init__(self, num_features, *args, activation="relu", **kwargs):
         # Every other argument is the torch class's own (its set varies across torch versions).
-        check_fusion(None, None, activation)
+        activation_code(activation)   # validates it
         super().__init__(num_features, *args, **kwargs)
         self.activation = activation
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         act = activation_code(self.activation)
-        if residual is not None and (torch.jit.is_tracing() or not _fusable_residual(input, residual)):
+        if residual is not None and (torch.jit.is_tracing() or not fusable_residual(input, residual)):
             # Not fusable (broadcasting, type promotion): the unfused ops, with torch's semantics, so a model
             # that tritonbn.fuse_model rewrote computes what the original did for any input.
             return epilogue(self._bn_forward(input, None, 0), residual, act)
@@ -91,11 +91,6 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
-
-
-def _fusable_residual(input, residual) -> bool:
-    return isinstance(residual, torch.Tensor) and isinstance(input, torch.Tensor) and \
-        residual.shape == input.shape and residual.dtype == input.dtype and residual.device == input.device
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):

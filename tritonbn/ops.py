@@ -621,12 +621,8 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
                             need_dweight, dbias_dtype, need_dz, need_sums)
     need_db = dbias_dtype is not None
     need_dw = need_dweight and weight is not None
-    if need_dz and activation == 0:
-        dz, need_dz = None, False   # y = bn(x) + z: the residual's gradient is dy itself (set below)
-        dz_is_dy = True
-    else:
-        dz = None
-        dz_is_dy = False
+    dz_is_dy = need_dz and activation == 0   # y = bn(x) + z: the residual's gradient is dy itself
+    need_dz = need_dz and not dz_is_dy         # a kernel writes dz only after a ReLU
     flags = (weight is not None, bias is not None, activation, mask is not None, need_dx, need_dw, need_db,
              need_dz, need_sums)
     key = ("bwd", x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
@@ -644,8 +640,7 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
     dy = _like(x, dy)
     if dy.data_ptr() % 16:
         dy = torch.empty_like(x).copy_(dy)
-    if dz_is_dy:
-        dz = dy
+    dz = dy if dz_is_dy else None
     dev, stream = _device(x)
     c = plan.c
     dweight = torch.empty(c, dtype=weight.dtype, device=x.device) if need_dw else None
