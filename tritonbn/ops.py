@@ -552,11 +552,10 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, tra
                          residual), x)
 
 
-def readable(x: torch.Tensor, flat: bool = False) -> bool:
-    """Whether the kernels read ``x`` in place (dense, mergeable spatial dims; ``flat``: in memory order,
-    as the ReLU bitmask needs); otherwise the launchers copy it."""
-    view = _dense_view(tuple(x.shape), x.stride())
-    return view is not None and (not flat or view.flat_layout != TILED)
+def readable(x: torch.Tensor) -> bool:
+    """Whether the kernels read ``x`` in place (dense, mergeable spatial dims); otherwise the launchers
+    copy it."""
+    return _dense_view(tuple(x.shape), x.stride()) is not None
 
 
 def _empty_stats(x, c):
