@@ -41,7 +41,11 @@ def _recording_aot_eager(targets):
     from torch._dynamo.backends.common import aot_autograd
 
     def record(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                # A mutating op (bn_batch_stats) appears functionalized: auto_functionalized(op, ...).
+                functionalized = str(n.target).startswith("auto_functionalized")
+                targets.append(str(n.args[0] if functionalized else n.target))
         return gm
 
     return aot_autograd(fw_compiler=record, bw_compiler=record)
@@ -80,8 +84,9 @@ def test_compile_fullgraph_aot_eager_matches_eager(momentum, device):
     compiled = torch.compile(model, fullgraph=True, backend=_recording_aot_eager(targets))
     _train_steps_match(eager, model, compiled, 2, device, _exact(device))
     # The compiled graphs run the custom ops (tritonbn's kernels), not torch's batch norm.
-    for op in ("bn_forward_train", "bn_backward", "bn_forward_eval"):
-        assert sum(t.startswith(f"tritonbn.{op}") for t in targets) == 3, (op, targets)
+    # Training forward: statistics + normalize; eval: normalize; training backward: one op per layer.
+    for op, n in (("bn_batch_stats", 3), ("bn_normalize", 6), ("bn_backward", 3)):
+        assert sum(t.startswith(f"tritonbn.{op}") for t in targets) == n, (op, targets)
     assert not any("batch_norm" in t for t in targets)
     assert int(model[1].num_batches_tracked) == 2
 
@@ -129,8 +134,9 @@ def test_compiled_training_is_bitwise_deterministic(device):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 def test_custom_ops_opcheck(training, fused, device):
-    """Schema, fake (meta) implementations (shapes, dtypes, strides) and autograd registration, plain and
-    with the fused residual + ReLU (which adds the bitmask output)."""
+    """Schema, fake (meta) implementations (shapes, dtypes, strides), autograd registration and the
+    declared mutation of the running stats, plain and with the fused residual + ReLU (which adds the
+    bitmask output)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -141,20 +147,81 @@ def test_custom_ops_opcheck(training, fused, device):
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
     if training:
         nbt = torch.tensor(3, device=device)
-        args = (x, w, b, z, rm, rv, nbt, None, 1e-5, act)
-        torch.library.opcheck(torch.ops.tritonbn.bn_forward_train, args)
-        y, stats, _, _, mask = torch.ops.tritonbn.bn_forward_train(*args)
-        mean_src = var_src = stats.detach()
+        for momentum in (None, 0.1):
+            torch.library.opcheck(torch.ops.tritonbn.bn_batch_stats,
+                                  (x.detach(), rm.clone(), rv.clone(), nbt, momentum, 1e-5))
+        torch.library.opcheck(torch.ops.tritonbn.bn_batch_stats, (x.detach(), None, None, None, 0.1, 1e-5))
+        stats = torch.ops.tritonbn.bn_batch_stats(x.detach(), rm, rv, nbt, None, 1e-5)
+        mean_src = var_src = stats
     else:
-        args = (x, w, b, z, rm, rv, 1e-5, act)
-        torch.library.opcheck(torch.ops.tritonbn.bn_forward_eval, args)
-        y, mask = torch.ops.tritonbn.bn_forward_eval(*args)
         mean_src, var_src = rm, rv
+    args = (x, w, b, z, mean_src, var_src, 1e-5, training, act)
+    torch.library.opcheck(torch.ops.tritonbn.bn_normalize, args)
+    y, mask = torch.ops.tritonbn.bn_normalize(*args)
     assert mask.numel() == (4 if fused else 0)      # 120 elements: ceil(120 / 32) words
     dy = torch.randn_like(x)
     torch.library.opcheck(torch.ops.tritonbn.bn_backward,
                           (dy, x.detach(), w.detach(), b.detach(), mean_src, var_src, mask if fused else None,
                            1e-5, training, act, True, True, True, fused, torch.float32))
+
+
+def test_batch_stats_op_updates_running_stats_in_place(device):
+    """``bn_batch_stats`` mutates the buffers it is given (what lets Inductor skip copies) exactly as
+    F.batch_norm does, and returns ``[mean | invstd]`` against the float64 reference."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 3, 2, device=device) * 3 + 1
+    rm, rv = torch.rand(5, device=device), torch.rand(5, device=device) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    ptrs = (rm.data_ptr(), rv.data_ptr())
+    stats = torch.ops.tritonbn.bn_batch_stats(x, rm, rv, None, 0.3, 1e-5)
+    F_bn = torch.nn.functional.batch_norm
+    F_bn(x, rm_t, rv_t, None, None, True, 0.3, 1e-5)
+    assert (rm.data_ptr(), rv.data_ptr()) == ptrs
+    torch.testing.assert_close((rm, rv), (rm_t, rv_t), rtol=1e-6, atol=1e-6)
+    x64 = x.double()
+    mean = x64.mean((0, 2, 3))
+    invstd = torch.rsqrt(x64.var((0, 2, 3), correction=0) + 1e-5)
+    torch.testing.assert_close(stats.double(), torch.cat((mean, invstd)), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_inductor_updates_buffers_in_place(device):
+    """Under Inductor the statistics op runs on the module's own buffers (no clone of the running stats,
+    no copy back: ``mutates_args`` + reinplacing), and both ops read the convolution's output as it is
+    (``flexible_layout``: no copy into the traced strides)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = _convnet(0.1).to(device)
+    bn = model[1]
+    ptrs = (bn.running_mean.data_ptr(), bn.running_var.data_ptr())
+    before = bn.running_mean.clone()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
+    code = next(c for c in codes if "bn_batch_stats" in c)
+    body = code[code.index("def call("):]
+    body = body[:body.find("\ndef ", 1)]   # the call function only
+    lines = [ln.strip() for ln in body.splitlines()]
+    call = re.compile(r"\w+ = torch\.ops\.tritonbn\.bn_batch_stats\.default\((\w+), (\w+), (\w+),")
+    calls = [m.groups() for ln in lines if (m := call.match(ln))]
+    assert len(calls) == 3, calls
+    for _, rm_arg, rv_arg in calls:
+        assert rm_arg.startswith("primals_") and rv_arg.startswith("primals_"), calls   # the buffers
+        for buf in (rm_arg, rv_arg):   # used by the op alone: never cloned, copied or written elsewhere
+            others = [ln for ln in lines if re.search(rf"\b{buf}\b", ln) and "bn_batch_stats" not in ln
+                      and not ln.startswith(("assert_size_stride", "del ")) and not ln.endswith("= args")]
+            assert not others, others
+    # The first layer's statistics and normalize read the convolution's output buffer itself.
+    conv_out = re.search(r"(buf\d+) = extern_kernels\.convolution\(", code).group(1)
+    assert calls[0][0] == conv_out
+    assert re.search(rf"bn_normalize\.default\({conv_out},", code)
+    assert "clone" not in code
+    assert (bn.running_mean.data_ptr(), bn.running_var.data_ptr()) == ptrs
+    assert not torch.equal(bn.running_mean, before)
+    assert int(bn.num_batches_tracked) == 1
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -165,25 +232,25 @@ def test_custom_ops_torch_fallback_matches_kernels(fused, device, monkeypatch):
     w, b = torch.rand(4, device=device), torch.randn(4, device=device)
     z = torch.randn_like(x) if fused else None
     act = 1 if fused else 0
-    rm, rv, nbt = torch.zeros(4, device=device), torch.ones(4, device=device), torch.tensor(2)
     dy = torch.randn_like(x)
     outs = []
     for triton in (True, False):
         monkeypatch.setattr(custom_ops, "_uses_triton", lambda t, _v=triton: _v)
-        fwd = torch.ops.tritonbn.bn_forward_train(x, w, b, z, rm, rv, nbt.to(device), None, 1e-5, act)
-        mask = fwd[4] if fused else None
-        bwd = torch.ops.tritonbn.bn_backward(dy, x, w, b, fwd[1], fwd[1], mask, 1e-5, True, act, True, True,
-                                             True, fused, torch.float32)
-        ev = torch.ops.tritonbn.bn_forward_eval(x, w, b, z, fwd[2], fwd[3], 1e-5, act)
-        ev_bwd = torch.ops.tritonbn.bn_backward(dy, x, w, b, fwd[2], fwd[3], ev[1] if fused else None, 1e-5,
+        rm, rv, nbt = torch.zeros(4, device=device), torch.ones(4, device=device), torch.tensor(2)
+        stats = torch.ops.tritonbn.bn_batch_stats(x, rm, rv, nbt.to(device), None, 1e-5)
+        y, mask = torch.ops.tritonbn.bn_normalize(x, w, b, z, stats, stats, 1e-5, True, act)
+        bwd = torch.ops.tritonbn.bn_backward(dy, x, w, b, stats, stats, mask if fused else None, 1e-5, True,
+                                             act, True, True, True, fused, torch.float32)
+        ev = torch.ops.tritonbn.bn_normalize(x, w, b, z, rm, rv, 1e-5, False, act)
+        ev_bwd = torch.ops.tritonbn.bn_backward(dy, x, w, b, rm, rv, ev[1] if fused else None, 1e-5,
                                                 False, act, True, True, True, fused, torch.float32)
-        outs.append(fwd + bwd + ev + ev_bwd)
+        outs.append((stats, rm, rv, y, mask) + bwd + ev + ev_bwd)
     for a, e in zip(*outs):
         if a.dtype == torch.int32:
             assert torch.equal(a, e)        # the ReLU bitmasks agree bit for bit
         else:
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-    assert torch.equal(rm, torch.zeros(4, device=device))  # the ops are functional
+    assert not torch.equal(outs[0][1], torch.zeros(4, device=device))  # running stats updated in place
 
 
 def _eval_model(device):

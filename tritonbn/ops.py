@@ -503,24 +503,37 @@ def run_forward(plan: ForwardPlan, x, weight, bias, running_mean, running_var, n
         with torch.cuda.device(x.device):
             return run_forward(plan, x, weight, bias, running_mean, running_var, num_batches_tracked,
                                momentum, eps, residual)
-    y = torch.empty_like(x)
-    training = plan.training
     if plan.numel == 0:
-        return y, _empty_stats(x, plan.c) if training else None, None
+        return torch.empty_like(x), _empty_stats(x, plan.c) if plan.training else None, None
     dev, stream = _device(x)
-    ws = None
-    if training:
-        ws = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
-        any_ = ws
-        plan.stats(stream, x, ws, _counters(x, dev, stream, plan.num_cblocks),
-                   running_mean if running_mean is not None else any_,
-                   running_var if running_var is not None else any_,
-                   num_batches_tracked if num_batches_tracked is not None else any_,
-                   *plan.stats_ints, 0.0 if momentum is None else float(momentum), float(eps), *plan.strides)
+    if plan.training:
+        ws = _run_stats(plan, x, dev, stream, running_mean, running_var, num_batches_tracked, momentum, eps)
         mean_src = var_src = ws
     else:
-        any_ = running_mean
+        ws = None
         mean_src, var_src = running_mean, running_var
+    y, mask = _run_normalize(plan, x, stream, weight, bias, mean_src, var_src, num_batches_tracked, eps,
+                             residual)
+    return y, ws, mask
+
+
+def _run_stats(plan: ForwardPlan, x, dev, stream, running_mean, running_var, num_batches_tracked, momentum,
+               eps) -> torch.Tensor:
+    """The statistics launch: the workspace ``[mean | invstd | partials]``, running stats updated."""
+    ws = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
+    plan.stats(stream, x, ws, _counters(x, dev, stream, plan.num_cblocks),
+               running_mean if running_mean is not None else ws,
+               running_var if running_var is not None else ws,
+               num_batches_tracked if num_batches_tracked is not None else ws,
+               *plan.stats_ints, 0.0 if momentum is None else float(momentum), float(eps), *plan.strides)
+    return ws
+
+
+def _run_normalize(plan: ForwardPlan, x, stream, weight, bias, mean_src, var_src, num_batches_tracked,
+                   eps, residual):
+    """The normalize launch: ``(y, mask)`` from ``mean_src``/``var_src`` (see ``normalize``)."""
+    any_ = mean_src
+    y = torch.empty_like(x)
     z = x
     if residual is not None:
         z = _like(x, residual)
@@ -530,7 +543,7 @@ def run_forward(plan: ForwardPlan, x, weight, bias, running_mean, running_var, n
     plan.fwd(stream, x, y, z, mask if mask is not None else any_, mean_src, var_src,
              weight if weight is not None else any_, bias if bias is not None else any_,
              num_batches_tracked if plan.flags[4] else any_, *plan.fwd_ints, float(eps), *plan.strides)
-    return y, ws, mask
+    return y, mask
 
 
 def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
@@ -550,6 +563,38 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, tra
                            momentum, residual, activation, write_mask, bump)
     return (*run_forward(plan, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                          residual), x)
+
+
+def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps: float) -> torch.Tensor:
+    """The training forward's first launch alone: ``[mean | invstd]`` (2·C, accumulation dtype) of ``x``,
+    the running stats (when given) updated in place as ``forward`` does (``num_batches_tracked`` is only
+    read, for the cumulative average). With ``normalize`` it is ``forward`` in two calls: the custom ops
+    use the pair so that the running stats are mutated in place under ``torch.compile``."""
+    x, plan = forward_plan(x, None, None, running_mean, running_var, num_batches_tracked, True, momentum)
+    if plan.numel == 0:
+        return _empty_stats(x, plan.c)
+    if _on_other_device(x):
+        with torch.cuda.device(x.device):
+            return batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps)
+    dev, stream = _device(x)
+    return _run_stats(plan, x, dev, stream, running_mean, running_var, num_batches_tracked, momentum,
+                      eps)[:2 * plan.c]
+
+
+def normalize(x, weight, bias, mean_src, var_src, training: bool, eps: float, residual=None,
+              activation: int = 0, write_mask: bool = False):
+    """The normalize launch alone: ``(y, mask)`` = ``activation(BN(x) [+ residual])`` from given statistics:
+    in training ``mean_src`` = ``var_src`` = ``[mean | invstd]`` (``batch_stats``, or SyncBatchNorm's
+    global ones), in eval the running mean and variance. ``mask`` as in ``forward``."""
+    x, plan = forward_plan(x, weight, bias, None, None, None, training, 0.0, residual, activation,
+                           write_mask)
+    if plan.numel == 0:
+        return torch.empty_like(x), None
+    if _on_other_device(x):
+        with torch.cuda.device(x.device):
+            return normalize(x, weight, bias, mean_src, var_src, training, eps, residual, activation,
+                             write_mask)
+    return _run_normalize(plan, x, _device(x)[1], weight, bias, mean_src, var_src, None, eps, residual)
 
 
 def readable(x: torch.Tensor) -> bool:
@@ -708,18 +753,6 @@ def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
     launch(stream, x, ws, ws, ws, ws, ws, view.c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks,
            0.0, 0.0, *view.strides)
     return ws[2 * view.c:].view(3, r.splits, view.c), r.splits
-
-
-@_on_x_device
-def bn_normalize(x: torch.Tensor, stats, weight, bias, eps: float) -> torch.Tensor:
-    """y = (x − mean)·invstd·γ + β from given statistics ``stats`` = ``[mean | invstd]`` (one launch)."""
-    x, plan = forward_plan(x, weight, bias, None, None, None, True, 0.0)
-    y = torch.empty_like(x)
-    if plan.numel:
-        _, stream = _device(x)
-        plan.fwd(stream, x, y, x, stats, stats, stats, weight if weight is not None else stats,
-                 bias if bias is not None else stats, stats, *plan.fwd_ints, float(eps), *plan.strides)
-    return y
 
 
 def bn_backward_sums(x: torch.Tensor, dy: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

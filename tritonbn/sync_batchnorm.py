@@ -71,7 +71,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             running_mean.copy_(running_mean.double() * (1.0 - factor) + factor * mean64)
             running_var.copy_(running_var.double() * (1.0 - factor) + factor * unbiased)
         stats = torch.cat((mean, invstd))
-        y = ops.bn_normalize(x, stats, weight, bias, eps)
+        y = ops.normalize(x, weight, bias, stats, stats, True, eps)[0]
         ctx.save_for_backward(x, weight, stats, n.to(acc))
         ctx.process_group = process_group
         ctx.bias_dtype = bias.dtype if bias is not None else None

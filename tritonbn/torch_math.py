@@ -50,37 +50,45 @@ def epilogue(y, residual, activation: int):
     return y
 
 
-def forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
-            num_batches_tracked=None):
-    """``(y, mean, invstd, mask)``: training uses batch statistics and updates the running stats in place
-    (momentum None: 1/num_batches_tracked, read on the host); eval uses the running statistics, and
-    ``mean``/``invstd`` are derived from them. ``mask`` (residual + ReLU) is the packed y > 0."""
-    acc = acc_dtype(x)
-    if training:
+def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps):
+    """``(mean, invstd)`` of ``x`` in training; the running stats (when given) updated in place as
+    ``F.batch_norm`` does (momentum None: 1/num_batches_tracked, read on the host)."""
+    if running_mean is not None:
         if momentum is None:
             momentum = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.0
-        var, mean = torch.var_mean(x.detach().to(acc), _dims(x), correction=0)
-        invstd = torch.rsqrt(var + eps)
-    else:
-        mean = running_mean.to(acc)
-        invstd = torch.rsqrt(running_var.to(acc) + eps)
-    y = epilogue(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum or 0.0, eps),
-                 residual, activation)
+        F.batch_norm(x.detach(), running_mean, running_var, None, None, True, momentum, eps)
+    var, mean = torch.var_mean(x.detach().to(acc_dtype(x)), _dims(x), correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def normalize(x, weight, bias, mean, invstd, residual, activation):
+    """``(y, mask)``: ``activation((x − mean)·invstd·γ + β [+ residual])`` from given statistics, computed
+    in the accumulation dtype as the kernels do; ``mask`` (residual + ReLU) is the packed y > 0."""
+    y = _affine(x, weight, bias, mean, invstd)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
+    if activation:
+        y = torch.relu(y)
+    y = y.to(x.dtype)
     mask = pack_mask(y > 0) if activation and residual is not None else None
-    return y, mean, invstd, mask
+    return y, mask
 
 
-def relu_mask(x, weight, bias, mean, invstd, mask):
-    """y > 0 of the forward: from the bitmask when there is one, else recomputed from x (no residual)."""
-    if mask is not None:
-        return unpack_mask(mask, x)
+def _affine(x, weight, bias, mean, invstd):
     acc = acc_dtype(x)
     y = (x.to(acc) - _channel(mean, x)) * _channel(invstd, x)
     if weight is not None:
         y = y * _channel(weight.to(acc), x)
     if bias is not None:
         y = y + _channel(bias.to(acc), x)
-    return y.to(x.dtype) > 0
+    return y
+
+
+def relu_mask(x, weight, bias, mean, invstd, mask):
+    """y > 0 of the forward: from the bitmask when there is one, else recomputed from x (no residual)."""
+    if mask is not None:
+        return unpack_mask(mask, x)
+    return _affine(x, weight, bias, mean, invstd).to(x.dtype) > 0
 
 
 def backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation, need_dx, need_dweight,
