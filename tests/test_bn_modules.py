@@ -320,3 +320,44 @@ def test_empty_batch_module_matches_torch(device):
     x = torch.randn(0, 3, 2, 2, device=device)
     assert ours(x).shape == theirs(x).shape
     assert_same_state(ours, theirs, rtol=0, atol=0)
+
+
+def _func_modules(tracking, device):
+    torch.manual_seed(0)
+    theirs = nn.BatchNorm2d(3, track_running_stats=tracking).to(device)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.uniform_(-1, 1)
+    ours = tritonbn.convert_model(copy.deepcopy(theirs))
+    act = tritonbn.BatchNormAct2d(3, track_running_stats=tracking).to(device)
+    act.load_state_dict(theirs.state_dict())
+    return theirs, ours, act
+
+
+def test_torch_func_transforms_run_torchs_module_exactly(device):
+    """Under ``torch.func`` transforms (grad, vmap, jacrev) tritonbn's modules are torch's: the same
+    values, and where a transform forbids the in-place running-stat update, the same error, raised before
+    any state changes."""
+    from torch.func import grad, jacrev, vmap
+
+    x = torch.randn(4, 3, 2, 2, device=device)
+    z = torch.randn_like(x)
+
+    def loss_grad(m):
+        return grad(lambda x: m(x).square().sum())(x)
+
+    theirs, ours, _ = _func_modules(False, device)  # no running stats: nothing to mutate, grad works
+    torch.testing.assert_close(loss_grad(ours), loss_grad(theirs), rtol=0, atol=0)
+
+    theirs, ours, act = _func_modules(True, device)
+    state = {k: v.clone() for k, v in theirs.state_dict().items()}
+    for m in (theirs, ours, act):
+        with pytest.raises(RuntimeError, match="in-place operation"):
+            loss_grad(m)
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, state[k]), k   # nothing updated by the call that raised
+        m.eval()
+    for f in (loss_grad, lambda m: vmap(m)(x[:, None]), lambda m: jacrev(m)(x[:1])):
+        torch.testing.assert_close(f(ours), f(theirs), rtol=0, atol=0)
+    torch.testing.assert_close(grad(lambda z: act(x, z).square().sum())(z),
+                               grad(lambda z: F.relu(theirs(x) + z).square().sum())(z), rtol=0, atol=0)

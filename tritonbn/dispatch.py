@@ -5,7 +5,8 @@ Every layer asks here and nowhere else:
 * ``uses_triton(x)``: CUDA tensors run the Triton kernels; CPU tensors run them through Triton's
   interpreter when Triton interprets tritonbn's kernels (TRITON_INTERPRET was on when triton and the kernels
   were loaded: asked of Triton, not of the environment, which may have changed since), or when a launch
-  hook records the launches (``tritonbn.compile_gate``); anything else runs torch's batch norm.
+  hook records the launches (``tritonbn.compile_gate``); anything else runs torch's batch norm, and so
+  does every call under a ``torch.func`` transform (grad, vmap, ...: torch's batch norm supports them).
 * ``graph_capture()``: being traced (``torch.compile``, ``torch.export``, TorchScript tracing) rather than
   run eagerly; then ``tracing_for_export()`` tells exporters (which get standard ATen ops) from compile
   (which gets tritonbn's custom ops).
@@ -20,6 +21,8 @@ from tritonbn import ops
 
 def uses_triton(x: torch.Tensor) -> bool:
     """Whether ``x`` is normalized by tritonbn's Triton kernels (True) or by torch's batch norm (False)."""
+    if torch._C._are_functorch_transforms_active():
+        return False    # torch.func (grad, vmap, jacrev, ...): torch's batch norm, which supports them
     if x.is_cuda:
         return True
     return x.device.type == "cpu" and (ops._launch_hook is not None or ops.interpreted())

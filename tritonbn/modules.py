@@ -36,6 +36,10 @@ class _TritonBatchNormMixin:
             # holds torch's ops and no shape check of ours turns into a TracerWarning.
             return self._torch_forward(input, running_mean, running_var, bn_training, num_batches is not None,
                                        residual, activation)
+        if torch._C._are_functorch_transforms_active():
+            # torch.func (grad, vmap, ...): torch's module exactly, which increments num_batches_tracked
+            # first, so that the in-place update a transform forbids raises before any state changes.
+            return epilogue(nn.modules.batchnorm._BatchNorm.forward(self, input), residual, activation)
         if uses_triton(input) and supported(input, running_mean, running_var, weight, bias, bn_training,
                                             self.eps):
             # num_batches_tracked is incremented by the kernels (eager): nothing changes if a check raises.
