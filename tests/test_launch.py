@@ -215,6 +215,31 @@ def test_fast_launch_only_on_verified_triton_versions(monkeypatch):
         ops._fast_launch_supported.cache_clear()
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_apply_without_torchs_python_wrapper(fast, device, monkeypatch):
+    """``ops.apply`` (the C++ apply of the autograd Function, present on this torch) and
+    ``BatchNormFunction.apply`` (its fallback) give the same outputs, state and gradients as torch."""
+    assert ops._APPLY is not None   # torch's internals moved: the call path lost its fast apply
+    if not fast:
+        monkeypatch.setattr(ops, "_APPLY", None)
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(5).to(device)
+    ours = tritonbn.convert_model(torch.nn.BatchNorm2d(5).to(device))
+    x = torch.randn(3, 5, 2, 3, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = ours(x), theirs(x2)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "BatchNormFunctionBackward"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y2.backward(dy)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    for a, b in ((x.grad, x2.grad), (ours.weight.grad, theirs.weight.grad),
+                 (ours.bias.grad, theirs.bias.grad), (ours.running_mean, theirs.running_mean),
+                 (ours.running_var, theirs.running_var)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert int(ours.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("tiny", [False, True])
 def test_reduction_counters_are_zero_after_every_launch(tiny, monkeypatch):
     """The last program of each channel tile resets its counter: the next launch on the stream finds

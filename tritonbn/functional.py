@@ -155,7 +155,7 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
                                    training, momentum, residual, activation,
                                    needs_graph and residual is not None and activation != 0, bump)
     if needs_graph:
-        return ops.BatchNormFunction.apply(input, weight, bias, residual, (
+        return ops.apply(input, weight, bias, residual, (
             plan, running_mean, running_var, num_batches_tracked, momentum, eps))
     # No graph to record (inference, no_grad): skip the autograd.Function machinery on the hot path.
     return ops.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
