@@ -89,12 +89,13 @@ def _compile(job):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from tritonbn import kernels
+    from tritonbn import kernels, ops
 
     src = triton.compiler.ASTSource(fn=getattr(kernels, name), signature=signature, constexprs=consts,
                                     attrs=attrs)
     try:
-        triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})
         return None
     except Exception as e:  # noqa: BLE001 - reported, never fatal: the runtime compiles it then
         return f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -139,7 +139,7 @@ def _compile_one(job):
     name, (signature, consts, attrs), num_warps, arch = job
     import triton
 
-    from tritonbn import kernels
+    from tritonbn import kernels, ops
 
     kernel = getattr(kernels, name)
     from triton.backends.compiler import GPUTarget
@@ -147,7 +147,8 @@ def _compile_one(job):
 
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the gate fails
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     cubin = compiled.asm["cubin"]

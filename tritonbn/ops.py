@@ -60,6 +60,11 @@ class Tuning:
 
 TUNING = Tuning()
 
+# Compile options of every launch (and of the compile gate and the cache warmer, so their cache keys agree).
+# FMA contraction pinned on: triton 3.9 warns that its default will change, and the kernels' numerics must
+# not change with a Triton upgrade (the ReLU mask's recomputation uses explicit FMAs either way).
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
 ACTIVATIONS = {None: 0, "relu": 1}
 TILED, FLAT_CL, FLAT_PLANAR = 0, 1, 2
 
@@ -146,7 +151,8 @@ class _Launch:
         if _launch_hook is not None:
             _launch_hook(self.kernel, self.grid, args, self.constexprs, self.num_warps)
             return
-        compiled = self.kernel[self.grid](*args, num_warps=self.num_warps, **self.constexprs)
+        compiled = self.kernel[self.grid](*args, num_warps=self.num_warps, **LAUNCH_OPTIONS,
+                                          **self.constexprs)
         if stream is not None and compiled is not None and TUNING.fast_launch and _fast_launch_supported():
             if hasattr(compiled, "result"):   # triton's async compile mode hands back a future
                 compiled = compiled.result()
