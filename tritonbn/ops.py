@@ -77,8 +77,35 @@ def _kernels():
     if _KERNELS is None:
         from tritonbn import kernels
 
+        _patch_interpreter_index(kernels)
         _KERNELS = kernels
     return _KERNELS
+
+
+def _patch_interpreter_index(kernels) -> None:
+    """Triton 3.6's interpreter (and older) converts a scalar tensor, a shape-(1,) array, with
+    ``int(array)``, which NumPy ≥ 2.4 rejects: every ``range()`` over runtime values in a kernel fails
+    (triton-lang/triton#9171). Under the interpreter, install the upstream fix (``int(data.squeeze())``,
+    what triton 3.9 does itself) on top of Triton's own tensor patching."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if (not isinstance(kernels._bn_stats_kernel, interpreter.InterpretedFunction) or patch_tensor is None
+            or getattr(patch_tensor, "_tritonbn_index", False)):
+        return
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patched(tensor, *scope):   # (tensor, scope) in triton 3.6 and 3.9; (tensor) in older releases
+        patch_tensor(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    patched._tritonbn_index = True
+    interpreter._patch_lang_tensor = patched
 
 
 @functools.cache
@@ -119,7 +146,8 @@ def _runtime_knobs():
 def _launch_hooks_active() -> bool:
     """Whether Triton launch hooks (profilers such as proton) are installed: they see only normal launches."""
     rt = _runtime_knobs()
-    return bool(rt.launch_enter_hook.calls or rt.launch_exit_hook.calls)
+    # HookChain objects (triton 3.5+) hold their callbacks in .calls; a hook set by assignment is itself.
+    return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
 class _Launch:
