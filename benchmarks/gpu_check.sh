@@ -8,7 +8,7 @@
 #
 #   step          budget (s, defaults; typical use)            writes
 #   env           ~7 (imports torch, triton, torchvision)     OUTDIR/env.txt
-#   warm_cache    WARM_TIMEOUT=75: compiles the ~490 kernel    console only
+#   warm_cache    WARM_TIMEOUT=90: compiles the ~560 kernel    console only
 #                 specializations the steps below launch (the CUDA tests', ResNet-50's and the suite's
 #                 shapes) on every CPU core into Triton's cache: serially, at their first launch, they
 #                 would take minutes of the budget. Skipped with SMOKE=1
@@ -138,7 +138,7 @@ step env env_to_file
 
 # --- Triton cache, compiled in parallel ahead of the first launches ------------------------------------
 if [ "$SMOKE" != 1 ]; then
-    step warm_cache timeout -k 5 "${WARM_TIMEOUT:-75}" "$PY" -m benchmarks.warm_cache
+    step warm_cache timeout -k 5 "${WARM_TIMEOUT:-90}" "$PY" -m benchmarks.warm_cache
 fi
 
 # --- CUDA tests -----------------------------------------------------------------------------------------

@@ -68,8 +68,7 @@ TUNINGS = {
     # tiny tiles and few programs, so every loop, split, merge and partial-block path is taken
     "tiny-tiles": dict(reduce_tile=8, elementwise_tile=8, flat_block=32, max_block_c=4,
                        interpreter_programs=3, waves=1),
-    # both elementwise addressing modes on every layout that has them
-    "tiled": dict(flat="never"),
+    # the FLAT elementwise addressing on every layout that has it (default: TILED, FLAT for some bitmasks)
     "flat": dict(flat="always", flat_block=64),
 }
 

@@ -176,3 +176,42 @@ def test_fused_errors(device):
     with pytest.raises(ValueError, match="activation must be one of"):
         tritonbn.batch_norm(x, m.running_mean, m.running_var, training=True, activation=1)
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("shape,layout,tuning_kw,packing", [
+    ((2, 3, 4, 8), "contiguous", {}, "MASK_S"),                               # S = 32: one word per row
+    ((2, 3, 8, 12), "contiguous", dict(elementwise_tile=64), "MASK_S"),      # S = 96: 2 row blocks, last half
+    ((2, 5, 7, 7), "contiguous", {}, "MASK_FLAT"),                           # S = 49: no whole words
+    ((2, 32, 3, 1), "channels_last", {}, "MASK_C"),                          # C = 32
+    ((3, 96, 2, 1), "channels_last", {}, "MASK_C"),                          # C = 96: 2 channel tiles
+    ((2, 64, 2, 3), "channels_last", dict(max_block_c=32), "MASK_C"),        # 2 full channel tiles
+    ((2, 32, 2, 1, 3), "channels_last", {}, "MASK_C"),                       # channels_last_3d
+    ((2, 48, 2, 2), "channels_last", {}, "MASK_FLAT"),                       # C = 48: tile of 64, words cut
+    ((2, 32, 3, 1), "channels_last", dict(max_block_c=16), "MASK_FLAT"),     # a block of 16 channels
+])
+def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, device, monkeypatch):
+    """BN + add + ReLU writes its bitmask from TILED tiles where whole 32-element words of memory lie along
+    the tile's contiguous axis, and from FLAT blocks elsewhere: the words equal the packed y > 0 in memory
+    order whichever way, and the results and gradients match the float64 reference."""
+    from tritonbn import ops, torch_math
+
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(**tuning_kw))
+    x, z, w, b = _inputs(shape, layout, device, seed=3)
+    x, z = x.detach(), z.detach()
+    xr, plan = ops.forward_plan(x, w, b, None, None, None, True, 0.1, z, 1, True)
+    assert xr is x                                              # read in place, no copy
+    assert plan.fwd.constexprs["WRITE_MASK"] == getattr(ops, packing)
+    y, stats, mask, _ = ops.forward(x, w, b, None, None, None, True, 0.1, 1e-5, z, 1, True)
+    assert torch.equal(mask, torch_math.pack_mask(y > 0))
+
+    x.requires_grad_(True)
+    z.requires_grad_(True)
+    y = tritonbn.batch_norm(x, None, None, w, b, training=True, residual=z, activation="relu")
+    expect = ref.bn_forward(x, None, None, w, b, True, 0.1, 1e-5, residual=z, activation="relu")
+    assert rel_err(y, expect.y) < 1e-5
+    dy = torch.randn_like(y)
+    positive = y.detach() > 0
+    want = list(ref.bn_backward(dy, x, w, expect.mean, expect.invstd, True, positive))
+    want.append(dy.double() * positive.double())
+    for got, exp in zip(torch.autograd.grad(y, (x, w, b, z), dy), want):
+        assert rel_err(got, exp) < 1e-5

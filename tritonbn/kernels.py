@@ -11,12 +11,13 @@ launchers (``tritonbn/ops.py``) map each layout onto it so that no copy is neede
 Elementwise kernels (forward, dx) address their elements in one of three ways (constexpr ``LAYOUT``):
 
 * ``TILED`` (0): ``[BLOCK_S, BLOCK_C]`` tiles of the view, channel tiles fastest; per-channel parameters
-  are loaded once per tile column. Used when the tiles cover memory without holes (C a power of two for
-  channels-last, S a multiple of the tile for planar), and for unusual dense layouts;
+  are loaded once per tile column. The default: cheap 2-D addressing, at the price of idle lanes where S
+  (planar) or C (channels-last) is not a power of two;
 * ``FLAT_CL`` (1) / ``FLAT_PLANAR`` (2): the tensor as one flat range of memory in blocks of
   ``BLOCK_S * BLOCK_C`` elements, channel ``off % C`` (channels-last) or ``(off // S) % C`` (planar) per
-  element, per-channel parameters gathered. No masked lanes and full-width vector loads whatever C and S
-  are (7×7 planes, C = 96), and the element order is memory order, which the ReLU bitmask relies on.
+  element, per-channel parameters gathered: no idle lanes, but several times TILED's instructions per
+  element. Used for the ReLU bitmask where no tile holds whole 32-element words of memory (planar S or
+  channels-last C not a multiple of 32), and on request (``Tuning.flat``).
 
 Offsets are int32 inside a tile or block and int64 at its base, so tensors past 2**31 elements are
 addressed correctly.
@@ -39,6 +40,11 @@ import triton.language as tl
 TILED: tl.constexpr = tl.constexpr(0)
 FLAT_CL: tl.constexpr = tl.constexpr(1)
 FLAT_PLANAR: tl.constexpr = tl.constexpr(2)
+# WRITE_MASK: how the forward packs the ReLU bitmask (always bit i = element i in memory order).
+MASK_NONE: tl.constexpr = tl.constexpr(0)
+MASK_FLAT: tl.constexpr = tl.constexpr(1)   # FLAT block: 32 consecutive lanes per word
+MASK_S: tl.constexpr = tl.constexpr(2)      # TILED planar tile (stride_xs == 1, S % 32 == 0): words along S
+MASK_C: tl.constexpr = tl.constexpr(3)      # TILED channels-last tile (stride_xc == 1, C % 32 == 0): along C
 ACT_NONE: tl.constexpr = tl.constexpr(0)
 ACT_RELU: tl.constexpr = tl.constexpr(1)
 
@@ -267,6 +273,49 @@ def _bn_stats_kernel(
 
 
 @triton.jit
+def _tile_coords(num_sblocks, num_cblocks):
+    """(n, row block, channel tile) of this program in a TILED grid: channel tiles fastest."""
+    pid = tl.program_id(0)
+    pid_c = pid % num_cblocks
+    rest = pid // num_cblocks
+    return rest // num_sblocks, rest % num_sblocks, pid_c
+
+
+@triton.jit
+def _store_mask_words(mask_ptr, positive, mask, base, C, S, numel, num_sblocks, num_cblocks, stride_xs,
+                      stride_xc, WRITE_MASK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Store the ReLU bitmask of this program's elements: word ``w`` holds elements ``32·w … 32·w + 31`` of
+    the input in memory order. FLAT blocks are 32-lane aligned runs of memory; TILED tiles (MASK_S / MASK_C)
+    hold whole words along their contiguous axis, as the launcher guarantees (that axis' extent and the
+    tile's block along it are multiples of 32), so every word is complete in one program."""
+    bits = (positive & mask).to(tl.int32)
+    shifts = tl.arange(0, 32)
+    if WRITE_MASK == MASK_FLAT:
+        words = tl.sum(tl.reshape(bits, (BLOCK_S * BLOCK_C // 32, 32)) << shifts[None, :], axis=1)
+        w = tl.arange(0, BLOCK_S * BLOCK_C // 32)
+        tl.store(mask_ptr + base // 32 + w, words, mask=w * 32 < numel - base)
+    else:
+        _, pid_s, pid_c = _tile_coords(num_sblocks, num_cblocks)
+        if WRITE_MASK == MASK_C:
+            # [BLOCK_S, BLOCK_C] → words [BLOCK_S, BLOCK_C // 32]; element (s, c) at s·stride_xs + c.
+            words = tl.sum(tl.reshape(bits, (BLOCK_S, BLOCK_C // 32, 32)) << shifts[None, None, :], axis=2)
+            offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+            w = tl.arange(0, BLOCK_C // 32)
+            woff = offs_s[:, None] * (stride_xs // 32) + w[None, :]
+            wmask = (offs_s < S)[:, None] & (pid_c * BLOCK_C + w * 32 < C)[None, :]
+        else:
+            # [BLOCK_S, BLOCK_C] → words [BLOCK_C, BLOCK_S // 32]; element (s, c) at s + c·stride_xc.
+            words = tl.sum(tl.reshape(tl.trans(bits), (BLOCK_C, BLOCK_S // 32, 32)) << shifts[None, None, :],
+                           axis=2)
+            offs_c = tl.arange(0, BLOCK_C)
+            offs_w = pid_s * (BLOCK_S // 32) + tl.arange(0, BLOCK_S // 32)
+            woff = offs_c[:, None] * (stride_xc // 32) + offs_w[None, :]
+            wmask = (pid_c * BLOCK_C + offs_c < C)[:, None] & (offs_w * 32 < S)[None, :]
+        # base (the tile's n and first channel) is a multiple of 32 here.
+        tl.store(mask_ptr + base // 32 + woff, words, mask=wmask)
+
+
+@triton.jit
 def _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs,
                    LAYOUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's elements in an elementwise kernel: int64 base offset, int32 offsets from it, the
@@ -276,10 +325,7 @@ def _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, 
     ``pid`` of ``BLOCK_S * BLOCK_C`` elements of a dense tensor."""
     pid = tl.program_id(0)
     if LAYOUT == TILED:
-        pid_c = pid % num_cblocks
-        rest = pid // num_cblocks
-        pid_s = rest % num_sblocks
-        n = rest // num_sblocks
+        n, pid_s, pid_c = _tile_coords(num_sblocks, num_cblocks)
         offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
         offs_c = tl.arange(0, BLOCK_C)
         c0 = pid_c * BLOCK_C
@@ -316,14 +362,15 @@ def _bn_forward_kernel(
 
     Training passes the batch statistics (``mean_ptr[c]``, ``var_ptr[var_off + c]`` = invstd: the stats
     kernel's workspace); inference (FROM_VAR) passes running_mean/running_var and invstd is computed per
-    channel here. With WRITE_MASK (a FLAT layout) the ReLU mask y > 0 is written as a bitmask, one bit per
-    element in memory order. With BUMP_BATCHES program 0 increments num_batches_tracked (the stats kernel
-    of the same call, which ran before, used its value plus one).
+    channel here. With WRITE_MASK the ReLU mask y > 0 is written as a bitmask, one bit per element in
+    memory order (``_store_mask_words``). With BUMP_BATCHES program 0 increments num_batches_tracked (the
+    stats kernel of the same call, which ran before, used its value plus one).
 
     Grid: ``(N * cdiv(S, BLOCK_S) * cdiv(C, BLOCK_C),)`` when TILED, ``(cdiv(numel, BLOCK_S * BLOCK_C),)``
     when FLAT.
     """
-    tl.static_assert(LAYOUT != TILED or not WRITE_MASK, "the ReLU bitmask needs a FLAT layout")
+    tl.static_assert(WRITE_MASK == MASK_NONE or (LAYOUT == TILED) == (WRITE_MASK != MASK_FLAT),
+                     "MASK_FLAT goes with a FLAT layout, MASK_S / MASK_C with TILED")
     C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
     base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
                                                    stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
@@ -339,11 +386,9 @@ def _bn_forward_kernel(
         positive = y > 0
         y = tl.where(y < 0, 0.0, y)   # NaN stays NaN, as in torch.relu
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if WRITE_MASK:
-        bits = (positive & mask).to(tl.int32)
-        words = tl.sum(tl.reshape(bits, (BLOCK_S * BLOCK_C // 32, 32)) << tl.arange(0, 32)[None, :], axis=1)
-        w = tl.arange(0, BLOCK_S * BLOCK_C // 32)
-        tl.store(mask_ptr + base // 32 + w, words, mask=w * 32 < numel - base)
+    if WRITE_MASK != MASK_NONE:
+        _store_mask_words(mask_ptr, positive, mask, base, C, S, numel, num_sblocks, num_cblocks, stride_xs,
+                          stride_xc, WRITE_MASK, BLOCK_S, BLOCK_C)
     if BUMP_BATCHES:
         if tl.program_id(0) == 0:
             tl.store(num_batches_ptr, tl.load(num_batches_ptr) + 1)

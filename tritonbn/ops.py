@@ -54,7 +54,8 @@ class Tuning:
     elementwise_warps: int = 8
     waves: int = 4                 # reduction programs per SM
     interpreter_programs: int = 8  # "SM count" under the interpreter: keeps several splits in the tests
-    flat: str = "auto"             # elementwise addressing: "auto", "always" (every dense input), "never"
+    flat: str = "auto"             # elementwise addressing: "auto" (TILED; FLAT only for a ReLU bitmask no
+                                   # tile can hold) or "always" (FLAT for every dense input)
     fast_launch: bool = True       # CompiledKernel.run on triton 3.6–3.9 (GPU); False: kernel[grid](...)
 
 
@@ -67,6 +68,7 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 ACTIVATIONS = {None: 0, "relu": 1}
 TILED, FLAT_CL, FLAT_PLANAR = 0, 1, 2
+MASK_NONE, MASK_FLAT, MASK_S, MASK_C = 0, 1, 2, 3   # kernels.py: how the forward packs the ReLU bitmask
 
 _KERNELS = None
 
@@ -419,22 +421,38 @@ class ElementwisePlan:
     num_sblocks: int
     num_cblocks: int
     grid: tuple
+    mask: int = MASK_NONE   # how the forward packs the ReLU bitmask (when it writes one)
 
 
-def _elementwise_plan(view: View, tuning: Tuning, need_flat: bool, wide: bool) -> ElementwisePlan:
+def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, wide: bool) -> ElementwisePlan:
+    """TILED unless the FLAT layout is asked for (``Tuning.flat``) or the ReLU bitmask needs it.
+
+    TILED by default: its per-channel parameters are loaded once per tile column and its addressing is
+    2-D, while FLAT computes and gathers each element's channel. In sm_90 SASS (``benchmarks/sass_stats.py``)
+    FLAT takes 48–78 instructions per element against TILED's 13–34 per useful one, idle lanes counted
+    (7×7 to 56×56 planes, C = 96 and 144 channels-last): enough to make a 16-bit FLAT pass issue-bound
+    below the memory bandwidth.
+
+    The bitmask (bit i = element i in memory order) takes a TILED tile when whole 32-element words lie
+    along its contiguous axis (planar S, or channels-last C, a multiple of 32, and a block of at least 32
+    along that axis): every channels-last ResNet layer. Else FLAT blocks, which are runs of memory."""
     flat = view.flat_layout
-    use_flat = flat != TILED and (need_flat or tuning.flat == "always" or (tuning.flat == "auto" and (
-        (flat == FLAT_PLANAR and view.s % min(_next_pow2(view.s), tuning.elementwise_tile) != 0)
-        or (flat == FLAT_CL and view.c != _next_pow2(view.c)))))
+    block_s, block_c = _tiles(view, tuning.elementwise_tile, tuning)
+    mask = MASK_NONE
+    if need_mask:
+        if flat == FLAT_PLANAR and view.s % 32 == 0 and block_s % 32 == 0 and view.stride_c % 32 == 0:
+            mask = MASK_S
+        elif flat == FLAT_CL and view.c % 32 == 0 and block_c % 32 == 0 and view.stride_s % 32 == 0:
+            mask = MASK_C
+    use_flat = flat != TILED and (tuning.flat == "always" or (need_mask and mask == MASK_NONE))
     if use_flat:
         # Blocks of whole 32-bit mask words.
         block = max(32, tuning.flat_block // (2 if wide else 1))
         numel = view.n * view.c * view.s
-        return ElementwisePlan(flat, block, 1, 0, 0, (_cdiv(numel, block),))
-    block_s, block_c = _tiles(view, tuning.elementwise_tile, tuning)
+        return ElementwisePlan(flat, block, 1, 0, 0, (_cdiv(numel, block),), MASK_FLAT if need_mask else 0)
     num_sblocks, num_cblocks = _cdiv(view.s, block_s), _cdiv(view.c, block_c)
     return ElementwisePlan(TILED, block_s, block_c, num_sblocks, num_cblocks,
-                           (view.n * num_sblocks * num_cblocks,))
+                           (view.n * num_sblocks * num_cblocks,), mask)
 
 
 def _target_programs(dev: int) -> int:
@@ -502,7 +520,7 @@ class ForwardPlan:
         self.strides = view.strides
         self.fwd = _Launch(k._bn_forward_kernel, e.grid, tuning.elementwise_warps, dict(
             HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, FROM_VAR=not training, HAS_RESIDUAL=has_residual,
-            ACTIVATION=act, WRITE_MASK=write_mask, BUMP_BATCHES=bump, LAYOUT=e.layout,
+            ACTIVATION=act, WRITE_MASK=e.mask, BUMP_BATCHES=bump, LAYOUT=e.layout,
             DIV_S=1 if flat else div_s, DIV_C=1 if flat else div_c, BLOCK_S=e.block_s, BLOCK_C=e.block_c,
             ACC_DTYPE=tl_acc))
 
