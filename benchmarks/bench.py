@@ -67,6 +67,33 @@ def _sigterm(signum, frame):
     raise Stop(f"signal {signum}")
 
 
+def _tuning_overrides(text, parser) -> dict:
+    """``KEY=VALUE,...`` → Tuning field overrides, each value converted to the field's type."""
+    if not text:
+        return {}
+    import dataclasses
+
+    from tritonbn.ops import Tuning
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(Tuning)}
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            parser.error(f"--tuning: expected KEY=VALUE with KEY one of {sorted(types)}, got {item!r}")
+        kind = types[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                parser.error(f"--tuning: {key} takes true or false, got {value!r}")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                parser.error(f"--tuning: {key} takes a {kind.__name__}, got {value!r}")
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench",
@@ -127,11 +154,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer MiB (default 1024)")
     p.add_argument("--no-png", action="store_true", help="skip the plot")
     p.add_argument(
+        "--tuning",
+        default=None,
+        help="tritonbn launcher settings, KEY=VALUE,... (tritonbn.ops.Tuning fields), e.g. flat=always",
+    )
+    p.add_argument(
         "--cuda-graphs",
         action="store_true",
         help="also time calls replayed from a CUDA graph (graph_ms: kernels without host cost; not bwd)",
     )
     a = p.parse_args(argv)
+    a.tuning = _tuning_overrides(a.tuning, p)
     for name, allowed in (
         ("modes", H.MODES + H.FUSED_MODES),
         ("layouts", LAYOUTS),
@@ -720,6 +753,12 @@ def main(argv=None) -> int:
         tb = e
         traceback.print_exc()
     _setup_dynamo(torch)
+    tuning = None
+    if not isinstance(tb, Exception):
+        import dataclasses
+
+        tb.ops.TUNING = dataclasses.replace(tb.ops.TUNING, **args.tuning)
+        tuning = dataclasses.asdict(tb.ops.TUNING)
     timed = not args.smoke
     if timed:
 
@@ -749,6 +788,7 @@ def main(argv=None) -> int:
         "layouts": args.layouts,
         "param_dtype": args.param_dtype,
         "cuda_graphs": args.cuda_graphs,
+        "tuning": tuning,
         "compile_backend": args.compile_backend,
         "warmup_ms": args.warmup,
         "rep_ms": args.rep,

@@ -707,3 +707,14 @@ def test_sass_stats_counts_instructions_per_element():
     rows = {ln.split()[-4]: float(ln.split()[-1]) for ln in out.stdout.splitlines()[1:] if ln.strip()}
     assert set(rows) == {"TILED", "FLAT_CL"}, out.stdout
     assert 0 < rows["TILED"] < rows["FLAT_CL"], rows
+
+
+def test_bench_tuning_overrides():
+    """--tuning sets tritonbn.ops.Tuning fields with their types (the GPU run can compare layouts without
+    a code change), and names a bad field or value."""
+    args = bench.parse_args(["--smoke", "--tuning", "flat=always,reduce_tile=64,fast_launch=false"])
+    assert args.tuning == {"flat": "always", "reduce_tile": 64, "fast_launch": False}
+    assert bench.parse_args(["--smoke"]).tuning == {}
+    for bad in ("nope=1", "reduce_tile=big", "fast_launch=maybe", "flat"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--smoke", "--tuning", bad])
