@@ -29,6 +29,8 @@ calls the launchers directly. When a tensor does not run tritonbn's kernels, the
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from tritonbn import dispatch as _dispatch
@@ -36,8 +38,9 @@ from tritonbn import ops, torch_math
 
 _NS = "tritonbn"
 # The kernels read any dense layout (NCHW, channels_last, ...) in place: Inductor need not copy the
-# inputs into the strides seen while tracing.
-_TAGS = (torch.Tag.flexible_layout,)
+# inputs into the strides seen while tracing. (Older torch: no tags, Inductor keeps the traced strides.)
+_TAGS = {"tags": (torch.Tag.flexible_layout,)} if hasattr(torch.Tag, "flexible_layout") and \
+    "tags" in inspect.signature(torch.library.custom_op).parameters else {}
 
 
 def _uses_triton(x: torch.Tensor) -> bool:
@@ -61,7 +64,7 @@ def _like_fake(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # --- forward --------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::bn_batch_stats", mutates_args=("running_mean", "running_var"), tags=_TAGS)
+@torch.library.custom_op(f"{_NS}::bn_batch_stats", mutates_args=("running_mean", "running_var"), **_TAGS)
 def bn_batch_stats(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                    num_batches_tracked: torch.Tensor | None, momentum: float | None, eps: float
                    ) -> torch.Tensor:
@@ -76,7 +79,7 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     return x.new_empty(2 * x.shape[1], dtype=torch_math.acc_dtype(x))
 
 
-@torch.library.custom_op(f"{_NS}::bn_normalize", mutates_args=(), tags=_TAGS)
+@torch.library.custom_op(f"{_NS}::bn_normalize", mutates_args=(), **_TAGS)
 def bn_normalize(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                  residual: torch.Tensor | None, mean_src: torch.Tensor, var_src: torch.Tensor, eps: float,
                  training: bool, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +138,7 @@ torch.library.register_autograd(f"{_NS}::bn_normalize", _backward_normalize, set
 
 # --- backward --------------------------------------------------------------------------------------
 
-@torch.library.custom_op(f"{_NS}::bn_backward", mutates_args=(), tags=_TAGS)
+@torch.library.custom_op(f"{_NS}::bn_backward", mutates_args=(), **_TAGS)
 def bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 mean_src: torch.Tensor, var_src: torch.Tensor, mask: torch.Tensor | None, eps: float,
                 training: bool, activation: int, need_dx: bool, need_dweight: bool, need_dbias: bool,
