@@ -215,6 +215,27 @@ def test_fast_launch_only_on_verified_triton_versions(monkeypatch):
         ops._fast_launch_supported.cache_clear()
 
 
+def test_triton_launch_hooks_send_launches_through_the_normal_path(monkeypatch):
+    """Profilers (proton) see only normal launches: a hook added to Triton's HookChain, or set by
+    assignment, turns the cached fast path off; None or an empty chain does not."""
+    rt = ops._runtime_knobs()
+    assert not ops._launch_hooks_active()
+    monkeypatch.setattr(rt, "launch_enter_hook", lambda *a: None)
+    assert ops._launch_hooks_active()
+    monkeypatch.setattr(rt, "launch_enter_hook", None)
+    assert not ops._launch_hooks_active()
+    monkeypatch.undo()
+    chain = rt.launch_exit_hook
+    if hasattr(chain, "add"):
+        hook = lambda *a: None  # noqa: E731
+        chain.add(hook)
+        try:
+            assert ops._launch_hooks_active()
+        finally:
+            chain.remove(hook)
+    assert not ops._launch_hooks_active()
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_apply_without_torchs_python_wrapper(fast, device, monkeypatch):
     """``ops.apply`` (the C++ apply of the autograd Function, present on this torch) and
