@@ -484,15 +484,17 @@ def _bn_backward_dx_kernel(
     C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
     base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
                                                    stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
+    if ACTIVATION == ACT_RELU and HAS_MASK:
+        # Before anything else: Triton gives this gather (no contiguity) its own layout, and converting the
+        # predicate to the tile's layout is cheaper than converting g there and back through shared memory.
+        positive = _mask_bit(mask_ptr, base + offs, mask)
     mean, invstd, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off,
                                             eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE)
     g = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if TRAINING or (ACTIVATION == ACT_RELU and not HAS_MASK):
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if ACTIVATION == ACT_RELU:
-        if HAS_MASK:
-            positive = _mask_bit(mask_ptr, base + offs, mask)
-        else:
+        if not HAS_MASK:
             positive = _bn_output(x, mean, scale, shift, x_ptr.dtype.element_ty) > 0
         g = tl.where(positive, g, 0.0)
     if WRITE_DZ:
