@@ -429,9 +429,9 @@ def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, wide: bool) -
 
     TILED by default: its per-channel parameters are loaded once per tile column and its addressing is
     2-D, while FLAT computes and gathers each element's channel. In sm_90 SASS (``benchmarks/sass_stats.py``)
-    FLAT takes 48–78 instructions per element against TILED's 13–34 per useful one, idle lanes counted
-    (7×7 to 56×56 planes, C = 96 and 144 channels-last): enough to make a 16-bit FLAT pass issue-bound
-    below the memory bandwidth.
+    FLAT takes 51–78 (planar, 7×7 to 56×56) and 33 (channels-last, C = 96 to 256) bf16 instructions per
+    element, against TILED's 13–34 and 16–21 per useful one, idle lanes counted: enough to make a 16-bit
+    FLAT pass issue-bound below the memory bandwidth.
 
     The bitmask (bit i = element i in memory order) takes a TILED tile when whole 32-element words lie
     along its contiguous axis (planar S, or channels-last C, a multiple of 32, and a block of at least 32
@@ -483,6 +483,17 @@ def _on_other_device(x: torch.Tensor) -> bool:
     """Whether ``x`` lives on a CUDA device that is not the current one (a model on cuda:1 while cuda:0 is
     current): Triton compiles and launches for the current device, so the launchers switch first."""
     return x.is_cuda and x.get_device() != torch._C._cuda_getDevice()
+
+
+def _on_x_device(fn):
+    """Run ``fn(x, ...)`` with x's CUDA device current (see ``_on_other_device``)."""
+    @functools.wraps(fn)
+    def wrapper(x, *args):
+        if _on_other_device(x):
+            with torch.cuda.device(x.device):
+                return fn(x, *args)
+        return fn(x, *args)
+    return wrapper
 
 
 class ForwardPlan:
@@ -617,6 +628,7 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, tra
                          residual), x)
 
 
+@_on_x_device
 def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps: float) -> torch.Tensor:
     """The training forward's first launch alone: ``[mean | invstd]`` (2·C, accumulation dtype) of ``x``,
     the running stats (when given) updated in place as ``forward`` does (``num_batches_tracked`` is only
@@ -625,14 +637,12 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps
     x, plan = forward_plan(x, None, None, running_mean, running_var, num_batches_tracked, True, momentum)
     if plan.numel == 0:
         return _empty_stats(x, plan.c)
-    if _on_other_device(x):
-        with torch.cuda.device(x.device):
-            return batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps)
     dev, stream = _device(x)
     return _run_stats(plan, x, dev, stream, running_mean, running_var, num_batches_tracked, momentum,
                       eps)[:2 * plan.c]
 
 
+@_on_x_device
 def normalize(x, weight, bias, mean_src, var_src, training: bool, eps: float, residual=None,
               activation: int = 0, write_mask: bool = False):
     """The normalize launch alone: ``(y, mask)`` = ``activation(BN(x) [+ residual])`` from given statistics:
@@ -642,10 +652,6 @@ def normalize(x, weight, bias, mean_src, var_src, training: bool, eps: float, re
                            write_mask)
     if plan.numel == 0:
         return torch.empty_like(x), None
-    if _on_other_device(x):
-        with torch.cuda.device(x.device):
-            return normalize(x, weight, bias, mean_src, var_src, training, eps, residual, activation,
-                             write_mask)
     return _run_normalize(plan, x, _device(x)[1], weight, bias, mean_src, var_src, None, eps, residual)
 
 
@@ -779,17 +785,6 @@ def bn_forward_train(x, weight, bias, running_mean, running_var, num_batches_tra
 
 # SyncBatchNorm: partial statistics without the finalize, then normalize / backward with its own stats.
 
-def _on_x_device(fn):
-    """Run ``fn(x, ...)`` with x's CUDA device current (see ``_on_other_device``)."""
-    @functools.wraps(fn)
-    def wrapper(x, *args):
-        if _on_other_device(x):
-            with torch.cuda.device(x.device):
-                return fn(x, *args)
-        return fn(x, *args)
-    return wrapper
-
-
 @_on_x_device
 def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
     """Per-split batch statistics ``[3, splits, C]`` = (mean − K_c, M2, count), shifted by
@@ -875,8 +870,7 @@ def _c_apply():
     ``BatchNormFunction``, or None where torch does not have it where expected."""
     descr = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
     unwrap = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
-    if descr is None or not hasattr(descr, "__get__") or unwrap is None or \
-            getattr(torch._C, "_are_functorch_transforms_active", None) is None:
+    if descr is None or not hasattr(descr, "__get__") or unwrap is None:
         return None, None
     return descr.__get__(None, BatchNormFunction), unwrap
 
@@ -888,8 +882,9 @@ def apply(x, weight, bias, residual, call):
     """``BatchNormFunction.apply(x, weight, bias, residual, call)`` without torch's Python wrapper (about
     2 µs of a 16 µs call on the CPU): for a Function without ``setup_context``, outside functorch
     transforms, the wrapper only unwraps dead functorch wrappers, then calls the C++ apply; so does this.
-    Under functorch transforms (or a torch without those internals) it is the wrapper itself."""
-    if _APPLY is None or torch._C._are_functorch_transforms_active():
+    Calls under functorch transforms never get here (``dispatch.uses_triton`` sends them to torch's batch
+    norm); on a torch without those internals it is the wrapper itself."""
+    if _APPLY is None:
         return BatchNormFunction.apply(x, weight, bias, residual, call)
     u = _UNWRAP_IF_DEAD
     return _APPLY(u(x), weight if weight is None else u(weight), bias if bias is None else u(bias),
