@@ -709,6 +709,22 @@ def test_sass_stats_counts_instructions_per_element():
     assert 0 < rows["TILED"] < rows["FLAT_CL"], rows
 
 
+def test_sass_stats_stats_loop_budget():
+    """The batch-statistics loop stays under the read-only bf16 issue budget (sass_stats.py: ~16 sm_90
+    instructions per element at copy bandwidth). It cost 25 per element when every lane divided by its own
+    Welford count and recomputed its row offset with a division; 13.6 with scalar counts and carried
+    offsets (triton 3.9)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sass_stats", "--kernel", "stats", "--shapes",
+                          "8,64,14,14", "--dtypes", "bfloat16", "--layouts", "channels_last"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ln.split() for ln in out.stdout.splitlines()[1:] if ln.strip()]
+    assert len(rows) == 1 and rows[0][-3] == "32x64", out.stdout
+    assert 0 < float(rows[0][-1]) < 16, out.stdout
+
+
 def test_bench_tuning_overrides():
     """--tuning sets tritonbn.ops.Tuning fields with their types (the GPU run can compare layouts without
     a code change), and names a bad field or value."""
