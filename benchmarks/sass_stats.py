@@ -26,8 +26,6 @@ import argparse
 import dataclasses
 import os
 import re
-import subprocess
-import tempfile
 
 SHAPES = ["32,64,56,56", "32,256,14,14", "32,512,7,7", "32,128,28,28", "32,2048,7,7", "64,144,56,56",
           "64,960,7,7"]
@@ -38,21 +36,10 @@ ELEMENTWISE = ("normalize", "dx")
 
 def _sass(kernel, spec, num_warps) -> list[tuple[int, str]]:
     """(address, instruction) of the kernel's sm_90 SASS, NOPs left out."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia import compiler as nv
+    from tritonbn import compile_gate
 
-    from tritonbn import ops
-
-    signature, consts, attrs = spec
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})
-    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    compiled = compile_gate.compile_kernel(kernel, spec, num_warps, 90)
+    out = compile_gate.cuobjdump(compiled.asm["cubin"], "-sass")
     ins = []
     for ln in out.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", ln)

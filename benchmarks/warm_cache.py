@@ -85,17 +85,11 @@ def _cuda_test_shapes() -> list:
 
 
 def _compile(job):
-    name, (signature, consts, attrs), num_warps, arch = job
-    import triton
-    from triton.backends.compiler import GPUTarget
+    name, spec, num_warps, arch = job
+    from tritonbn import compile_gate, kernels
 
-    from tritonbn import kernels, ops
-
-    src = triton.compiler.ASTSource(fn=getattr(kernels, name), signature=signature, constexprs=consts,
-                                    attrs=attrs)
     try:
-        triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})
+        compile_gate.compile_kernel(getattr(kernels, name), spec, num_warps, arch)
         return None
     except Exception as e:  # noqa: BLE001 - reported, never fatal: the runtime compiles it then
         return f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -135,29 +135,40 @@ def _specialize(kernel, args, constexprs):
     return signature, consts, attrs
 
 
-def _compile_one(job):
-    name, (signature, consts, attrs), num_warps, arch = job
+def compile_kernel(kernel, spec, num_warps: int, arch: int):
+    """Compile one recorded specialization (``_specialize``) of ``kernel`` for sm_<arch> with the options
+    every launch uses (``ops.LAUNCH_OPTIONS``): what the runtime compiles for that launch."""
     import triton
-
-    from tritonbn import kernels, ops
-
-    kernel = getattr(kernels, name)
     from triton.backends.compiler import GPUTarget
+
+    from tritonbn import ops
+
+    signature, consts, attrs = spec
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """The output of ``cuobjdump <flag>`` (``-res-usage``, ``-sass``) on a cubin, with Triton's cuobjdump."""
     from triton.backends.nvidia import compiler as nv
 
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})
-    except Exception as e:  # noqa: BLE001 - every failure is reported, then the gate fails
-        return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-    cubin = compiled.asm["cubin"]
-    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _compile_one(job):
+    name, spec, num_warps, arch = job
+    from tritonbn import kernels
+
+    try:
+        compiled = compile_kernel(getattr(kernels, name), spec, num_warps, arch)
+    except Exception as e:  # noqa: BLE001 - every failure is reported, then the gate fails
+        return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    out = cuobjdump(compiled.asm["cubin"], "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if m is None:
         return {"ok": False, "error": f"could not read cuobjdump -res-usage output: {out!r}"}
