@@ -18,10 +18,13 @@ import torch
 
 from tritonbn import ops
 
+# Whether a torch.func transform (grad, vmap, jacrev, ...) is active: calls under one run torch's batch norm.
+functorch_active = torch._C._are_functorch_transforms_active
+
 
 def uses_triton(x: torch.Tensor) -> bool:
     """Whether ``x`` is normalized by tritonbn's Triton kernels (True) or by torch's batch norm (False)."""
-    if torch._C._are_functorch_transforms_active():
+    if functorch_active():
         return False    # torch.func (grad, vmap, jacrev, ...): torch's batch norm, which supports them
     if x.is_cuda:
         return True

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tritonbn.dispatch import uses_triton
+from tritonbn.dispatch import functorch_active, uses_triton
 from tritonbn.functional import activation_code, batch_norm_impl, fusable_residual, supported
 from tritonbn.torch_math import epilogue
 
@@ -36,7 +36,7 @@ class _TritonBatchNormMixin:
             # holds torch's ops and no shape check of ours turns into a TracerWarning.
             return self._torch_forward(input, running_mean, running_var, bn_training, num_batches is not None,
                                        residual, activation)
-        if torch._C._are_functorch_transforms_active():
+        if functorch_active():
             # torch.func (grad, vmap, ...): torch's module exactly, which increments num_batches_tracked
             # first, so that the in-place update a transform forbids raises before any state changes.
             return epilogue(nn.modules.batchnorm._BatchNorm.forward(self, input), residual, activation)
