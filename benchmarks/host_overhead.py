@@ -21,7 +21,18 @@ import argparse
 import statistics
 import time
 
+import triton
+import triton.language as tl
+
 from .harness import host_us_per_call
+
+
+# Module level: Triton's compiler resolves names such as ``tl`` in the kernel's module globals (defined
+# inside main(), the first H200 run failed with "NameError: tl is not defined").
+@triton.jit
+def _empty(a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, f_ptr, i0, i1, i2, i3, f0, s0, s1, s2,
+           A: tl.constexpr, B: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+    pass
 
 
 def _host_us(fn, loops: int = 7, calls: int = 200, sync=None) -> float:
@@ -63,14 +74,6 @@ def main(argv=None) -> int:
         ops._launch_hook = None
 
     if cuda:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def _empty(a_ptr, b_ptr, c_ptr, d_ptr, e_ptr, f_ptr, i0, i1, i2, i3, f0, s0, s1, s2,
-                   A: tl.constexpr, B: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
-            pass
-
         t = torch.empty(16, device="cuda")
         args = (t, t, t, t, t, t, 7, 9, 11, 13, 1e-5, 3, 5, 17)
         launch = lambda: _empty[(1,)](*args, A=1, B=2, C=3, D=4, num_warps=4)  # noqa: E731

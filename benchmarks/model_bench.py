@@ -31,8 +31,12 @@ untimed ones.
 Correctness, so that a wrong model cannot look fast. (1) Once per model, on the first batch size: one
 training-mode forward and backward of a fresh copy of each variant, in eager mode and in fp32 with TF32
 off (bf16 rounding noise would hide small errors: ~10% on gradients), against torch's: relative L2 gaps
-of the logits, of all parameter gradients and of the updated running statistics (`check`; each within
-CHECK_TOL; a broken forward, backward or statistics update is off by O(1)). The loss alone would not do:
+of the logits, of all parameter gradients and of the updated running statistics (`check`; a broken
+forward, backward or statistics update is off by O(1)). Each gap must be within CHECK_TOL or, failing that,
+the variant's gap to an fp64 step of torch's model (`check.<variant>.fp64`) within CHECK_MARGIN times
+torch's own fp32 gap to it: on the H200 a ResNet-50's fp32 gradients at initialization moved 1.9% between
+cuDNN's BatchNorm and tritonbn's while logits and statistics agreed to 1e-5, so the noise floor is measured
+rather than assumed. The loss alone would not do:
 at initialization, with random labels, even a model without its BatchNorms has a loss near ln(classes).
 (2) Every run: all variants take the same steps on the same batch from the same weights, so each loss must
 follow torch's: `loss_gap` = max over all steps of |loss - torch's loss| / torch's first loss, within
@@ -72,6 +76,8 @@ TRACK_TOL = {"bf16": 0.10, "none": 0.05}
 FIRST_STEP_TOL = {"bf16": 0.01, "none": 1e-4}  # before any update: rounding only
 # relative L2 gap to torch of one fp32 step's logits, gradients and running statistics (the model check)
 CHECK_TOL = 1e-2
+# ... or, where a gap exceeds it, at most this many times torch's own fp32 gap to an fp64 reference step
+CHECK_MARGIN = 2.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -242,40 +248,60 @@ def check_variants(torch, tb, args, info, device) -> dict:
 
 def _check_variants(torch, tb, info, x, y) -> dict:
     ref, out = None, {}
+    ref64 = _one_step(torch, copy.deepcopy(info["model"]).double(), x.double(), y)
     for v in VARIANTS:
         if v == "fused" and info["fused"] is None:
             continue
         try:
-            m = variant_model(tb, info, v)
-            logits = m(x)
-            torch.nn.functional.cross_entropy(logits, y).backward()
-            r = {
-                "logits": [logits.detach().float()],
-                "grads": [
-                    (n, p.grad.detach().float()) for n, p in m.named_parameters() if p.grad is not None
-                ],
-                "stats": [(k, t.detach().float()) for k, t in m.state_dict().items() if "running_" in k],
-            }
-            del m, logits
+            r = _one_step(torch, variant_model(tb, info, v), x, y)
         except Exception as e:
             traceback.print_exc()
             out[v] = {"error": bench._short(e), "ok": False}
             continue
+        c = out[v] = {"fp64": _gaps(torch, r, ref64)}
         if v == "torch":
             ref = r
             continue
         if ref is None:
             out[v] = {"ok": None, "reason": "torch's step failed: nothing to compare with"}
             continue
-        c = out[v] = {"logits_gap": _rel_l2(torch, r["logits"], ref["logits"])}
-        for key in ("grads", "stats"):
-            a, b = _match(r[key], ref[key])
-            c[f"{key}_gap"] = _rel_l2(torch, a, b) if a is not None else None
-            if a is None:
-                c["reason"] = f"{key}: the variant's names and shapes do not match torch's"
-        c["ok"] = all(
-            c.get(k) is not None and c[k] <= CHECK_TOL for k in ("logits_gap", "grads_gap", "stats_gap")
-        )
+        c.update(_gaps(torch, r, ref))
+        if any(c.get(f"{k}_gap") is None for k in ("logits", "grads", "stats")):
+            c["reason"] = "the variant's names and shapes do not match torch's"
+            c["ok"] = False
+            continue
+        c["ok"] = check_ok(c, out.get("torch", {}).get("fp64", {}))
+    return out
+
+
+def check_ok(c: dict, floor: dict) -> bool:
+    """A variant's model check: each gap to torch within CHECK_TOL or, where fp32 rounding alone moves a
+    quantity by percents (ill-conditioned gradients), the variant no further from the fp64 reference than
+    CHECK_MARGIN times torch's own fp32 step (`floor`, torch's gaps to it)."""
+    return all(
+        c[f"{k}_gap"] <= CHECK_TOL
+        or (floor.get(f"{k}_gap") is not None and c["fp64"][f"{k}_gap"] <= CHECK_MARGIN * floor[f"{k}_gap"])
+        for k in ("logits", "grads", "stats")
+    )
+
+
+def _one_step(torch, m, x, y) -> dict:
+    """Logits, parameter gradients and running statistics after one training-mode forward and backward."""
+    logits = m(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    return {
+        "logits": [(None, logits.detach().double())],
+        "grads": [(n, p.grad.detach().double()) for n, p in m.named_parameters() if p.grad is not None],
+        "stats": [(k, t.detach().double()) for k, t in m.state_dict().items() if "running_" in k],
+    }
+
+
+def _gaps(torch, r, ref) -> dict:
+    """Relative L2 gaps of r's logits, gradients and running statistics to ref's (None: not pairable)."""
+    out = {}
+    for key in ("logits", "grads", "stats"):
+        a, b = _match(r[key], ref[key])
+        out[f"{key}_gap"] = _rel_l2(torch, a, b) if a is not None else None
     return out
 
 
@@ -314,6 +340,11 @@ class Runner:
         self.ms, self.host_ms = [], []
         self.compile_s = None
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        # A captured graph holds raw addresses of the parameters, buffers and momentum: the runner must own
+        # the model and optimizer, which in graph mode no closure keeps alive once `step` is the replay.
+        # Without this the first H200 run replayed ResNet-50's graph into freed memory (the next capture's
+        # empty_cache had returned it to the driver): "an illegal memory access was encountered".
+        self.model, self.opt = model, opt
         fwd = torch.compile(model, backend=args.compile_backend) if mode == "compile" else model
         amp = torch.bfloat16 if args.amp == "bf16" else None
         F = torch.nn.functional
@@ -559,6 +590,7 @@ def main(argv=None) -> int:
         "track_tol": TRACK_TOL[args.amp],
         "first_step_tol": FIRST_STEP_TOL[args.amp],
         "check_tol": CHECK_TOL,
+        "check_margin": CHECK_MARGIN,
         "timing_meaningful": not args.smoke,
         "jobs_planned": len(todo),
         "complete": False,
