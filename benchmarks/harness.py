@@ -182,6 +182,41 @@ def host_us_per_call(fn, n: int = 20, grad_to_none=None, loops: int = 1, warmup:
     return statistics.median(per_loop)
 
 
+def host_us_interleaved(fns: dict, n: int = 20, loops: int = 1, warmup: int = 0, sync=_CUDA_SYNC) -> dict:
+    """host_us_per_call of several callables measured together: ``fns`` maps a name to ``(fn,
+    grad_to_none)``; each loop times n calls of every one, in an order that alternates from loop to loop,
+    so that a drifting or noisy host (a VM's neighbours, clock changes) weighs on all of them alike rather
+    than on whichever ran second. Returns name -> the median loop's mean µs per call."""
+    import statistics
+
+    if sync is _CUDA_SYNC:
+        import torch
+
+        sync = torch.cuda.synchronize
+
+    def calls(fn, gtn, k):
+        for _ in range(k):
+            for t in gtn or ():
+                t.grad = None
+            fn()
+
+    for fn, gtn in fns.values():
+        calls(fn, gtn, warmup)
+    names = list(fns)
+    per_loop: dict = {name: [] for name in names}
+    for i in range(loops):
+        for name in names if i % 2 == 0 else names[::-1]:
+            fn, gtn = fns[name]
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            calls(fn, gtn, n)
+            per_loop[name].append((time.perf_counter() - t0) / n * 1e6)
+    if sync:
+        sync()
+    return {name: statistics.median(v) for name, v in per_loop.items()}
+
+
 def count_launches(fn) -> list[str]:
     """Names of the Triton kernels one call of fn launches, recorded through
     ``tritonbn.ops._launch_hook`` (each launch still runs); the hook is removed afterwards."""

@@ -9,7 +9,8 @@ Modes (as in `bench`): eval (module.eval(), no_grad), train_fwd (train mode, x a
 require grad, the recorded graph dropped) and fwd_bwd (forward + .backward(dy), grads reset to None).
 Host time: `loops` loops of `calls` calls queued back to back, the GPU synchronized only between loops, so
 the CPU never waits for it (10 calls are far below the launch queue's depth, whatever the kernels cost);
-the median loop's mean µs per call, after `warmup` calls. The real shapes are used (a tritonbn call's
+the median loop's mean µs per call, after `warmup` calls. The two providers alternate loop by loop (the
+first H200 run timed them one after the other, and the same cell varied 57-94 µs from shape to shape). The real shapes are used (a tritonbn call's
 plan depends on them), not tiny stand-ins.
 Launches: Triton kernels one tritonbn call launches, counted once per cell through
 `tritonbn.ops._launch_hook`; ATen ops: operators one call dispatches below autograd (views included),
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="every shape of the suite, not the quick set")
     p.add_argument("--calls", type=int, default=None, help="calls per timed loop (default 10; smoke 2)")
     p.add_argument(
-        "--loops", type=int, default=None, help="timed loops; the median is kept (default 7; smoke 1)"
+        "--loops", type=int, default=None, help="timed loops per provider, alternating; the median is kept (default 9; smoke 1)"
     )
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     p.add_argument(
@@ -71,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.dtypes = bench._csv(a.dtypes or ("fp32" if a.smoke else "bf16,fp32"), bench.DTYPES, p, "dtypes")
     a.layouts = bench._csv(a.layouts, bench.LAYOUTS, p, "layouts")
     a.calls = a.calls or (2 if a.smoke else 10)
-    a.loops = a.loops or (1 if a.smoke else 7)
+    a.loops = a.loops or (1 if a.smoke else 9)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
     return a
 
@@ -102,6 +103,7 @@ def measure_case(torch, tb, args, case, dt, lay, device, seed) -> list[dict]:
     cells = []
     for mode in args.modes:
         cell = {"case": case.name, "shape": list(case.shape), "dtype": dt, "layout": lay, "mode": mode}
+        timed = {}
         for p, prov in mods.items():
             if isinstance(prov, Exception):
                 cell[p] = {"error": f"import tritonbn failed: {type(prov).__name__}: {prov}"}
@@ -118,14 +120,7 @@ def measure_case(torch, tb, args, case, dt, lay, device, seed) -> list[dict]:
                 if p == "tritonbn":
                     r["launch_kernels"] = H.count_launches(call)
                     r["launches"] = len(r["launch_kernels"])
-                r["us"] = H.host_us_per_call(
-                    fn,
-                    n=args.calls,
-                    grad_to_none=grad_to_none,
-                    loops=args.loops,
-                    warmup=args.warmup,
-                    sync=sync,
-                )
+                timed[p] = (fn, grad_to_none)
                 return r
 
             try:
@@ -135,6 +130,16 @@ def measure_case(torch, tb, args, case, dt, lay, device, seed) -> list[dict]:
             except Exception as e:
                 traceback.print_exc()
                 cell[p] = {"error": bench._short(e)}
+                timed.pop(p, None)
+        # Both providers timed loop by loop in alternation: the same host conditions for each.
+        try:
+            for p, us in H.host_us_interleaved(timed, n=args.calls, loops=args.loops, warmup=args.warmup,
+                                               sync=sync).items():
+                cell[p]["us"] = us
+        except Exception as e:
+            traceback.print_exc()
+            for p in timed:
+                cell[p]["error"] = bench._short(e)
         tb_us, eager_us = cell.get("tritonbn", {}).get("us"), cell.get("eager", {}).get("us")
         cell["ratio_vs_torch"] = tb_us / eager_us if tb_us and eager_us else None
         cells.append(cell)

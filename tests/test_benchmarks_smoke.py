@@ -312,6 +312,25 @@ def test_host_us_per_call_resets_grads(monkeypatch):
     assert len(calls) == 5
 
 
+def test_host_us_interleaved_alternates_and_resets_grads():
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(1, requires_grad=True)
+    order = []
+
+    def make(name):
+        def fn():
+            assert t.grad is None
+            (t * 2).sum().backward()
+            order.append(name)
+        return fn
+
+    us = harness.host_us_interleaved({"a": (make("a"), [t]), "b": (make("b"), [t])}, n=2, loops=3,
+                                     warmup=1, sync=None)
+    assert set(us) == {"a", "b"} and all(v > 0 for v in us.values())
+    # warm-up a, b; then loops a a b b | b b a a | a a b b
+    assert "".join(order) == "ab" + "aabb" + "bbaa" + "aabb"
+
+
 def test_host_overhead_runs_on_cpu(capsys):
     from benchmarks import host_overhead
     from tritonbn import ops
