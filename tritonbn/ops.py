@@ -50,6 +50,7 @@ class Tuning:
     elementwise_tile: int = 4096
     flat_block: int = 2048         # elements per FLAT block (half for fp64)
     max_block_c: int = 64
+    merge_tile: int = 2048         # partials (splits x channels) the finalizing program merges per step
     reduce_warps: int = 8
     elementwise_warps: int = 8
     waves: int = 4                 # reduction programs per SM
@@ -409,7 +410,7 @@ def _reduce_plan(view: View, target_programs: int, tuning: Tuning, wide: bool) -
     splits = max(1, min(total, _cdiv(target_programs, num_cblocks)))
     per_split = _cdiv(total, splits)
     splits = _cdiv(total, per_split)
-    block_k = min(_next_pow2(splits), max(1, 2048 // block_c))
+    block_k = min(_next_pow2(splits), max(1, tuning.merge_tile // block_c))
     return ReducePlan(block_s, block_c, block_k, num_sblocks, num_cblocks, total, splits, per_split)
 
 
