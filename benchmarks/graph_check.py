@@ -109,7 +109,7 @@ def run_one(spec: str, image_size: int) -> dict:
     with torch.cuda.graph(graph):
         static_loss = step()
     out = {"spec": spec, "captured": True, "replays": []}
-    for i in range(3):
+    for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
         if part != "fwd":

@@ -10,8 +10,8 @@ require grad, the recorded graph dropped) and fwd_bwd (forward + .backward(dy), 
 Host time: `loops` loops of `calls` calls queued back to back, the GPU synchronized only between loops, so
 the CPU never waits for it (10 calls are far below the launch queue's depth, whatever the kernels cost);
 the median loop's mean µs per call, after `warmup` calls. The two providers alternate loop by loop (the
-first H200 run timed them one after the other, and the same cell varied 57-94 µs from shape to shape). The real shapes are used (a tritonbn call's
-plan depends on them), not tiny stand-ins.
+first H200 run timed them one after the other, and the same cell varied 57-94 µs from shape to shape).
+The real shapes are used (a tritonbn call's plan depends on them), not tiny stand-ins.
 Launches: Triton kernels one tritonbn call launches, counted once per cell through
 `tritonbn.ops._launch_hook`; ATen ops: operators one call dispatches below autograd (views included),
 both providers, counted once per cell with a TorchDispatchMode (tritonbn's launches skipped meanwhile).
@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="every shape of the suite, not the quick set")
     p.add_argument("--calls", type=int, default=None, help="calls per timed loop (default 10; smoke 2)")
     p.add_argument(
-        "--loops", type=int, default=None, help="timed loops per provider, alternating; the median is kept (default 9; smoke 1)"
+        "--loops", type=int, default=None,
+        help="timed loops per provider, alternating; the median is kept (default 9; smoke 1)"
     )
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3; smoke 1)")
     p.add_argument(
@@ -109,7 +110,7 @@ def measure_case(torch, tb, args, case, dt, lay, device, seed) -> list[dict]:
                 cell[p] = {"error": f"import tritonbn failed: {type(prov).__name__}: {prov}"}
                 continue
 
-            def timer(fn, grad_to_none=None, graphable=True, p=p):
+            def timer(fn, grad_to_none=None, graphable=True, p=p, timed=timed):
                 def call():
                     for t in grad_to_none or ():
                         t.grad = None

@@ -36,18 +36,18 @@ forward, backward or statistics update is off by O(1)). Each gap must be within 
 the variant's gap to an fp64 step of torch's model (`check.<variant>.fp64`) within CHECK_MARGIN times
 torch's own fp32 gap to it: on the H200 a ResNet-50's fp32 gradients at initialization moved 1.9% between
 cuDNN's BatchNorm and tritonbn's while logits and statistics agreed to 1e-5, so the noise floor is measured
-rather than assumed. The loss alone would not do:
-at initialization, with random labels, even a model without its BatchNorms has a loss near ln(classes).
+rather than assumed. The loss alone would not do: at initialization, with random labels, even a model
+without its BatchNorms has a loss near ln(classes).
 (2) Every run: all variants take the same steps on the same batch from the same weights, so each loss must
 follow torch's: `loss_gap` = max over all steps of |loss - torch's loss| / torch's first loss, within
-TRACK_TOL (or, in eager and graph jobs, within CONTROL_MARGIN times the gap of the `control` variant:
-torch's model with its weights perturbed by 1e-6, measured in the same job), and within FIRST_STEP_TOL at
-the first step. On the H200 (2026-11-28) torch's own batch-32 run spiked at step 20 while tritonbn's,
-which had followed it within 2%, did not: a 20% gap that says nothing about either. TRACK_TOL is loose (10% in bf16) because bf16
-training runs diverge chaotically (train_check's control, torch against torch with weights perturbed by
-1e-6, drifts 4% in 50 steps); it catches a run that fails outright in one mode (a graph replaying stale
-buffers, a compiled model that does not learn), and (1) catches the subtle errors. A variant `tracks` when
-(1) and (2) hold and every loss is finite. The exit status is 1 if any variant errs or does not track.
+TRACK_TOL (or, in eager and graph jobs, within CONTROL_MARGIN times the gap of the `control` variant: torch's
+model with its weights perturbed by 1e-6, measured in the same job), and within FIRST_STEP_TOL at the first
+step. On the H200 (2026-11-28) torch's own batch-32 run spiked at step 20 while tritonbn's, which had followed
+it within 2%, did not: a 20% gap that says nothing about either. TRACK_TOL is loose (10% in bf16) because bf16
+training runs diverge chaotically (train_check's control, torch against torch with weights perturbed by 1e-6,
+drifts 4% in 50 steps); it catches a run that fails outright in one mode (a graph replaying stale buffers, a
+compiled model that does not learn), and (1) catches the subtle errors. A variant `tracks` when (1) and (2)
+hold and every loss is finite. The exit status is 1 if any variant errs or does not track.
 
 Order and --time-budget (seconds): the jobs run in the order of what summary.json needs: first model (the
 ResNet-50) eager and graph at every batch, then its compile at --compile-batches, then the other models.

@@ -216,12 +216,12 @@ def _bn_stats_kernel(
     quantity is O(σ).
 
     Workspace ``ws`` (ACC_DTYPE): ``[mean (C) | invstd (C) | partials (3, splits, C)]``, partials being the
-    shifted ``(mean − K, M2, count)``. With FINALIZE the last program of each channel tile merges the
-    partials in a fixed order (lane k takes splits k, k + BLOCK_K, ..., then the lanes merge) into μ (K added back) and invstd = 1/√(σ²+ε) (biased σ²), and updates the
-    running stats: running ← (1 − f)·running + f·batch with the unbiased σ²·m/(m − 1) for running_var,
-    f = momentum, or with CUMULATIVE f = 1/num_batches_tracked read on the device (plus one when
-    BUMP_BATCHES: the forward kernel that follows increments it). Without FINALIZE only the partials are
-    written (SyncBatchNorm merges them across processes).
+    shifted ``(mean − K, M2, count)``. With FINALIZE the last program of each channel tile merges the partials
+    in a fixed order (lane k takes splits k, k + BLOCK_K, ..., then the lanes merge) into μ (K added back) and
+    invstd = 1/√(σ²+ε) (biased σ²), and updates the running stats: running ← (1 − f)·running + f·batch with
+    the unbiased σ²·m/(m − 1) for running_var, f = momentum, or with CUMULATIVE f = 1/num_batches_tracked read
+    on the device (plus one when BUMP_BATCHES: the forward kernel that follows increments it). Without
+    FINALIZE only the partials are written (SyncBatchNorm merges them across processes).
 
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
