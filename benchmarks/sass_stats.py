@@ -68,7 +68,9 @@ def measure(shape, dtype_name: str, layout: str, flat: str, fused: bool = False,
     import tritonbn
     from tritonbn import compile_gate, ops
 
-    dtype = getattr(torch, dtype_name)
+    # the other benchmarks' short names too (bf16, fp16, fp32)
+    short = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    dtype = getattr(torch, short.get(dtype_name, dtype_name))
     x = torch.randn(shape, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
@@ -120,7 +122,7 @@ def measure(shape, dtype_name: str, layout: str, flat: str, fused: bool = False,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=";".join(SHAPES), help="';'-separated N,C,H,W shapes")
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="torch names or bf16 / fp16 / fp32")
     p.add_argument("--layouts", default="contiguous,channels_last")
     p.add_argument("--kernel", default="normalize", choices=sorted(KERNELS),
                    help="normalize, dx (elementwise, under both addressings), stats, reduce (main loop)")

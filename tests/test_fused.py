@@ -178,18 +178,20 @@ def test_fused_errors(device):
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
-@pytest.mark.parametrize("shape,layout,tuning_kw,packing", [
-    ((2, 3, 4, 8), "contiguous", {}, "MASK_S"),                               # S = 32: one word per row
-    ((2, 3, 8, 12), "contiguous", dict(elementwise_tile=64), "MASK_S"),      # S = 96: 2 row blocks, last half
-    ((2, 5, 7, 7), "contiguous", {}, "MASK_FLAT"),                           # S = 49: no whole words
-    ((2, 32, 3, 1), "channels_last", {}, "MASK_C"),                          # C = 32
-    ((3, 96, 2, 1), "channels_last", {}, "MASK_C"),                          # C = 96: 2 channel tiles
-    ((2, 64, 2, 3), "channels_last", dict(max_block_c=32), "MASK_C"),        # 2 full channel tiles
-    ((2, 32, 2, 1, 3), "channels_last", {}, "MASK_C"),                       # channels_last_3d
-    ((2, 48, 2, 2), "channels_last", {}, "MASK_FLAT"),                       # C = 48: tile of 64, words cut
-    ((2, 32, 3, 1), "channels_last", dict(max_block_c=16), "MASK_FLAT"),     # a block of 16 channels
+@pytest.mark.parametrize("shape,layout,tuning_kw,packing,aligned", [
+    ((2, 3, 4, 8), "contiguous", {}, "MASK_S", True),                          # S = 32: one word per row
+    ((2, 3, 8, 12), "contiguous", dict(elementwise_tile=64), "MASK_S", True),  # S = 96: 2 blocks, last half
+    ((2, 5, 7, 7), "contiguous", {}, "MASK_FLAT", False),                      # S = 49: no whole words
+    ((2, 32, 3, 1), "channels_last", {}, "MASK_C", True),                      # C = 32
+    ((3, 96, 2, 1), "channels_last", {}, "MASK_C", True),                      # C = 96: 2 channel tiles
+    ((2, 64, 2, 3), "channels_last", dict(max_block_c=32), "MASK_C", True),    # 2 full channel tiles
+    ((2, 32, 2, 1, 3), "channels_last", {}, "MASK_C", True),                   # channels_last_3d
+    # C = 48: a tile of 64 cuts words; the reduction has a single row block, at offset 0
+    ((2, 48, 2, 2), "channels_last", {}, "MASK_FLAT", True),
+    ((2, 32, 3, 1), "channels_last", dict(max_block_c=16), "MASK_FLAT", False),  # a block of 16 channels
+    ((4, 32, 4, 4), "channels_last", dict(reduce_tile=64), "MASK_C", True),    # 32 row blocks of 2 rows
 ])
-def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, device, monkeypatch):
+def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, aligned, device, monkeypatch):
     """BN + add + ReLU writes its bitmask from TILED tiles where whole 32-element words of memory lie along
     the tile's contiguous axis, and from FLAT blocks elsewhere: the words equal the packed y > 0 in memory
     order whichever way, and the results and gradients match the float64 reference."""
@@ -215,3 +217,7 @@ def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, device, monkeyp
     want.append(dy.double() * positive.double())
     for got, exp in zip(torch.autograd.grad(y, (x, w, b, z), dy), want):
         assert rel_err(got, exp) < 1e-5
+    # The backward reduction reads the bitmask with split word indices where all its row blocks start at
+    # multiples of 32 elements, else with whole int64 ones.
+    (bwd,) = [p for key, p in ops._plan_cache().items() if key[0] == "bwd" and key[1] == x.shape]
+    assert bwd.reduce.constexprs["MASK_ALIGNED"] is aligned

@@ -425,6 +425,14 @@ class ElementwisePlan:
     mask: int = MASK_NONE   # how the forward packs the ReLU bitmask (when it writes one)
 
 
+def _rows_aligned(view: View, r: ReducePlan, k: int) -> bool:
+    """Whether every row block of reduction plan ``r`` starts at a multiple of ``k`` elements: each step a
+    program takes (next row block, next plane, next channel tile) is a multiple of k or never taken."""
+    return ((view.stride_n % k == 0 or view.n == 1)
+            and ((r.block_s * view.stride_s) % k == 0 or r.num_sblocks == 1)
+            and ((r.block_c * view.stride_c) % k == 0 or r.num_cblocks == 1))
+
+
 def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, wide: bool) -> ElementwisePlan:
     """TILED unless the FLAT layout is asked for (``Tuning.flat``) or the ReLU bitmask needs it.
 
@@ -698,8 +706,9 @@ class BackwardPlan:
             self.ws_numel = 2 * c + 2 * r.splits * c
             self.reduce_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.reduce = _Launch(k._bn_backward_reduce_kernel, r.grid, tuning.reduce_warps, dict(
-                common, HAS_DWEIGHT=need_dw, HAS_DBIAS=need_db, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s,
-                BLOCK_C=r.block_c, BLOCK_K=r.block_k))
+                common, MASK_ALIGNED=has_mask and _rows_aligned(view, r, 32), HAS_DWEIGHT=need_dw,
+                HAS_DBIAS=need_db, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c,
+                BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
             e = _elementwise_plan(view, tuning, False, acc == torch.float64)
