@@ -15,6 +15,8 @@
 #   cuda_tests    TEST_TIMEOUT=140 (pytest -m cuda, 87 tests;  OUTDIR/pytest_cuda.log
 #                 110 s reached test 83 on 2026-11-28; --durations lists the slowest)
 #   host_us       HOST_BUDGET=30 (+15 hard)                    OUTDIR/host_us.json
+#   host_overhead 20 (GPU only): where one call's host time    console only
+#                 goes, the backward's measured on autograd's device thread (issue 8 item 3)
 #   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
 #                 leaves 140 s for the rest. ResNet-50 eager+graph b32/b128 (torch, tritonbn, fuse_model),
 #                 its torch.compile at b128 (torch, then tritonbn; each started only with >= 70 s left),
@@ -23,7 +25,6 @@
 #                 BENCH_BUDGET=150 (+30 hard; ~100), of which FUSED_BUDGET=45 is kept for the fused rows
 #                 (--quick --cuda-graphs --fused, fused rows on the ResNet-50 shapes)
 #   summary       15 (also after host_us, model and bench)     OUTDIR/summary.json
-#   host_overhead 20, only when >= 45 s are left               console only
 #
 # The model step goes before the kernel suite: a torch.compile of ResNet-50 is all or nothing (~1-2 min),
 # while the suite stops between shapes and its geomeans cover what it reached.
@@ -166,6 +167,11 @@ step host_us timeout -k 10 $((budget + 15)) "$PY" -m benchmarks.host_us "${smoke
     --time-budget "$budget" ${HOST_ARGS:-}
 summarize
 
+# --- where tritonbn's host time goes (console only): short, and what issue 8's backward work needs next --
+if [ "$SMOKE" != 1 ]; then
+    step host_overhead timeout -k 5 20 "$PY" -m benchmarks.host_overhead
+fi
+
 # --- end-to-end training steps ----------------------------------------------------------------------------
 # model_bench starts no job (and no compile) its budget cannot cover; the hard timeout is a backstop
 # (SIGTERM makes it write what it has, the variants of an unfinished compile job included).
@@ -187,11 +193,6 @@ step bench timeout -k 15 $((budget + 30)) "$PY" -m benchmarks.bench "${smoke[@]}
 
 # --- summary.json ---------------------------------------------------------------------------------------
 step summary timeout -k 5 15 "$PY" -m benchmarks.summary "$out"
-
-# --- optional: where tritonbn's host time goes (console only) -------------------------------------------
-if [ "$SMOKE" != 1 ] && [ "$(left)" -ge 45 ]; then
-    step host_overhead timeout -k 5 20 "$PY" -m benchmarks.host_overhead
-fi
 
 # --- end: the step table last in the log, where a truncated console still shows it ------------------------
 rm -f "$out"/*.tmp  # a write interrupted by a timeout; the previous complete file stands
