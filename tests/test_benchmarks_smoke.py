@@ -624,6 +624,8 @@ def test_summary_assembles_and_checks_the_criteria(tmp_path):
             "skipped": None,
         }
 
+    eager_b32 = job("resnet50", "eager_b32", torch=21.0, tritonbn=20.0, fused=19.0)
+    eager_b32["variants"]["control"] = {"ms": 21.2, "loss_gap": 0.04}  # measured, never judged: no "tracks"
     _write(
         tmp_path / "model.json",
         {
@@ -631,7 +633,7 @@ def test_summary_assembles_and_checks_the_criteria(tmp_path):
             "meta": {"models": ["resnet50", "mobilenet_v2"], "complete": True, "timing_meaningful": True},
             "models": {"resnet50": {"fuse_report": {"fused": ["layer1.0.bn1"]}}},
             "jobs": [
-                job("resnet50", "eager_b32", torch=21.0, tritonbn=20.0, fused=19.0),
+                eager_b32,
                 job("resnet50", "eager_b128", torch=30.0, tritonbn=26.0, fused_bad=20.0),
                 job("resnet50", "graph_b32", torch=9.0, tritonbn=8.5, fused=8.0),
                 job("resnet50", "graph_b128", torch=28.0, tritonbn=24.0, fused=21.0),
@@ -664,6 +666,8 @@ def test_summary_assembles_and_checks_the_criteria(tmp_path):
         S["resnet50"]["eager_b32"]["tritonbn_ms"] == 20.0 and S["resnet50"]["eager_b32"]["torch_ms"] == 21.0
     )
     assert S["resnet50"]["compile_b128"]["speedup"] == pytest.approx(26.7 / 26.0)
+    assert S["resnet50"]["eager_b32"]["control_loss_gap"] == 0.04
+    assert "control_loss_gap" not in S["resnet50"]["compile_b128"]  # no control there, and none missing
     f128 = S["resnet50_fused"]["eager_b128"]
     assert (f128["tritonbn_ms"], f128["torch_ms"], f128["torch_compile_ms"]) == (20.0, 30.0, 26.7)
     assert S["resnet50_fused"]["graph_b128"]["tritonbn_ms"] == 21.0
