@@ -41,12 +41,6 @@ MATRIX = [   # most telling first: the budget may stop the matrix early
 ]
 
 
-def _rel(torch, a, b) -> float:
-    num = sum(float(torch.sum((x.double() - y.double()) ** 2)) for x, y in zip(a, b))
-    den = sum(float(torch.sum(y.double() ** 2)) for y in b)
-    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
-
-
 def run_one(spec: str, image_size: int) -> dict:
     model_name, variant, batch, amp, launch, part = spec.split(",")
     batch = int(batch)
@@ -56,6 +50,7 @@ def run_one(spec: str, image_size: int) -> dict:
     from tritonbn import ops
 
     from . import models
+    from .model_bench import _rel_l2
 
     ops.TUNING = ops.Tuning(fast_launch=launch == "fast")
     torch.backends.cudnn.benchmark = True
@@ -126,8 +121,8 @@ def run_one(spec: str, image_size: int) -> dict:
                  [p.grad for p in twin.parameters() if p.grad is not None])
         out["replays"].append({
             "loss": float(static_loss), "eager_loss": float(eager_loss),
-            "params_gap": _rel(torch, *params), "stats_gap": _rel(torch, *bufs),
-            "grads_gap": _rel(torch, *grads) if grads[0] and len(grads[0]) == len(grads[1]) else None,
+            "params_gap": _rel_l2(torch, *params), "stats_gap": _rel_l2(torch, *bufs),
+            "grads_gap": _rel_l2(torch, *grads) if grads[0] and len(grads[0]) == len(grads[1]) else None,
             "finite": math.isfinite(float(static_loss)),
         })
     out["ok"] = all(r["finite"] for r in out["replays"])

@@ -154,36 +154,11 @@ def host_us_per_call(fn, n: int = 20, grad_to_none=None, loops: int = 1, warmup:
     """CPU microseconds to issue one call of fn: `loops` loops of n calls queued back to back (far below
     the launch queue depth, so the CPU never waits for the GPU), synchronized only between loops; the
     median loop's mean. `sync` defaults to torch.cuda.synchronize; None for CPU-only callables."""
-    import statistics
-
-    if sync is _CUDA_SYNC:
-        import torch
-
-        sync = torch.cuda.synchronize
-
-    def call():
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        fn()
-
-    for _ in range(warmup):
-        call()
-    per_loop = []
-    for _ in range(loops):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            call()
-        per_loop.append((time.perf_counter() - t0) / n * 1e6)
-    if sync:
-        sync()
-    return statistics.median(per_loop)
+    return host_us_interleaved({None: (fn, grad_to_none)}, n, loops, warmup, sync)[None]
 
 
 def host_us_interleaved(fns: dict, n: int = 20, loops: int = 1, warmup: int = 0, sync=_CUDA_SYNC) -> dict:
-    """host_us_per_call of several callables measured together: ``fns`` maps a name to ``(fn,
+    """``host_us_per_call`` of several callables measured together: ``fns`` maps a name to ``(fn,
     grad_to_none)``; each loop times n calls of every one, in an order that alternates from loop to loop,
     so that a drifting or noisy host (a VM's neighbours, clock changes) weighs on all of them alike rather
     than on whichever ran second. Returns name -> the median loop's mean µs per call."""
