@@ -9,8 +9,11 @@ to issue the call. This splits that CPU time into
 * ``triton launch``, cached: the same launch through tritonbn's cached ``CompiledKernel.run`` path;
 * ``module call``: a whole ``tritonbn.BatchNorm2d`` call, forward and forward+backward (GPU only),
   next to ``torch.nn.BatchNorm2d`` for scale;
-* ``backward``: a whole ``y.backward(dy)`` against the time spent in tritonbn's launchers, measured on
-  autograd's device thread where the backward runs (a main-thread profiler does not see it).
+* ``aten`` / ``autograd``: torch.empty, and a backward through one native node against one through a
+  do-nothing ``autograd.Function`` (the engine's own cost, and what a Python node adds to it);
+* ``backward``: a whole ``y.backward(dy)`` split into the engine, the Python node, tritonbn's launcher
+  function and its launches, each timed on autograd's device thread where the backward runs (a
+  main-thread profiler does not see it); on the CPU too, with launches recorded.
 
 Host µs per call are medians of repeated timed loops, with the GPU synchronized only between loops.
 """
@@ -18,7 +21,6 @@ Host µs per call are medians of repeated timed loops, with the GPU synchronized
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import triton
@@ -70,28 +72,14 @@ def main(argv=None) -> int:
         rows.append(("python: backward (2 launches)",
                      _host_us(lambda: torch.autograd.grad(y, [small, bn.weight, bn.bias],
                                                           torch.ones_like(y), retain_graph=True))))
+        rows += [(f"python: {name}", us) for name, us in
+                 _backward_split(bn, small, torch.ones_like(small), None)]
     finally:
         ops._launch_hook = None
+    rows += _engine_rows(torch, device, sync)
 
     if cuda:
-        t = torch.empty(16, device="cuda")
-        args = (t, t, t, t, t, t, 7, 9, 11, 13, 1e-5, 3, 5, 17)
-        launch = lambda: _empty[(1,)](*args, A=1, B=2, C=3, D=4, num_warps=4)  # noqa: E731
-        rows.append(("triton launch: kernel[grid](...), 14 args", _host_us(launch, sync=sync)))
-        cached = ops._Launch(_empty, (1,), 4, dict(A=1, B=2, C=3, D=4))
-        stream = torch.cuda.current_stream().cuda_stream
-        cached(stream, *args)
-        rows.append((f"triton launch: cached CompiledKernel.run ({'on' if cached.fast else 'OFF'})",
-                     _host_us(lambda: cached(stream, *args), sync=sync)))
-        if cached.fast is not None:
-            # Tensors make the launcher call data_ptr() and cuPointerGetAttribute per pointer; ints skip
-            # both (the launcher takes a uint64 as is). Worth switching to only if this row is cheaper.
-            run, function, meta = cached.fast
-            consts = cached.consts
-            rows.append(("triton launch: same, 6 pointers as data_ptr() ints", _host_us(
-                lambda: run(1, 1, 1, stream, function, meta, None, None, None,
-                            *[a.data_ptr() for a in args[:6]], *args[6:], *consts), sync=sync)))
-
+        rows += _launch_rows(torch, ops, sync)
         x = torch.randn(shape, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
         dy = torch.randn_like(x)
         ours = tritonbn.BatchNorm2d(shape[1]).to(device)
@@ -105,41 +93,118 @@ def main(argv=None) -> int:
     print(f"host µs per call ({'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU only'}, "
           f"torch {torch.__version__})")
     for name, us in rows:
-        print(f"  {name:48s} {us:8.1f}")
+        print(f"  {name:62s} {us:8.1f}")
     return 0
 
 
-def _backward_split(module, x, dy, sync):
-    """Where a backward's host time goes. Autograd runs BatchNormFunction.backward on its device thread,
-    which a profiler on the main thread never sees: time it there, inside the function, next to the
-    whole ``y.backward(dy)`` call measured on the main thread."""
+def _engine_rows(torch, device, sync) -> list:
+    """What autograd itself costs, next to which tritonbn's backward is judged: a backward through one
+    native node against one through a Python ``autograd.Function`` that does nothing. On CUDA the engine
+    runs both on its device thread (a thread hand-off each way), and the Python node takes the GIL there;
+    torch.empty is the price of each buffer a launcher allocates."""
+
+    class _Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            _ = ctx.saved_tensors
+            return dy, None
+
+    x = torch.randn(64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device)
+    dy = torch.ones(64, device=device)
+    native = x * w
+    python = _Identity.apply(x, w)
+    return [
+        (f"aten: torch.empty(64) ({device})",
+         _host_us(lambda: torch.empty(64, device=device), sync=sync)),
+        (f"aten: torch.empty_like(x) ({device})", _host_us(lambda: torch.empty_like(x), sync=sync)),
+        ("autograd: backward through one native node (x * w)",
+         _host_us(lambda: native.backward(dy, retain_graph=True), calls=50, sync=sync)),
+        ("autograd: backward through an identity autograd.Function",
+         _host_us(lambda: python.backward(dy, retain_graph=True), calls=50, sync=sync)),
+    ]
+
+
+def _launch_rows(torch, ops, sync) -> list:
+    """One launch of a trivial kernel with as many arguments as ours, four ways (GPU only)."""
+    rows = []
+    t = torch.empty(16, device="cuda")
+    args = (t, t, t, t, t, t, 7, 9, 11, 13, 1e-5, 3, 5, 17)
+    launch = lambda: _empty[(1,)](*args, A=1, B=2, C=3, D=4, num_warps=4)  # noqa: E731
+    rows.append(("triton launch: kernel[grid](...), 14 args", _host_us(launch, sync=sync)))
+    cached = ops._Launch(_empty, (1,), 4, dict(A=1, B=2, C=3, D=4))
+    stream = torch.cuda.current_stream().cuda_stream
+    cached(stream, *args)
+    rows.append((f"triton launch: cached CompiledKernel.run ({'on' if cached.fast else 'OFF'})",
+                 _host_us(lambda: cached(stream, *args), sync=sync)))
+    if cached.fast is None:
+        return rows
+    # Tensors make the launcher call data_ptr() and cuPointerGetAttribute per pointer; ints skip both (the
+    # launcher takes a uint64 as is). Worth switching to only if this row is cheaper.
+    run, function, meta = cached.fast
+    consts = cached.consts
+    rows.append(("triton launch: same, 6 pointers as data_ptr() ints", _host_us(
+        lambda: run(1, 1, 1, stream, function, meta, None, None, None,
+                    *[a.data_ptr() for a in args[:6]], *args[6:], *consts), sync=sync)))
+    ptrs = tuple(a.data_ptr() for a in args[:6])
+    rows.append(("triton launch: same, pointers precomputed (lower bound)", _host_us(
+        lambda: run(1, 1, 1, stream, function, meta, None, None, None, *ptrs, *args[6:], *consts),
+        sync=sync)))
+    return rows
+
+
+def _backward_split(module, x, dy, sync) -> list:
+    """Where a backward's host time goes. Autograd runs BatchNormFunction.backward on its device thread
+    (CUDA), which a profiler on the main thread never sees: time it there, at three depths (the Python
+    node, tritonbn's launcher function, the launches themselves), next to the whole ``y.backward(dy)``
+    call measured on the main thread."""
 
     from tritonbn import ops
 
-    inside = []
-    real = ops.backward
+    spent: dict = {"node": [], "launcher": [], "launches": []}
 
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        out = real(*a, **k)
-        inside.append(time.perf_counter() - t0)
-        return out
+    def timing(fn, key):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            spent[key].append(time.perf_counter() - t0)
+            return out
+        return timed
+
+    def per_call(key, calls):
+        return sum(spent[key]) / calls * 1e6
 
     ys = [module(x) for _ in range(20)]
-    sync()
-    ops.backward = timed
+    leaves = [x, *module.parameters()]
+    if sync is not None:
+        sync()
+    real_backward, real_node, real_call = ops.backward, ops.BatchNormFunction.backward, ops._Launch.__call__
+    ops.backward = timing(real_backward, "launcher")
+    ops.BatchNormFunction.backward = staticmethod(timing(real_node, "node"))
+    ops._Launch.__call__ = timing(real_call, "launches")
     try:
         t0 = time.perf_counter()
         for y in ys:
+            for t in leaves:   # fresh gradients, as in host_us's fwd_bwd: no accumulation adds
+                t.grad = None
             y.backward(dy)
         total = (time.perf_counter() - t0) / len(ys) * 1e6
     finally:
-        ops.backward = real
-    sync()
-    launchers = statistics.median(inside) * 1e6
-    return [("backward: whole y.backward(dy), main thread", total),
-            ("backward: tritonbn launchers, autograd thread", launchers),
-            ("backward: the rest (engine, autograd.Function)", total - launchers)]
+        ops.backward, ops._Launch.__call__ = real_backward, real_call
+        ops.BatchNormFunction.backward = staticmethod(real_node)
+    if sync is not None:
+        sync()
+    node, launcher, launches = (per_call(k, len(ys)) for k in ("node", "launcher", "launches"))
+    return [("backward: whole y.backward(dy), main thread (timers included)", total),
+            ("backward: engine + grad accumulation (whole - Python node)", total - node),
+            ("backward: Python node (BatchNormFunction.backward)", node),
+            ("backward:   of which the launcher function (ops.backward)", launcher),
+            ("backward:     of which the launches (_Launch.__call__)", launches)]
 
 
 if __name__ == "__main__":

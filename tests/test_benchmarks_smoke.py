@@ -335,10 +335,14 @@ def test_host_overhead_runs_on_cpu(capsys):
     from benchmarks import host_overhead
     from tritonbn import ops
 
+    backward, node, call = ops.backward, ops.BatchNormFunction.backward, ops._Launch.__call__
     assert host_overhead.main([]) == 0
     out = capsys.readouterr().out
-    assert "python: module train forward" in out and "python: backward" in out
-    assert ops._launch_hook is None  # the recording hook is always removed
+    for row in ("python: module train forward", "python: backward (2 launches)",
+                "backward: Python node", "of which the launches", "autograd: backward through an identity"):
+        assert row in out
+    assert ops._launch_hook is None  # the recording hook is always removed, and so are the timers
+    assert (ops.backward, ops.BatchNormFunction.backward, ops._Launch.__call__) == (backward, node, call)
 
 
 # --------------------------------------------------------------------------------------------------
