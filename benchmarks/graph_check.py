@@ -49,8 +49,8 @@ def run_one(spec: str, image_size: int) -> dict:
     import tritonbn
     from tritonbn import ops
 
+    from . import harness as H
     from . import models
-    from .model_bench import _rel_l2
 
     ops.TUNING = ops.Tuning(fast_launch=launch == "fast")
     torch.backends.cudnn.benchmark = True
@@ -121,8 +121,8 @@ def run_one(spec: str, image_size: int) -> dict:
                  [p.grad for p in twin.parameters() if p.grad is not None])
         out["replays"].append({
             "loss": float(static_loss), "eager_loss": float(eager_loss),
-            "params_gap": _rel_l2(torch, *params), "stats_gap": _rel_l2(torch, *bufs),
-            "grads_gap": _rel_l2(torch, *grads) if grads[0] and len(grads[0]) == len(grads[1]) else None,
+            "params_gap": H.rel_l2(torch, *params), "stats_gap": H.rel_l2(torch, *bufs),
+            "grads_gap": H.rel_l2(torch, *grads) if grads[0] and len(grads[0]) == len(grads[1]) else None,
             "finite": math.isfinite(float(static_loss)),
         })
     out["ok"] = all(r["finite"] for r in out["replays"])

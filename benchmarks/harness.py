@@ -192,6 +192,13 @@ def host_us_interleaved(fns: dict, n: int = 20, loops: int = 1, warmup: int = 0,
     return {name: statistics.median(v) for name, v in per_loop.items()}
 
 
+def rel_l2(torch, a, b) -> float:
+    """||a - b|| / ||b|| over lists of tensors (inf when a has a non-finite value)."""
+    num = sum(float(torch.sum((x - y).double() ** 2)) for x, y in zip(a, b))
+    den = sum(float(torch.sum(y.double() ** 2)) for y in b)
+    return math.sqrt(num / den) if den > 0 and math.isfinite(num) else (0.0 if num == 0 else math.inf)
+
+
 def count_launches(fn) -> list[str]:
     """Names of the Triton kernels one call of fn launches, recorded through
     ``tritonbn.ops._launch_hook`` (each launch still runs); the hook is removed afterwards."""

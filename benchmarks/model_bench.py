@@ -309,7 +309,7 @@ def _gaps(torch, r, ref) -> dict:
     out = {}
     for key in ("logits", "grads", "stats"):
         a, b = _match(r[key], ref[key])
-        out[f"{key}_gap"] = _rel_l2(torch, a, b) if a is not None else None
+        out[f"{key}_gap"] = H.rel_l2(torch, a, b) if a is not None else None
     return out
 
 
@@ -322,13 +322,6 @@ def _match(a, b):
     if len(a) == len(b) and all(x.shape == y.shape for (_, x), (_, y) in zip(a, b)):
         return [t for _, t in a], [t for _, t in b]
     return None, None
-
-
-def _rel_l2(torch, a, b) -> float:
-    """||a - b|| / ||b|| over lists of tensors (inf when a has a non-finite value)."""
-    num = sum(float(torch.sum((x - y).double() ** 2)) for x, y in zip(a, b))
-    den = sum(float(torch.sum(y.double() ** 2)) for y in b)
-    return math.sqrt(num / den) if den > 0 and math.isfinite(num) else (0.0 if num == 0 else math.inf)
 
 
 def variant_model(tb, info, variant):
