@@ -131,30 +131,44 @@ def _engine_rows(torch, device, sync) -> list:
 
 
 def _launch_rows(torch, ops, sync) -> list:
-    """One launch of a trivial kernel with as many arguments as ours, four ways (GPU only)."""
+    """One launch of a trivial kernel with as many arguments as ours: Triton's normal launch, tritonbn's
+    cached path, the same through ``CompiledKernel.run``, and with pointers passed as ints (GPU only)."""
     rows = []
     t = torch.empty(16, device="cuda")
     args = (t, t, t, t, t, t, 7, 9, 11, 13, 1e-5, 3, 5, 17)
-    launch = lambda: _empty[(1,)](*args, A=1, B=2, C=3, D=4, num_warps=4)  # noqa: E731
-    rows.append(("triton launch: kernel[grid](...), 14 args", _host_us(launch, sync=sync)))
+    normal = lambda: _empty[(1,)](*args, A=1, B=2, C=3, D=4, num_warps=4)  # noqa: E731
+    rows.append(("triton launch: kernel[grid](...), 14 args", _host_us(normal, sync=sync)))
     cached = ops._Launch(_empty, (1,), 4, dict(A=1, B=2, C=3, D=4))
     stream = torch.cuda.current_stream().cuda_stream
     cached(stream, *args)
-    rows.append((f"triton launch: cached CompiledKernel.run ({'on' if cached.fast else 'OFF'})",
-                 _host_us(lambda: cached(stream, *args), sync=sync)))
-    if cached.fast is None:
+    entry = cached.fast
+    how = "OFF" if entry is None else (
+        "CompiledKernel.run" if type(entry[0]).__name__ == "CudaLauncher" else "the launcher's C launch")
+    rows.append((f"triton launch: tritonbn's cached path ({how})", _host_us(lambda: cached(stream, *args),
+                                                                           sync=sync)))
+    if entry is None:
         return rows
-    # Tensors make the launcher call data_ptr() and cuPointerGetAttribute per pointer; ints skip both (the
-    # launcher takes a uint64 as is). Worth switching to only if this row is cheaper.
-    run, function, meta = cached.fast
+    compiled = normal()
     consts = cached.consts
-    rows.append(("triton launch: same, 6 pointers as data_ptr() ints", _host_us(
-        lambda: run(1, 1, 1, stream, function, meta, None, None, None,
-                    *[a.data_ptr() for a in args[:6]], *args[6:], *consts), sync=sync)))
-    ptrs = tuple(a.data_ptr() for a in args[:6])
-    rows.append(("triton launch: same, pointers precomputed (lower bound)", _host_us(
-        lambda: run(1, 1, 1, stream, function, meta, None, None, None, *ptrs, *args[6:], *consts),
-        sync=sync)))
+    run = compiled.run
+    rows.append(("triton launch: same through CompiledKernel.run (CudaLauncher.__call__)", _host_us(
+        lambda: run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+                    *consts), sync=sync)))
+    # Tensors make the launcher call data_ptr() and cuPointerGetAttribute per pointer; ints skip both (the
+    # launcher takes a uint64 as is). Worth switching to only if these rows are cheaper than the cached path.
+    launch, as_tuple, prefix = entry
+
+    def direct(params):
+        if as_tuple:
+            launch(1, 1, 1, stream, *prefix, params)
+        else:
+            launch(1, 1, 1, stream, *prefix, *params)
+
+    rows.append(("triton launch: cached path, 6 pointers as data_ptr() ints", _host_us(
+        lambda: direct((*[a.data_ptr() for a in args[:6]], *args[6:], *consts)), sync=sync)))
+    params = (*(a.data_ptr() for a in args[:6]), *args[6:], *consts)
+    rows.append(("triton launch: cached path, pointers precomputed (lower bound)", _host_us(
+        lambda: direct(params), sync=sync)))
     return rows
 
 

@@ -345,6 +345,56 @@ def test_host_overhead_runs_on_cpu(capsys):
     assert (ops.backward, ops.BatchNormFunction.backward, ops._Launch.__call__) == (backward, node, call)
 
 
+def test_host_overhead_launch_rows_run_with_a_fake_gpu(monkeypatch):
+    """The GPU-only launch rows, on fakes of the CUDA pieces they touch: a GPU run must not be the first
+    to execute them (the first H200 run lost host_overhead to a NameError)."""
+    import types
+
+    import torch
+
+    from benchmarks import host_overhead
+    from tritonbn import ops
+
+    launched = []
+
+    class CudaLauncher:    # the name _fast_entry checks; records what reaches the C launch
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+        arg_annotations, kernel_signature = (), b""
+
+        def launch(self, *a):
+            launched.append(a)
+
+        def __call__(self, *a):
+            launched.append(a)
+
+    compiled = types.SimpleNamespace(run=CudaLauncher(), function=1, packed_metadata=(4, 1, 0))
+    code = host_overhead._empty.fn.__code__
+    params = [types.SimpleNamespace(name=n, is_constexpr=n in ("A", "B", "C", "D"))
+              for n in code.co_varnames[:code.co_argcount]]
+
+    class FakeKernel:
+        fn = host_overhead._empty.fn
+
+        def __init__(self):
+            self.params = params
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: compiled
+
+    kernel = FakeKernel()
+    monkeypatch.setattr(host_overhead, "_empty", kernel)
+    monkeypatch.setattr(ops, "_fast_launch_supported", lambda: True)
+    fake_torch = types.SimpleNamespace(
+        empty=lambda *a, device=None: torch.empty(*a),
+        cuda=types.SimpleNamespace(current_stream=lambda: types.SimpleNamespace(cuda_stream=0)))
+    rows = host_overhead._launch_rows(fake_torch, ops, None)
+    names = [name for name, _ in rows]
+    assert len(rows) == 5 and all(us > 0 for _, us in rows), names
+    assert "the launcher's C launch" in names[1] or "CompiledKernel.run" in names[1]
+    assert launched
+
+
 # --------------------------------------------------------------------------------------------------
 # gpu_check.sh end to end on the CPU (SMOKE=1), and what its steps wrote
 

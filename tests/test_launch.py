@@ -183,6 +183,73 @@ def test_fast_launch_passes_the_same_arguments_as_the_normal_launch(monkeypatch)
     assert calls[-1] == "hook"
 
 
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *a):
+        self.calls.append(a)
+
+
+def _fake_cuda_launcher(**attrs):
+    """Triton's own CudaLauncher object without its compiled C module: ``launch`` records its arguments."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    run = object.__new__(CudaLauncher)
+    defaults = dict(launch=_Recorder(), num_ctas=1, global_scratch_size=0, global_scratch_align=1,
+                    profile_scratch_size=0, profile_scratch_align=1, launch_cooperative_grid=False,
+                    launch_pdl=True, gsan_enabled=False, arg_annotations=("ann",), kernel_signature=b"sig")
+    for k, v in {**defaults, **attrs}.items():
+        setattr(run, k, v)
+    return run
+
+
+@pytest.mark.skipif(ops._launcher_layout() is None, reason="no launcher layout known for this triton")
+def test_direct_launch_passes_what_triton_launcher_call_passes(monkeypatch):
+    """Where ``CudaLauncher.__call__`` only forwards to its C ``launch`` (no scratch, no GSan), the cached
+    path calls ``launch`` itself, with exactly the arguments ``__call__`` would give it: compared here with
+    the installed Triton's own ``__call__`` (3.6 on the GPU machines, 3.9 in CI)."""
+    import triton
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", object())   # what 3.9's __call__ looks up first
+    run = _fake_cuda_launcher()
+    compiled = type("Compiled", (), {"run": run, "function": 77, "packed_metadata": (8, 1, 0)})()
+    params = (torch.empty(3), 5, 2.5, None, "CONST")
+    run(4, 2, 1, 99, 77, (8, 1, 0), None, None, None, *params)     # Triton's own path
+    launch, as_tuple, prefix = ops._fast_entry(compiled)
+    assert launch is run.launch
+    if as_tuple:
+        launch(4, 2, 1, 99, *prefix, params)
+    else:
+        launch(4, 2, 1, 99, *prefix, *params)
+    theirs, ours = run.launch.calls
+    assert ours == theirs
+
+    # Anything __call__ does more than forwarding keeps the launch on CompiledKernel.run.
+    for attrs in (dict(global_scratch_size=64), dict(profile_scratch_size=64), dict(gsan_enabled=True)):
+        compiled.run = _fake_cuda_launcher(**attrs)
+        assert ops._fast_entry(compiled) == (compiled.run, False, (77, (8, 1, 0), None, None, None))
+
+
+def test_cached_launch_takes_the_direct_entry(monkeypatch):
+    """_Launch caches _fast_entry's result on its first launch and calls it afterwards."""
+    run = _fake_cuda_launcher()
+    compiled = type("Compiled", (), {"run": run, "function": 77, "packed_metadata": "packed"})()
+    entry = (_Recorder(), False, ("prefix",))
+    monkeypatch.setattr(ops, "_fast_entry", lambda c: entry if c is compiled else None)
+    monkeypatch.setattr(ops, "_fast_launch_supported", lambda: True)
+    kernel = type("K", (), {"params": [type("P", (), {"name": "A", "is_constexpr": True})()],
+                            "__getitem__": lambda self, grid: lambda *a, **k: compiled})()
+    launch = ops._Launch(kernel, (3,), 4, dict(A=11))
+    launch("stream", 1, 2)                         # the normal launch: caches the entry
+    launch("stream", 1, 2)
+    assert launch.fast is entry and entry[0].calls == [(3, 1, 1, "stream", "prefix", 1, 2, 11)]
+    launch.fast = as_tuple = (_Recorder(), True, ("prefix",))
+    launch("stream", 1, 2)
+    assert as_tuple[0].calls == [(3, 1, 1, "stream", "prefix", (1, 2, 11))]
+    assert launch.fast_launches == 2
+
+
 def _arg_names(kernel):
     fn = kernel.fn
     return list(fn.__code__.co_varnames[:fn.__code__.co_argcount])
