@@ -244,6 +244,7 @@ def test_cached_launch_takes_the_direct_entry(monkeypatch):
     launch("stream", 1, 2)                         # the normal launch: caches the entry
     launch("stream", 1, 2)
     assert launch.fast is entry and entry[0].calls == [(3, 1, 1, "stream", "prefix", 1, 2, 11)]
+    assert launch.compiled is compiled   # kept alive: Triton unloads its module when it is collected
     launch.fast = as_tuple = (_Recorder(), True, ("prefix",))
     launch("stream", 1, 2)
     assert as_tuple[0].calls == [(3, 1, 1, "stream", "prefix", (1, 2, 11))]

@@ -189,7 +189,7 @@ class _Launch:
     constexprs last, so ``(*args, *consts)`` is Triton's full parameter list."""
 
     __slots__ = ("kernel", "grid", "g0", "g1", "g2", "num_warps", "constexprs", "consts", "fast",
-                 "fast_launches")
+                 "fast_launches", "compiled")
 
     def __init__(self, kernel, grid, num_warps, constexprs):
         self.kernel = kernel
@@ -200,6 +200,7 @@ class _Launch:
         self.consts = ()
         self.fast = None           # _fast_entry's (launch, params_as_tuple, prefix)
         self.fast_launches = 0     # for tests: how many launches took the cached path
+        self.compiled = None
 
     def __call__(self, stream, *args):
         fast = self.fast
@@ -219,6 +220,7 @@ class _Launch:
             if hasattr(compiled, "result"):   # triton's async compile mode hands back a future
                 compiled = compiled.result()
             self.consts = tuple(self.constexprs[p.name] for p in self.kernel.params if p.is_constexpr)
+            self.compiled = compiled   # owns the loaded module: the cached handles live as long as it
             self.fast = _fast_entry(compiled)
 
 
