@@ -554,6 +554,7 @@ class ForwardPlan:
         self.numel = view.n * view.c * view.s
         tl_acc = _tl_dtype(acc)
         self.stats = None
+        self.backward_plans = {}   # flags -> BackwardPlan of this input (BatchNormFunction's backward)
         if self.numel == 0:
             return
         div_s, div_c = _divisors(view, dtype.itemsize)
@@ -754,32 +755,37 @@ class BackwardPlan:
 
 def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: float, activation: int,
              need_dx: bool, need_dweight: bool, dbias_dtype: torch.dtype | None, need_dz: bool,
-             need_sums: bool = False):
+             need_sums: bool = False, forward_plan: ForwardPlan | None = None):
     """Gradients ``(dx, dweight, dbias, dz, sums)``, each None unless asked for (dbias when ``dbias_dtype``
     is given, dz = the residual's gradient, ``sums`` = ``[Σg, Σg·x̂]`` (2, C) with ``need_sums``).
     Training: ``mean_src`` and ``var_src`` are the forward's ``stats``. Eval: the running mean and variance
     (constants). ``mask``: the forward's ReLU bitmask (residual + ReLU), else None (the mask is recomputed
-    from x)."""
+    from x). ``forward_plan``: the plan of the forward that read this very ``x`` (BatchNormFunction), which
+    keeps this input's backward plans: found there without building the full cache key."""
     if _on_other_device(x):
         with torch.cuda.device(x.device):
             return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
-                            need_dweight, dbias_dtype, need_dz, need_sums)
+                            need_dweight, dbias_dtype, need_dz, need_sums, forward_plan)
     need_db = dbias_dtype is not None
     need_dw = need_dweight and weight is not None
     dz_is_dy = need_dz and activation == 0   # y = bn(x) + z: the residual's gradient is dy itself
     need_dz = need_dz and not dz_is_dy         # a kernel writes dz only after a ReLU
     flags = (weight is not None, bias is not None, activation, mask is not None, need_dx, need_dw, need_db,
              need_dz, need_sums)
-    key = ("bwd", x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
-    cache = _plans if TUNING is _plans_tuning else _plan_cache()
-    plan = cache.get(key)
+    plan = forward_plan.backward_plans.get(flags) if forward_plan is not None else None
     if plan is None:
-        view = _dense_view(tuple(x.shape), x.stride())
-        if view is None:   # saved inputs are dense (the forward read them in place or copied them)
-            x = x.contiguous()
-            return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
-                            need_dweight, dbias_dtype, need_dz or dz_is_dy, need_sums)
-        plan = cache[key] = BackwardPlan(view, x.dtype, x.get_device(), training, flags)
+        key = ("bwd", x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
+        cache = _plans if TUNING is _plans_tuning else _plan_cache()
+        plan = cache.get(key)
+        if plan is None:
+            view = _dense_view(tuple(x.shape), x.stride())
+            if view is None:   # saved inputs are dense (the forward read them in place or copied them)
+                x = x.contiguous()
+                return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation,
+                                need_dx, need_dweight, dbias_dtype, need_dz or dz_is_dy, need_sums)
+            plan = cache[key] = BackwardPlan(view, x.dtype, x.get_device(), training, flags)
+        if forward_plan is not None:
+            forward_plan.backward_plans[flags] = plan
     # dy laid out as x (a copy only for an unusual gradient, e.g. the expanded one of y.sum()) and 16-byte
     # aligned, as the kernels are specialized for it.
     dy = _like(x, dy)
@@ -890,13 +896,13 @@ class BatchNormFunction(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias, stats, stats, mask)
         else:
             ctx.save_for_backward(x, weight, bias, running_mean, running_var, mask)
-        ctx.cfg = (plan.training, eps, plan.flags[6], bias.dtype if bias is not None else None)
+        ctx.cfg = (plan.training, eps, plan.flags[6], bias.dtype if bias is not None else None, plan)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean_src, var_src, mask = ctx.saved_tensors
-        training, eps, activation, bias_dtype = ctx.cfg
+        training, eps, activation, bias_dtype, plan = ctx.cfg
         need_dx, need_dw, need_db, need_dz = ctx.needs_input_grad[:4]
         dbias_dtype = bias_dtype if need_db else None
         if torch.is_grad_enabled():
@@ -904,7 +910,7 @@ class BatchNormFunction(torch.autograd.Function):
                                              activation, need_dx, need_dw, dbias_dtype, need_dz)
         else:
             grads = backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
-                             need_dw, dbias_dtype, need_dz)[:4]
+                             need_dw, dbias_dtype, need_dz, False, plan)[:4]
         return (*grads, None)
 
 
