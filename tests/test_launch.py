@@ -332,10 +332,13 @@ def test_apply_without_torchs_python_wrapper(fast, device, monkeypatch):
 @pytest.mark.parametrize("tiny", [False, True])
 def test_reduction_counters_are_zero_after_every_launch(tiny, monkeypatch):
     """The last program of each channel tile resets its counter: the next launch on the stream finds
-    zeros, with no fill kernel. Many splits (tiny tiles) and many channel tiles."""
+    zeros, with no fill kernel. Many splits (tiny tiles) and many channel tiles; tiny: the group counters
+    of the two-level merge too."""
     if tiny:
+        # merge_tile=8: 2 partials per merge step, so the 5 splits of each channel tile merge in two levels
         monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_tile=8, elementwise_tile=8, flat_block=32,
-                                                      max_block_c=4, interpreter_programs=5, waves=1))
+                                                      max_block_c=4, merge_tile=8, interpreter_programs=20,
+                                                      waves=1))
     x = make_input((5, 13, 3, 3), "channels_last").requires_grad_(True)
     for _ in range(2):
         y = tritonbn.batch_norm(x, None, None, training=True)
@@ -343,6 +346,35 @@ def test_reduction_counters_are_zero_after_every_launch(tiny, monkeypatch):
     for buf in ops._counters_by_stream.values():
         assert not buf.any()
     assert ops._counters_by_stream                           # counters were taken from the arena
+    plans = ops._plan_cache().values()
+    grouped = [p.stats.constexprs["GROUPED"] for p in plans if getattr(p, "stats", None) is not None] + \
+        [p.reduce.constexprs["GROUPED"] for p in plans if getattr(p, "reduce", None) is not None]
+    assert grouped and all(g == tiny for g in grouped)
+
+
+@pytest.mark.parametrize("two_level", [True, False])
+def test_flat_and_two_level_merges_give_the_reference(two_level, monkeypatch):
+    """Many splits per channel tile, merged 2 per step: in two levels (groups, then the groups) or flat
+    (Tuning.two_level_merge=False, the A/B switch of the GPU benchmarks), in several steps either way.
+    Statistics, running stats and every gradient against the float64 reference, both reduction kernels."""
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_tile=8, elementwise_tile=8, flat_block=32,
+                                                  max_block_c=4, merge_tile=8, interpreter_programs=14,
+                                                  waves=1, two_level_merge=two_level))
+    x = make_input((7, 3, 3, 5), "channels_last").requires_grad_(True)
+    w = torch.rand(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    exp = ref.bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5)
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
+    dy = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    e_dx, e_dw, e_db = ref.bn_backward(dy, x, w, exp.mean, exp.invstd, True)
+    for got, want in ((y, exp.y), (rm, exp.running_mean), (rv, exp.running_var), (dx, e_dx), (dw, e_dw),
+                      (db, e_db)):
+        assert rel_err(got, want) < 1e-5
+    (plan,) = [p for p in ops._plan_cache().values() if getattr(p, "stats", None) is not None]
+    assert plan.stats.constexprs["GROUPED"] is two_level and plan.stats.grid[1] > 4 * plan.stats.constexprs[
+        "BLOCK_K"]
 
 
 def test_counters_never_shared_between_streams():

@@ -191,20 +191,97 @@ def _row_mask(sb, S, offs_s, mask_c, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _last_program(cnt_ptr):
-    """Whether this program is the last of its channel tile (``tl.num_programs(1)`` splits) to finish.
+def _last_ticket(cnt_ptr, expected):
+    """Whether this program draws the last of ``expected`` tickets of the counter at ``cnt_ptr``.
 
     Every thread's partial stores are issued before the barrier; the ``acq_rel`` ticket then releases them
     to, and acquires everyone else's for, the program that draws the last ticket. That program resets the
-    counter (``_release_counter``) so the next launch on this stream finds it zero."""
+    counter (``_reset_counter``) so the next launch on this stream finds it zero."""
     tl.debug_barrier()
-    ticket = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-    return ticket == tl.num_programs(1) - 1
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == expected - 1
 
 
 @triton.jit
-def _release_counter(cnt_ptr):
-    tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+def _reset_counter(cnt_ptr):
+    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_group(cnt_ptr, num_splits, BLOCK_K: tl.constexpr):
+    """Two-level merge of a reduction's partials (GROUPED: more splits than two merge steps take): the
+    splits form groups of BLOCK_K, and the last program of each group merges the group's partials in one
+    step while other programs are still reducing. Returns (merges the group, counter, number of groups,
+    group): the group counters follow the channel tiles' own, ``num_groups`` per channel tile. The last
+    group merger of a channel tile then merges the group partials (``_last_ticket`` on the tile's counter,
+    ``num_groups`` tickets): a serial tail of two steps instead of ``cdiv(splits, BLOCK_K)``."""
+    num_groups = tl.cdiv(num_splits, BLOCK_K)
+    g = tl.program_id(1) // BLOCK_K
+    cnt = cnt_ptr + tl.num_programs(0) + tl.program_id(0) * num_groups + g
+    return _last_ticket(cnt, tl.minimum(BLOCK_K, num_splits - g * BLOCK_K)), cnt, num_groups, g
+
+
+@triton.jit
+def _merge_welford(src, plane, C, k_begin, k_end, chan, mask_c, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr):
+    """Chan-merge of the Welford partials ``(mean, M2, count)`` at ``src + k·C + chan`` (planes ``plane``
+    apart), k in ``[k_begin, k_end)``, in a fixed order: lane k merges partials k, k + BLOCK_K, ...
+    elementwise, then the lanes are merged once. A reduction across threads per step instead made this
+    tail the bulk of channels-last statistics with few channel tiles (on the H200, C = 64 merged ~520
+    splits in 17 steps; that pass ran at 28% of copy bandwidth, against 66% for the same tensor in NCHW)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mean_k = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
+    m2_k = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
+    count_k = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kmask = ((k0 + offs_k) < k_end)[:, None] & mask_c[None, :]
+        idx = (k0 + offs_k)[:, None] * C + chan[None, :]
+        p_mean = tl.load(src + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+        p_m2 = tl.load(src + plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+        p_count = tl.load(src + 2 * plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+        mean_k, m2_k, count_k = _welford_combine(mean_k, m2_k, count_k, p_mean, p_m2, p_count)
+    return tl.reduce((mean_k, m2_k, count_k), 0, _welford_combine)
+
+
+@triton.jit
+def _merge_sums(src, plane, C, k_begin, k_end, chan, mask_c, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):
+    """Sums of the two partial planes at ``src + k·C + chan`` (``plane`` apart), k in ``[k_begin, k_end)``,
+    in a fixed order: per-lane sums over the steps, one reduction across threads at the end."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_a = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
+    acc_b = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kmask = ((k0 + offs_k) < k_end)[:, None] & mask_c[None, :]
+        idx = (k0 + offs_k)[:, None] * C + chan[None, :]
+        acc_a += tl.load(src + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+        acc_b += tl.load(src + plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
+    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+
+@triton.jit
+def _finish_stats(ws_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, C, chan, mask_c, shift,
+                  mean_t, m2_t, count_t, momentum, eps, HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+                  BUMP_BATCHES: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """μ (K added back) and invstd = 1/√(σ²+ε) (biased σ²) into ``ws``; the running statistics updated."""
+    mean_t += shift
+    invstd = _invstd(m2_t / tl.maximum(count_t, 1.0), eps)
+    tl.store(ws_ptr + chan, mean_t, mask=mask_c)
+    tl.store(ws_ptr + C + chan, invstd, mask=mask_c)
+    if HAS_RUNNING:
+        # Scalars arrive as fp64 (annotated) so fp64 running stats get the exact momentum.
+        if CUMULATIVE:
+            factor = 1.0 / (tl.load(num_batches_ptr) + BUMP_BATCHES).to(ACC_DTYPE)
+        else:
+            factor = tl.full([BLOCK_C], momentum, ACC_DTYPE)
+        unbiased = m2_t / tl.maximum(count_t - 1.0, 1.0)
+        rm = tl.load(running_mean_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        rv = tl.load(running_var_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        keep = 1.0 - factor
+        rm = factor * mean_t + keep * rm
+        rv = factor * unbiased + keep * rv
+        tl.store(running_mean_ptr + chan, rm.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(running_var_ptr + chan, rv.to(running_var_ptr.dtype.element_ty), mask=mask_c)
 
 
 @_jit(do_not_specialize_on_alignment=_SMALL)
@@ -213,8 +290,8 @@ def _bn_stats_kernel(
     C, S, num_sblocks, blocks_per_split, total_blocks, momentum: tl.float64, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
     HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BUMP_BATCHES: tl.constexpr,
-    FINALIZE: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FINALIZE: tl.constexpr, GROUPED: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Batch statistics: per-split partials, merged by the last program of each channel tile.
 
@@ -225,14 +302,16 @@ def _bn_stats_kernel(
     running mean cannot absorb increments δ/n below its ulp and the variance is lost; shifted, every
     quantity is O(σ).
 
-    Workspace ``ws`` (ACC_DTYPE): ``[mean (C) | invstd (C) | partials (3, splits, C)]``, partials being the
-    shifted ``(mean − K, M2, count)``. With FINALIZE the last program of each channel tile merges the partials
-    in a fixed order (lane k takes splits k, k + BLOCK_K, ..., then the lanes merge) into μ (K added back) and
-    invstd = 1/√(σ²+ε) (biased σ²), and updates the running stats: running ← (1 − f)·running + f·batch with
-    the unbiased σ²·m/(m − 1) for running_var, f = momentum, or with CUMULATIVE f = 1/num_batches_tracked read
-    on the device (plus one when BUMP_BATCHES: the forward kernel that follows increments it). Without
-    FINALIZE only the partials are written (SyncBatchNorm merges them across processes).
+    Workspace ``ws`` (ACC_DTYPE): ``[mean (C) | invstd (C) | partials (3, splits, C) | group partials
+    (3, groups, C) when GROUPED]``, partials being the shifted ``(mean − K, M2, count)``. With FINALIZE the
+    last program of each channel tile merges the partials in a fixed order (``_merge_welford``; GROUPED: in
+    two levels, ``_merge_group``) into μ (K added back) and invstd = 1/√(σ²+ε) (biased σ²), and updates the
+    running stats: running ← (1 − f)·running + f·batch with the unbiased σ²·m/(m − 1) for running_var,
+    f = momentum, or with CUMULATIVE f = 1/num_batches_tracked read on the device (plus one when
+    BUMP_BATCHES: the forward kernel that follows increments it). Without FINALIZE only the partials are
+    written (SyncBatchNorm merges them across processes).
 
+    Counters (int32, zero between launches): one per channel tile, then GROUPED ``groups`` per channel tile.
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
     C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
@@ -276,43 +355,36 @@ def _bn_stats_kernel(
     tl.store(out + 2 * plane, count_c, mask=mask_c)
 
     if FINALIZE:
-        if _last_program(cnt_ptr):
-            # Lane k merges splits k, k + BLOCK_K, ... elementwise; the lanes are merged once, at the end.
-            # A reduction across threads per step instead made this tail the bulk of channels-last
-            # statistics with few channel tiles (C = 64: one tile merging ~520 splits in 17 steps; on the
-            # H200 that pass ran at 28% of copy bandwidth, against 66% for the same tensor in NCHW).
-            offs_k = tl.arange(0, BLOCK_K)
-            mean_k = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
-            m2_k = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
-            count_k = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
-            for k0 in range(0, num_splits, BLOCK_K):
-                kmask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
-                idx = (k0 + offs_k)[:, None] * C + (c0 + offs_c)[None, :]
-                p_mean = tl.load(part + idx, mask=kmask, other=0.0, cache_modifier=".cg")
-                p_m2 = tl.load(part + plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
-                p_count = tl.load(part + 2 * plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
-                mean_k, m2_k, count_k = _welford_combine(mean_k, m2_k, count_k, p_mean, p_m2, p_count)
-            mean_t, m2_t, count_t = tl.reduce((mean_k, m2_k, count_k), 0, _welford_combine)
-            chan = c0 + offs_c
-            mean_t += shift
-            invstd = _invstd(m2_t / tl.maximum(count_t, 1.0), eps)
-            tl.store(ws_ptr + chan, mean_t, mask=mask_c)
-            tl.store(ws_ptr + C + chan, invstd, mask=mask_c)
-            if HAS_RUNNING:
-                # Scalars arrive as fp64 (annotated) so fp64 running stats get the exact momentum.
-                if CUMULATIVE:
-                    factor = 1.0 / (tl.load(num_batches_ptr) + BUMP_BATCHES).to(ACC_DTYPE)
-                else:
-                    factor = tl.full([BLOCK_C], momentum, ACC_DTYPE)
-                unbiased = m2_t / tl.maximum(count_t - 1.0, 1.0)
-                rm = tl.load(running_mean_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-                rv = tl.load(running_var_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-                keep = 1.0 - factor
-                rm = factor * mean_t + keep * rm
-                rv = factor * unbiased + keep * rv
-                tl.store(running_mean_ptr + chan, rm.to(running_mean_ptr.dtype.element_ty), mask=mask_c)
-                tl.store(running_var_ptr + chan, rv.to(running_var_ptr.dtype.element_ty), mask=mask_c)
-            _release_counter(cnt_ptr)
+        chan = c0 + offs_c
+        top = cnt_ptr + tl.program_id(0)
+        if GROUPED:
+            merges, cnt, num_groups, g = _merge_group(cnt_ptr, num_splits, BLOCK_K)
+            src, src_plane, n_src = part + 3 * plane, num_groups * C, num_groups
+            last = tl.full([], 0, tl.int1)
+            if merges:
+                k0 = g * BLOCK_K
+                k1 = tl.minimum(k0 + BLOCK_K, num_splits)
+                mean_g, m2_g, count_g = _merge_welford(part, plane, C, k0, k1, chan, mask_c, BLOCK_K, BLOCK_C,
+                                                       ACC_DTYPE)
+                out = src + g * C + chan
+                tl.store(out, mean_g, mask=mask_c)
+                tl.store(out + src_plane, m2_g, mask=mask_c)
+                tl.store(out + 2 * src_plane, count_g, mask=mask_c)
+                _reset_counter(cnt)
+                last = _last_ticket(top, num_groups)
+        else:
+            src, src_plane, n_src = part, plane, num_splits
+            last = _last_ticket(top, num_splits)
+        if last:
+            mean_t, m2_t, count_t = _merge_welford(src, src_plane, C, 0, n_src, chan, mask_c, BLOCK_K,
+                                                   BLOCK_C, ACC_DTYPE)
+            # K read again rather than kept in registers through the main loop in the merge's layout (that
+            # copy spilled a register on sm_90 for bf16 input with fp32 running stats).
+            k_c = tl.load(x_base + offs_c * stride_xc, mask=mask_c, other=0.0).to(ACC_DTYPE)
+            _finish_stats(ws_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, C, chan, mask_c, k_c,
+                          mean_t, m2_t, count_t, momentum, eps, HAS_RUNNING, CUMULATIVE, BUMP_BATCHES,
+                          BLOCK_C, ACC_DTYPE)
+            _reset_counter(top)
 
 
 @triton.jit
@@ -445,17 +517,18 @@ def _bn_backward_reduce_kernel(
     stride_xn, stride_xc, stride_xs,
     FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_ALIGNED: tl.constexpr, HAS_DWEIGHT: tl.constexpr,
-    HAS_DBIAS: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, GROUPED: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Σg and Σ(g·x̂), x̂ = (x − μ)·invstd, g = dy (no activation) or dy·[y > 0] (ReLU: the bitmask when
     HAS_MASK, else y recomputed from x exactly as the forward did), from the saved statistics (never
     recomputed) or, FROM_VAR, the running ones. MASK_ALIGNED: every row block starts at a multiple of 32
     elements (the launcher checked the view's strides and tiles), so the bitmask is indexed in two parts.
 
-    Same view, tiling and split as ``_bn_stats_kernel``. Workspace ``ws`` (ACC_DTYPE):
-    ``[sums (2, C) | partials (2, splits, C)]``. The last program of each channel tile sums the partials in a
-    fixed order into ``sums`` = (Σg, Σg·x̂) and writes dβ = Σg, dγ = Σg·x̂ in the parameters' dtypes.
+    Same view, tiling, split and counters as ``_bn_stats_kernel``. Workspace ``ws`` (ACC_DTYPE):
+    ``[sums (2, C) | partials (2, splits, C) | group partials (2, groups, C) when GROUPED]``. The last program
+    of each channel tile sums the partials in a fixed order (GROUPED: in two levels) into ``sums`` =
+    (Σg, Σg·x̂) and writes dβ = Σg, dγ = Σg·x̂ in the parameters' dtypes.
 
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
@@ -498,25 +571,32 @@ def _bn_backward_reduce_kernel(
     tl.store(out, tl.sum(sum_g, axis=0), mask=mask_c)
     tl.store(out + plane, tl.sum(sum_g_xc, axis=0) * invstd, mask=mask_c)
 
-    if _last_program(cnt_ptr):
-        # As in _bn_stats_kernel: per-lane sums over the steps, one reduction across threads at the end.
-        offs_k = tl.arange(0, BLOCK_K)
-        acc_g = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
-        acc_g_xhat = tl.zeros([BLOCK_K, BLOCK_C], dtype=ACC_DTYPE)
-        for k0 in range(0, num_splits, BLOCK_K):
-            kmask = ((k0 + offs_k) < num_splits)[:, None] & mask_c[None, :]
-            idx = (k0 + offs_k)[:, None] * C + chan[None, :]
-            acc_g += tl.load(part + idx, mask=kmask, other=0.0, cache_modifier=".cg")
-            acc_g_xhat += tl.load(part + plane + idx, mask=kmask, other=0.0, cache_modifier=".cg")
-        acc_g = tl.sum(acc_g, axis=0)
-        acc_g_xhat = tl.sum(acc_g_xhat, axis=0)
+    top = cnt_ptr + tl.program_id(0)
+    if GROUPED:
+        merges, cnt, num_groups, g = _merge_group(cnt_ptr, num_splits, BLOCK_K)
+        src, src_plane, n_src = part + 2 * plane, num_groups * C, num_groups
+        last = tl.full([], 0, tl.int1)
+        if merges:
+            k0 = g * BLOCK_K
+            g_sum, g_sum_xhat = _merge_sums(part, plane, C, k0, tl.minimum(k0 + BLOCK_K, num_splits), chan,
+                                            mask_c, BLOCK_K, BLOCK_C, ACC_DTYPE)
+            tl.store(src + g * C + chan, g_sum, mask=mask_c)
+            tl.store(src + src_plane + g * C + chan, g_sum_xhat, mask=mask_c)
+            _reset_counter(cnt)
+            last = _last_ticket(top, num_groups)
+    else:
+        src, src_plane, n_src = part, plane, num_splits
+        last = _last_ticket(top, num_splits)
+    if last:
+        acc_g, acc_g_xhat = _merge_sums(src, src_plane, C, 0, n_src, chan, mask_c, BLOCK_K, BLOCK_C,
+                                        ACC_DTYPE)
         tl.store(ws_ptr + chan, acc_g, mask=mask_c)
         tl.store(ws_ptr + C + chan, acc_g_xhat, mask=mask_c)
         if HAS_DWEIGHT:
             tl.store(dweight_ptr + chan, acc_g_xhat.to(dweight_ptr.dtype.element_ty), mask=mask_c)
         if HAS_DBIAS:
             tl.store(dbias_ptr + chan, acc_g.to(dbias_ptr.dtype.element_ty), mask=mask_c)
-        _release_counter(cnt_ptr)
+        _reset_counter(top)
 
 
 @_jit(do_not_specialize=["count"], do_not_specialize_on_alignment=_SMALL)

@@ -50,9 +50,12 @@ class Tuning:
     elementwise_tile: int = 4096
     flat_block: int = 2048         # elements per FLAT block (half for fp64)
     max_block_c: int = 64
-    merge_tile: int = 2048         # partials (splits x channels) the finalizing program merges per step
+    merge_tile: int = 1024         # partials (splits x channels) a merging program merges per step; its
+                                   # accumulators size the whole kernel's registers (2048: 105 on sm_90 for
+                                   # bf16 channels-last C = 64 with triton 3.6, so 2 programs per SM, not 4)
     reduce_warps: int = 8
     elementwise_warps: int = 8
+    two_level_merge: bool = True   # ReducePlan.grouped where it shortens the merge (False: always flat)
     waves: int = 4                 # reduction programs per SM
     interpreter_programs: int = 8  # "SM count" under the interpreter: keeps several splits in the tests
     flat: str = "auto"             # elementwise addressing: "auto" (TILED; FLAT only for a ReLU bitmask no
@@ -429,10 +432,33 @@ class ReducePlan:
     total_blocks: int   # N * num_sblocks row blocks per channel tile
     splits: int
     blocks_per_split: int
+    two_level: bool = True
 
     @property
     def grid(self):
         return (self.num_cblocks, self.splits)
+
+    @property
+    def grouped(self) -> bool:
+        """More splits than two merge steps take: the kernels merge in two levels (``_merge_group``), a
+        serial tail of 1 + cdiv(groups, block_k) steps after the last program (ResNet-50's C = 64
+        channels-last layers on an H200: 4, against 33 flat). Up to two steps the flat merge is as short,
+        with one atomic round trip less."""
+        return self.two_level and self.splits > 2 * self.block_k
+
+    @property
+    def num_groups(self) -> int:
+        return _cdiv(self.splits, self.block_k) if self.grouped else 0
+
+    def workspace(self, c: int, planes: int) -> int:
+        """Elements of a finalizing reduction's workspace: 2·C results, ``planes`` partial planes per split,
+        and as many per group when grouped."""
+        return 2 * c + planes * (self.splits + self.num_groups) * c
+
+    @property
+    def num_counters(self) -> int:
+        """One counter per channel tile, and one per group of each when grouped."""
+        return self.num_cblocks * (1 + self.num_groups)
 
 
 def _reduce_plan(view: View, target_programs: int, tuning: Tuning, wide: bool) -> ReducePlan:
@@ -444,7 +470,8 @@ def _reduce_plan(view: View, target_programs: int, tuning: Tuning, wide: bool) -
     per_split = _cdiv(total, splits)
     splits = _cdiv(total, per_split)
     block_k = min(_next_pow2(splits), max(1, tuning.merge_tile // block_c))
-    return ReducePlan(block_s, block_c, block_k, num_sblocks, num_cblocks, total, splits, per_split)
+    return ReducePlan(block_s, block_c, block_k, num_sblocks, num_cblocks, total, splits, per_split,
+                      tuning.two_level_merge)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,13 +587,13 @@ class ForwardPlan:
         div_s, div_c = _divisors(view, dtype.itemsize)
         if training:
             r = _reduce_plan(view, _target_programs(dev), tuning, acc == torch.float64)
-            self.num_cblocks = r.num_cblocks
-            self.ws_numel = 2 * c + 3 * r.splits * c
+            self.num_counters = r.num_counters
+            self.ws_numel = r.workspace(c, 3)
             self.stats_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.stats = _Launch(k._bn_stats_kernel, r.grid, tuning.reduce_warps, dict(
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
-                DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k,
-                ACC_DTYPE=tl_acc))
+                GROUPED=r.grouped, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c,
+                BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
         e = _elementwise_plan(view, tuning, write_mask, acc == torch.float64)
         flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
@@ -627,7 +654,7 @@ def _run_stats(plan: ForwardPlan, x, dev, stream, running_mean, running_var, num
                eps) -> torch.Tensor:
     """The statistics launch: the workspace ``[mean | invstd | partials]``, running stats updated."""
     ws = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
-    plan.stats(stream, x, ws, _counters(x, dev, stream, plan.num_cblocks),
+    plan.stats(stream, x, ws, _counters(x, dev, stream, plan.num_counters),
                running_mean if running_mean is not None else ws,
                running_var if running_var is not None else ws,
                num_batches_tracked if num_batches_tracked is not None else ws,
@@ -736,13 +763,13 @@ class BackwardPlan:
                       HAS_MASK=has_mask, ACC_DTYPE=tl_acc)
         if need_dw or need_db or need_sums or (training and need_dx):
             r = _reduce_plan(view, _target_programs(dev), tuning, acc == torch.float64)
-            self.num_cblocks = r.num_cblocks
-            self.ws_numel = 2 * c + 2 * r.splits * c
+            self.num_counters = r.num_counters
+            self.ws_numel = r.workspace(c, 2)
             self.reduce_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.reduce = _Launch(k._bn_backward_reduce_kernel, r.grid, tuning.reduce_warps, dict(
                 common, MASK_ALIGNED=has_mask and _rows_aligned(view, r, 32), HAS_DWEIGHT=need_dw,
-                HAS_DBIAS=need_db, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c,
-                BLOCK_K=r.block_k))
+                HAS_DBIAS=need_db, GROUPED=r.grouped, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s,
+                BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
             e = _elementwise_plan(view, tuning, False, acc == torch.float64)
@@ -810,7 +837,7 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
     sums = any_
     if plan.reduce is not None:
         sums = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
-        cnt = _counters(x, dev, stream, plan.num_cblocks)
+        cnt = _counters(x, dev, stream, plan.num_counters)
         plan.reduce(stream, x, dy, mask if mask is not None else any_, mean_src, var_src,
                     weight if weight is not None else any_, bias if bias is not None else any_, sums, cnt,
                     dweight if dweight is not None else any_, dbias if dbias is not None else any_,
@@ -844,8 +871,8 @@ def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
     ws = torch.empty(2 * view.c + 3 * r.splits * view.c, dtype=acc, device=x.device)
     div_s, div_c = _divisors(view, x.dtype.itemsize)
     launch = _Launch(_kernels()._bn_stats_kernel, r.grid, TUNING.reduce_warps, dict(
-        HAS_RUNNING=False, CUMULATIVE=False, BUMP_BATCHES=False, FINALIZE=False, DIV_S=div_s, DIV_C=div_c,
-        BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=_tl_dtype(acc)))
+        HAS_RUNNING=False, CUMULATIVE=False, BUMP_BATCHES=False, FINALIZE=False, GROUPED=False, DIV_S=div_s,
+        DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=_tl_dtype(acc)))
     launch(stream, x, ws, ws, ws, ws, ws, view.c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks,
            0.0, 0.0, *view.strides)
     return ws[2 * view.c:].view(3, r.splits, view.c), r.splits
