@@ -90,6 +90,7 @@ def main(argv=None) -> int:
             rows.append((f"module call: {name} train fwd+bwd",
                          _host_us(lambda m=m: m(x).backward(dy), calls=20, sync=sync)))
         rows += _backward_split(ours, x, dy, sync)
+        rows += _pointer_int_rows(ops, ours, x, dy, sync)
     print(f"host µs per call ({'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU only'}, "
           f"torch {torch.__version__})")
     for name, us in rows:
@@ -169,6 +170,24 @@ def _launch_rows(torch, ops, sync) -> list:
     params = (*(a.data_ptr() for a in args[:6]), *args[6:], *consts)
     rows.append(("triton launch: cached path, pointers precomputed (lower bound)", _host_us(
         lambda: direct(params), sync=sync)))
+    return rows
+
+
+def _pointer_int_rows(ops, module, x, dy, sync) -> list:
+    """A whole training fwd+bwd with ``Tuning.pointer_ints`` off, on, and off again (the plans follow the
+    tuning, so the settings take turns by phase, not call by call: the third row shows the host's drift)."""
+    import dataclasses
+
+    base = ops.TUNING
+    rows = []
+    try:
+        for label, tuning in (("", base), (", pointer ints", dataclasses.replace(base, pointer_ints=True)),
+                              (", again", base)):
+            ops.TUNING = tuning
+            rows.append((f"module call: tritonbn train fwd+bwd{label}",
+                         _host_us(lambda: module(x).backward(dy), calls=20, sync=sync)))
+    finally:
+        ops.TUNING = base
     return rows
 
 

@@ -345,6 +345,26 @@ def test_host_overhead_runs_on_cpu(capsys):
     assert (ops.backward, ops.BatchNormFunction.backward, ops._Launch.__call__) == (backward, node, call)
 
 
+def test_host_overhead_pointer_int_rows_restore_the_tuning():
+    """The GPU-only pointer_ints rows, on the CPU with launches recorded: three rows, TUNING restored."""
+    import torch
+
+    import tritonbn
+    from benchmarks import host_overhead
+    from tritonbn import ops
+
+    base = ops.TUNING
+    m = tritonbn.BatchNorm2d(3)
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    ops._launch_hook = lambda *a, **k: None
+    try:
+        rows = host_overhead._pointer_int_rows(ops, m, x, torch.ones_like(x), None)
+    finally:
+        ops._launch_hook = None
+    assert [name.split("fwd+bwd")[1] for name, _ in rows] == ["", ", pointer ints", ", again"]
+    assert all(us > 0 for _, us in rows) and ops.TUNING is base
+
+
 def test_host_overhead_launch_rows_run_with_a_fake_gpu(monkeypatch):
     """The GPU-only launch rows, on fakes of the CUDA pieces they touch: a GPU run must not be the first
     to execute them (the first H200 run lost host_overhead to a NameError)."""

@@ -251,6 +251,48 @@ def test_cached_launch_takes_the_direct_entry(monkeypatch):
     assert launch.fast_launches == 2
 
 
+def test_pointer_ints_pass_the_leading_pointers_as_ints(monkeypatch):
+    """Tuning.pointer_ints: the cached path hands the launcher data_ptr() ints for the kernel's leading
+    pointer parameters (found in the compiled signature), every other argument unchanged."""
+    compiled = type("Compiled", (), {"run": None, "function": 7, "packed_metadata": "packed",
+                                     "src": type("Src", (), {"signature": {
+                                         "x_ptr": "*bf16", "ws_ptr": "*fp32", "C": "i32", "eps": "fp64",
+                                         "A": "constexpr"}})()})()
+    entry = (_Recorder(), False, ("prefix",))
+    monkeypatch.setattr(ops, "_fast_entry", lambda c: entry)
+    monkeypatch.setattr(ops, "_fast_launch_supported", lambda: True)
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(pointer_ints=True))
+    kernel = type("K", (), {"params": [type("P", (), {"name": "A", "is_constexpr": True})()],
+                            "__getitem__": lambda self, grid: lambda *a, **k: compiled})()
+    launch = ops._Launch(kernel, (3,), 4, dict(A=11))
+    x, ws = torch.empty(4), torch.empty(2)
+    launch("stream", x, ws, 5, 0.5)
+    launch("stream", x, ws, 5, 0.5)
+    assert launch.n_ptr == 2
+    assert entry[0].calls == [(3, 1, 1, "stream", "prefix", x.data_ptr(), ws.data_ptr(), 5, 0.5, 11)]
+
+
+@pytest.mark.parametrize("signature,expect", [
+    ({"a_ptr": "*fp32", "b_ptr": "*i32", "n": "i32", "K": "constexpr"}, 2),
+    ({"n": "i32", "a_ptr": "*fp32"}, 0),                       # pointers not leading: off
+    ({"a_ptr": "*fp32", "n": "i32", "b_ptr": "*fp32"}, 0),     # not all leading: off
+    ({"a_ptr": "*fp16"}, 1),
+])
+def test_pointer_prefix(signature, expect):
+    compiled = type("Compiled", (), {"src": type("Src", (), {"signature": signature})()})()
+    assert ops._pointer_prefix(compiled) == expect
+
+
+def test_every_kernel_declares_its_pointers_first():
+    """What pointer_ints relies on (and the kernels' naming rule: pointer arguments end in _ptr)."""
+    k = ops._kernels()
+    for name in ("_bn_stats_kernel", "_bn_forward_kernel", "_bn_backward_reduce_kernel",
+                 "_bn_backward_dx_kernel"):
+        names = _arg_names(getattr(k, name))
+        ptrs = [n.endswith("_ptr") for n in names]
+        assert ptrs[0] and ptrs == sorted(ptrs, reverse=True), (name, names)
+
+
 def _arg_names(kernel):
     fn = kernel.fn
     return list(fn.__code__.co_varnames[:fn.__code__.co_argcount])
@@ -453,12 +495,12 @@ def test_interpreter_decision_matches_what_triton_does(before, after, expect):
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_fast_launch_matches_normal_launch(layout, fused, monkeypatch):
     """On the GPU the cached CompiledKernel.run path is taken and gives bit-identical results to Triton's
-    normal launch (forward, backward, running stats)."""
+    normal launch (forward, backward, running stats), with pointers passed as tensors or as ints."""
     if not ops._fast_launch_supported():
         pytest.skip(f"triton {__import__('triton').__version__}: normal launch only")
     results = []
-    for fast in (False, True):
-        monkeypatch.setattr(ops, "TUNING", ops.Tuning(fast_launch=fast))
+    for fast, ints in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(ops, "TUNING", ops.Tuning(fast_launch=fast, pointer_ints=ints))
         torch.manual_seed(0)
         x = make_input((8, 32, 14, 14), layout, dtype=torch.bfloat16, device="cuda").requires_grad_(True)
         z = torch.randn_like(x).requires_grad_(True) if fused else None
@@ -473,9 +515,12 @@ def test_cuda_fast_launch_matches_normal_launch(layout, fused, monkeypatch):
         n_fast = sum(getattr(lch, "fast_launches", 0) for p in launches
                      for lch in vars(p).values() if isinstance(lch, ops._Launch))
         assert (n_fast > 0) == fast
+        assert all(lch.n_ptr > 0 for p in launches for lch in vars(p).values()
+                   if isinstance(lch, ops._Launch) and lch.fast is not None) == ints or not fast
         results.append(outs)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def test_unaligned_gradient_and_residual_are_handled(device):

@@ -61,6 +61,9 @@ class Tuning:
     flat: str = "auto"             # elementwise addressing: "auto" (TILED; FLAT only for a ReLU bitmask no
                                    # tile can hold) or "always" (FLAT for every dense input)
     fast_launch: bool = True       # CompiledKernel.run on triton 3.6–3.9 (GPU); False: kernel[grid](...)
+    pointer_ints: bool = False     # cached launches pass data_ptr() ints: the launcher then skips its own
+                                   # data_ptr() call and cuPointerGetAttribute per pointer (to be measured:
+                                   # benchmarks/host_overhead.py)
 
 
 TUNING = Tuning()
@@ -192,7 +195,7 @@ class _Launch:
     constexprs last, so ``(*args, *consts)`` is Triton's full parameter list."""
 
     __slots__ = ("kernel", "grid", "g0", "g1", "g2", "num_warps", "constexprs", "consts", "fast",
-                 "fast_launches", "compiled")
+                 "fast_launches", "compiled", "n_ptr")
 
     def __init__(self, kernel, grid, num_warps, constexprs):
         self.kernel = kernel
@@ -204,10 +207,14 @@ class _Launch:
         self.fast = None           # _fast_entry's (launch, params_as_tuple, prefix)
         self.fast_launches = 0     # for tests: how many launches took the cached path
         self.compiled = None
+        self.n_ptr = 0             # pointer_ints: leading pointer parameters passed as ints
 
     def __call__(self, stream, *args):
         fast = self.fast
         if fast is not None and _launch_hook is None and not _launch_hooks_active():
+            if self.n_ptr:
+                n = self.n_ptr
+                args = (*[a.data_ptr() for a in args[:n]], *args[n:])
             if fast[1]:
                 fast[0](self.g0, self.g1, self.g2, stream, *fast[2], (*args, *self.consts))
             else:
@@ -225,6 +232,15 @@ class _Launch:
             self.consts = tuple(self.constexprs[p.name] for p in self.kernel.params if p.is_constexpr)
             self.compiled = compiled   # owns the loaded module: the cached handles live as long as it
             self.fast = _fast_entry(compiled)
+            self.n_ptr = _pointer_prefix(compiled) if TUNING.pointer_ints else 0
+
+
+def _pointer_prefix(compiled) -> int:
+    """How many leading parameters of ``compiled`` are pointers (tritonbn's kernels declare theirs first),
+    or 0 where pointers are not all leading."""
+    types = list(getattr(compiled.src, "signature", {}).values())
+    n = next((i for i, t in enumerate(types) if not str(t).startswith("*")), len(types))
+    return n if not any(str(t).startswith("*") for t in types[n:]) else 0
 
 
 # --- reduction counters -----------------------------------------------------------------------------
