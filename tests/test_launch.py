@@ -523,6 +523,29 @@ def test_cuda_fast_launch_matches_normal_launch(layout, fused, monkeypatch):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_pipelined_reductions_give_identical_results(layout, device, monkeypatch):
+    """Tuning.reduce_stages (software pipelining of the reductions' main loop, cp.async on the GPU) moves
+    loads earlier but keeps every lane's accumulation order: outputs, running stats and gradients are
+    bit-identical to the plain loop's (interpreter: the option must at least plumb through)."""
+    results = []
+    for stages in (1, 3):
+        monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_stages=stages))
+        torch.manual_seed(0)
+        shape = (16, 64, 28, 28) if device == "cuda" else (3, 5, 6, 7)
+        x = make_input(shape, layout, dtype=torch.bfloat16, device=device).requires_grad_(True)
+        m = tritonbn.BatchNormAct2d(shape[1], activation="relu").to(device)
+        y = m(x)
+        grads = torch.autograd.grad(y, [x, m.weight, m.bias], torch.randn_like(y))
+        launches = [lch for p in ops._plan_cache().values() for lch in vars(p).values()
+                    if isinstance(lch, ops._Launch) and "STAGES" in lch.constexprs]
+        assert launches and all(lch.constexprs["STAGES"] == stages for lch in launches)
+        results.append([y, *grads, m.running_mean, m.running_var])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_unaligned_gradient_and_residual_are_handled(device):
     """The kernels are specialized for 16-byte aligned dy and residual: views at odd offsets are copied
     (never read with the aligned specialization) and give the same results."""

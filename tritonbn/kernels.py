@@ -290,8 +290,9 @@ def _bn_stats_kernel(
     C, S, num_sblocks, blocks_per_split, total_blocks, momentum: tl.float64, eps: tl.float64,
     stride_xn, stride_xc, stride_xs,
     HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BUMP_BATCHES: tl.constexpr,
-    FINALIZE: tl.constexpr, GROUPED: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FINALIZE: tl.constexpr, GROUPED: tl.constexpr, STAGES: tl.constexpr, DIV_S: tl.constexpr,
+    DIV_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """Batch statistics: per-split partials, merged by the last program of each channel tile.
 
@@ -329,7 +330,7 @@ def _bn_stats_kernel(
     in_every = offs_s < S - (num_sblocks - 1) * BLOCK_S
     n_full = b_start * 0
     sb, row, step_s, step_n = _row_blocks(b_start, num_sblocks, stride_xn, stride_xs, BLOCK_S)
-    for b in range(b_start, b_end):
+    for b in tl.range(b_start, b_end, num_stages=STAGES):
         mask = _row_mask(sb, S, offs_s, mask_c, BLOCK_S)
         x = tl.load(x_base + row + tile, mask=mask, other=0.0).to(ACC_DTYPE) - shift[None, :]
         n_full += (sb < num_sblocks - 1).to(tl.int32)
@@ -517,8 +518,9 @@ def _bn_backward_reduce_kernel(
     stride_xn, stride_xc, stride_xs,
     FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_ALIGNED: tl.constexpr, HAS_DWEIGHT: tl.constexpr,
-    HAS_DBIAS: tl.constexpr, GROUPED: tl.constexpr, DIV_S: tl.constexpr, DIV_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, GROUPED: tl.constexpr, STAGES: tl.constexpr, DIV_S: tl.constexpr,
+    DIV_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """Σg and Σ(g·x̂), x̂ = (x − μ)·invstd, g = dy (no activation) or dy·[y > 0] (ReLU: the bitmask when
     HAS_MASK, else y recomputed from x exactly as the forward did), from the saved statistics (never
@@ -543,7 +545,7 @@ def _bn_backward_reduce_kernel(
     sum_g_xc = tl.zeros([BLOCK_S, BLOCK_C], dtype=ACC_DTYPE)
     sb, row, step_s, step_n = _row_blocks(b_start, num_sblocks, stride_xn, stride_xs, BLOCK_S)
     row += c_base
-    for _ in range(b_start, b_end):
+    for _ in tl.range(b_start, b_end, num_stages=STAGES):
         mask = _row_mask(sb, S, offs_s, mask_c, BLOCK_S)
         off = row + tile
         if ACTIVATION == ACT_RELU and HAS_MASK:

@@ -56,6 +56,8 @@ class Tuning:
     reduce_warps: int = 8
     elementwise_warps: int = 8
     two_level_merge: bool = True   # ReducePlan.grouped where it shortens the merge (False: always flat)
+    reduce_stages: int = 1         # software-pipelining stages of the reductions' main loop (tl.range's
+                                   # num_stages; 1: plain loads, as measured so far; 3: cp.async, to measure)
     waves: int = 4                 # reduction programs per SM
     interpreter_programs: int = 8  # "SM count" under the interpreter: keeps several splits in the tests
     flat: str = "auto"             # elementwise addressing: "auto" (TILED; FLAT only for a ReLU bitmask no
@@ -608,8 +610,8 @@ class ForwardPlan:
             self.stats_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.stats = _Launch(k._bn_stats_kernel, r.grid, tuning.reduce_warps, dict(
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
-                GROUPED=r.grouped, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c,
-                BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
+                GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
+                BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
         e = _elementwise_plan(view, tuning, write_mask, acc == torch.float64)
         flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
@@ -784,8 +786,8 @@ class BackwardPlan:
             self.reduce_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.reduce = _Launch(k._bn_backward_reduce_kernel, r.grid, tuning.reduce_warps, dict(
                 common, MASK_ALIGNED=has_mask and _rows_aligned(view, r, 32), HAS_DWEIGHT=need_dw,
-                HAS_DBIAS=need_db, GROUPED=r.grouped, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s,
-                BLOCK_C=r.block_c, BLOCK_K=r.block_k))
+                HAS_DBIAS=need_db, GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s,
+                DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
             e = _elementwise_plan(view, tuning, False, acc == torch.float64)
@@ -887,8 +889,9 @@ def bn_stat_partials(x: torch.Tensor, view: View) -> tuple[torch.Tensor, int]:
     ws = torch.empty(2 * view.c + 3 * r.splits * view.c, dtype=acc, device=x.device)
     div_s, div_c = _divisors(view, x.dtype.itemsize)
     launch = _Launch(_kernels()._bn_stats_kernel, r.grid, TUNING.reduce_warps, dict(
-        HAS_RUNNING=False, CUMULATIVE=False, BUMP_BATCHES=False, FINALIZE=False, GROUPED=False, DIV_S=div_s,
-        DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=_tl_dtype(acc)))
+        HAS_RUNNING=False, CUMULATIVE=False, BUMP_BATCHES=False, FINALIZE=False, GROUPED=False,
+        STAGES=TUNING.reduce_stages, DIV_S=div_s, DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c,
+        BLOCK_K=r.block_k, ACC_DTYPE=_tl_dtype(acc)))
     launch(stream, x, ws, ws, ws, ws, ws, view.c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks,
            0.0, 0.0, *view.strides)
     return ws[2 * view.c:].view(3, r.splits, view.c), r.splits
