@@ -214,7 +214,8 @@ def _merge_group(cnt_ptr, num_splits, BLOCK_K: tl.constexpr):
     step while other programs are still reducing. Returns (merges the group, counter, number of groups,
     group): the group counters follow the channel tiles' own, ``num_groups`` per channel tile. The last
     group merger of a channel tile then merges the group partials (``_last_ticket`` on the tile's counter,
-    ``num_groups`` tickets): a serial tail of two steps instead of ``cdiv(splits, BLOCK_K)``."""
+    ``num_groups`` tickets): a serial tail of 1 + cdiv(groups, BLOCK_K) steps after the last program,
+    instead of cdiv(splits, BLOCK_K)."""
     num_groups = tl.cdiv(num_splits, BLOCK_K)
     g = tl.program_id(1) // BLOCK_K
     cnt = cnt_ptr + tl.num_programs(0) + tl.program_id(0) * num_groups + g
@@ -313,6 +314,7 @@ def _bn_stats_kernel(
     written (SyncBatchNorm merges them across processes).
 
     Counters (int32, zero between launches): one per channel tile, then GROUPED ``groups`` per channel tile.
+    STAGES: software-pipelining stages of the main loop (``tl.range``'s num_stages; 1 = plain loads).
     Grid: ``(cdiv(C, BLOCK_C), splits)``.
     """
     C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
