@@ -331,6 +331,21 @@ def test_host_us_interleaved_alternates_and_resets_grads():
     assert "".join(order) == "ab" + "aabb" + "bbaa" + "aabb"
 
 
+def test_ab_runs_each_variant_and_tabulates(tmp_path, capsys):
+    """benchmarks.ab on the CPU: one bench process per tuning variant, one table of all of them (2 files)."""
+    from benchmarks import ab
+
+    rc = ab.main(["--smoke", "--out", str(tmp_path), "--shapes", "smoke_2d", "--modes", "train_fwd",
+                  "--layouts", "contiguous", "--dtypes", "fp32", "--variants", ";reduce_stages=3",
+                  "--time-budget", "60"])
+    assert rc == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["ab.json", "ab.md"]
+    doc = json.loads((tmp_path / "ab.json").read_text())
+    assert doc["variants"] == ["(defaults)", "reduce_stages=3"] and doc["timing_meaningful"] is False
+    assert doc["rows"] and all(len(r["us"]) == 2 and all(u for u in r["us"]) for r in doc["rows"])
+    assert [r["rc"] for r in doc["runs"]] == [0, 0] and doc["ratios"][0]["geomean_vs_first"] == 1.0
+    assert "reduce_stages=3" in capsys.readouterr().out
+
+
 def test_host_overhead_runs_on_cpu(capsys):
     from benchmarks import host_overhead
     from tritonbn import ops

@@ -1,0 +1,130 @@
+"""Launcher tunings side by side on the GPU: ``python -m benchmarks.ab --out DIR``.
+
+Runs ``benchmarks.bench`` once per variant (a ``tritonbn.ops.Tuning`` override, ``""`` = the defaults),
+tritonbn only, with CUDA-graph timing, each in its own process (Triton's caches and the plan cache start
+clean), into a temporary folder, then writes one table: kernel time under a CUDA graph per row and
+variant, and each variant's geomean ratio to the first. Two files in DIR (``ab.json``, ``ab.md``) and
+the table on the console: the GPU machine returns at most 8 files and no folders.
+
+The default variants are the open questions of the CPU-only sessions (see benchmarks/README.md):
+
+* ``two_level_merge=false,merge_tile=2048``: the reductions' merge before the two-level merge;
+* ``reduce_stages=3``: the reductions' main loops software-pipelined (cp.async);
+* ``elementwise_tile=2048``: half the elementwise tile (planar 7×7: dx 130-148 → 72 registers on sm_90).
+
+Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past its share and keeps
+what it measured. ``--smoke`` runs the same on a CPU (Triton interpreter): timings mean nothing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("", "two_level_merge=false,merge_tile=2048", "reduce_stages=3", "elementwise_tile=2048")
+# channels-last reductions (C = 64, 256, 144) and planar 7×7 elementwise kernels
+SHAPES = "rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7,mbv2_b64_144x56x56"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for ab.json and ab.md")
+    p.add_argument("--variants", default=";".join(VARIANTS),
+                   help="';'-separated Tuning overrides (bench --tuning syntax); empty = defaults")
+    p.add_argument("--shapes", default=SHAPES, help="bench --shapes (default: weak rows of the H200 run)")
+    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--layouts", default="channels_last,contiguous")
+    p.add_argument("--modes", default="train_fwd,fwd_bwd,eval_fwd")
+    p.add_argument("--time-budget", type=float, default=200.0, help="seconds, shared by the variants")
+    p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
+    return p.parse_args(argv)
+
+
+def _row_key(row) -> tuple:
+    return (row["case"], row["dtype"], row["layout"], row["mode"])
+
+
+def _graph_us(row) -> float | None:
+    t = row.get("providers", {}).get("tritonbn", {})
+    ms = t.get("graph_ms") if t.get("graph_ms") is not None else t.get("ms")
+    return ms * 1e3 if ms else None
+
+
+def combine(variants: list[str], results: list[dict | None]) -> dict:
+    """One row per (case, dtype, layout, mode) measured by the first variant: µs per variant (None where a
+    variant did not reach or failed the row), and per variant the geomean of its time over the first's on
+    the rows both measured."""
+    base = results[0] or {"rows": []}
+    per_variant = [{_row_key(r): _graph_us(r) for r in (res or {"rows": []})["rows"]} for res in results]
+    rows = []
+    for r in base["rows"]:
+        key = _row_key(r)
+        rows.append({"case": key[0], "dtype": key[1], "layout": key[2], "mode": key[3],
+                     "us": [pv.get(key) for pv in per_variant]})
+    ratios = []
+    for i in range(len(variants)):
+        logs = [math.log(row["us"][i] / row["us"][0]) for row in rows
+                if row["us"][0] and row["us"][i]]
+        ratios.append({"geomean_vs_first": math.exp(sum(logs) / len(logs)) if logs else None,
+                       "rows": len(logs)})
+    return {"variants": [v or "(defaults)" for v in variants], "rows": rows, "ratios": ratios}
+
+
+def table(doc: dict) -> str:
+    names = doc["variants"]
+    lines = ["| shape | dtype | layout | mode | " + " | ".join(f"`{n}` µs" for n in names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for r in doc["rows"]:
+        cells = [f"{u:.1f}" if u else "—" for u in r["us"]]
+        lines.append(f"| {r['case']} | {r['dtype']} | {r['layout']} | {r['mode']} | "
+                     + " | ".join(cells) + " |")
+    lines.append("| geomean / first | | | | " + " | ".join(
+        f"{x['geomean_vs_first']:.3f} (n={x['rows']})" if x["geomean_vs_first"] else "—"
+        for x in doc["ratios"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    variants = args.variants.split(";")
+    share = args.time_budget / max(1, len(variants))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, log = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(variants):
+            out = Path(tmp) / f"v{i}"
+            cmd = [sys.executable, "-m", "benchmarks.bench", "--providers", "tritonbn", "--cuda-graphs",
+                   "--no-png", "--shapes", args.shapes, "--dtypes", args.dtypes, "--layouts", args.layouts,
+                   "--modes", args.modes, "--time-budget", f"{share:.0f}", "--out", str(out)]
+            if args.smoke:
+                cmd.append("--smoke")
+            if variant:
+                cmd += ["--tuning", variant]
+            t0 = time.monotonic()
+            # Past the share, bench stops starting shapes and writes what it has: the hard cap is a backstop.
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=share + 60)
+            name = variant or "(defaults)"
+            log.append({"variant": name, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1),
+                        "tail": proc.stdout[-600:] + proc.stderr[-600:]})
+            print(f"ab: {name}: exit {proc.returncode} after {log[-1]['seconds']} s", flush=True)
+            path = out / "bench.json"
+            results.append(json.loads(path.read_text()) if path.exists() else None)
+    doc = combine(variants, results)
+    doc["runs"] = log
+    doc["timing_meaningful"] = not args.smoke
+    (args.out / "ab.json").write_text(json.dumps(doc, indent=1))
+    md = table(doc)
+    title = "# tritonbn launcher tunings, kernel time under a CUDA graph (µs)"
+    (args.out / "ab.md").write_text(f"{title}\n\n{md}\n")
+    print(md)
+    return 0 if results[0] is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
