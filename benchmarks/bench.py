@@ -91,6 +91,10 @@ def _tuning_overrides(text, parser) -> dict:
                 out[key] = kind(value)
             except ValueError:
                 parser.error(f"--tuning: {key} takes a {kind.__name__}, got {value!r}")
+    try:
+        Tuning(**out)   # the values themselves (Tuning.__post_init__)
+    except ValueError as e:
+        parser.error(f"--tuning: {e}")
     return out
 
 

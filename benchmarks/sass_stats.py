@@ -8,9 +8,9 @@ For each (shape, dtype, layout) it records a training step's launches (CPU tenso
 rather than run, as ``tritonbn.compile_gate`` does), compiles the chosen kernel for sm_90 and counts the
 SASS instructions of one thread, divided by the elements it does useful work on (idle lanes of partial
 tiles count as cost, not work). The elementwise kernels (``normalize``, ``dx``) run once per element and
-are compiled under each addressing (TILED, FLAT: ``Tuning.flat``); the reductions (``stats``,
-``reduce``: the backward's Σg, Σg·x̂) loop over row blocks, so only their main loop counts, per element of
-one iteration's tile.
+are compiled under each addressing they can take (TILED, FLAT_RUNS, FLAT: ``Tuning.flat``); the
+reductions (``stats``, ``reduce``: the backward's Σg, Σg·x̂) loop over row blocks, so only their main loop
+counts, per element of one iteration's tile.
 
 Why it matters: a memory-bound pass must issue its instructions as fast as memory delivers elements. An
 H200 SM issues 4 warp-instructions (128 lane-instructions) per clock and gets ~4.3 TB/s / 132 SMs / 1.98
@@ -105,7 +105,7 @@ def measure(shape, dtype_name: str, layout: str, flat: str, fused: bool = False,
            "tile": [block_s, block_c]}
     if kernel_name in ELEMENTWISE:
         useful = x.numel() / (grid[0] * threads)
-        row.update(addressing={0: "TILED", 1: "FLAT_CL", 2: "FLAT_PLANAR"}[consts["LAYOUT"]],
+        row.update(addressing={0: "TILED", 1: "FLAT_CL", 2: "FLAT_PLANAR", 3: "FLAT_RUNS"}[consts["LAYOUT"]],
                    counted="whole kernel", instructions=len(ins))
         if kernel_name == "normalize":
             row["bitmask"] = consts["WRITE_MASK"]
@@ -131,13 +131,18 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)   # compiled for sm_90, never interpreted
     print(f"{'shape':>18} {'dtype':>8} {'layout':>13} {'addressing':>11} {'tile':>9} {'instructions':>12} "
           f"{'instr/element':>13}")
-    flats = ("auto", "always") if args.kernel in ELEMENTWISE else ("auto",)
+    # "tiled", "auto", "always" (Tuning.flat): each addressing a shape can take, once
+    flats = ("tiled", "auto", "always") if args.kernel in ELEMENTWISE else ("auto",)
     for shape in args.shapes.split(";"):
         shape = tuple(int(v) for v in shape.split(","))
         for dtype in args.dtypes.split(","):
             for layout in args.layouts.split(","):
+                seen = set()
                 for flat in flats:
                     r = measure(shape, dtype, layout, flat, args.fused, args.kernel)
+                    if r["addressing"] in seen:
+                        continue
+                    seen.add(r["addressing"])
                     print(f"{str(tuple(r['shape'])):>18} {dtype:>8} {layout:>13} {r['addressing']:>11} "
                           f"{'x'.join(map(str, r['tile'])):>9} {r['instructions']:>12} "
                           f"{r['instructions_per_element']:>13}")

@@ -846,7 +846,7 @@ def test_bench_tuning_overrides():
     args = bench.parse_args(["--smoke", "--tuning", "flat=always,reduce_tile=64,fast_launch=false"])
     assert args.tuning == {"flat": "always", "reduce_tile": 64, "fast_launch": False}
     assert bench.parse_args(["--smoke"]).tuning == {}
-    for bad in ("nope=1", "reduce_tile=big", "fast_launch=maybe", "flat"):
+    for bad in ("nope=1", "reduce_tile=big", "fast_launch=maybe", "flat", "flat=planes", "flat_run=3"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--smoke", "--tuning", bad])
 

@@ -109,6 +109,10 @@ def _record_launches():
         # more splits than one merge step takes, and the reductions merge in two levels (GROUPED).
         ops.TUNING = dataclasses.replace(tuning, interpreter_programs=4 * 132)
         matrix(shapes[1:2])
+        # The 7×7 planes without FLAT_RUNS: TILED (Tuning.flat="tiled", for A/B runs) and the per-element
+        # planar FLAT of the ReLU bitmask (planes under 8 elements, and tensors past int32 offsets).
+        ops.TUNING = dataclasses.replace(tuning, flat_run=1)
+        matrix(shapes[2:3])
     finally:
         ops._launch_hook = None
         ops.TUNING = tuning

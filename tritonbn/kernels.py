@@ -17,7 +17,11 @@ Elementwise kernels (forward, dx) address their elements in one of three ways (c
   ``BLOCK_S * BLOCK_C`` elements, channel ``off % C`` (channels-last) or ``(off // S) % C`` (planar) per
   element, per-channel parameters gathered: no idle lanes, but several times TILED's instructions per
   element. Used for the ReLU bitmask where no tile holds whole 32-element words of memory (planar S or
-  channels-last C not a multiple of 32), and on request (``Tuning.flat``).
+  channels-last C not a multiple of 32), and on request (``Tuning.flat``);
+* ``FLAT_RUNS`` (3): planar FLAT blocks as ``BLOCK_S`` runs of ``BLOCK_C`` consecutive elements, each in at
+  most two planes: a run's two channels are found and their parameters loaded once, and each element
+  picks one (``_bn_affine_at``). Planar FLAT's replacement wherever it fits (``ops._runs_fit``), and the
+  default for planes whose rows TILED cannot load in vectors of 8 bytes or more (7×7: rows misaligned).
 
 Offsets are int32 inside a tile or block and int64 at its base, so tensors past 2**31 elements are
 addressed correctly.
@@ -40,6 +44,7 @@ import triton.language as tl
 TILED: tl.constexpr = tl.constexpr(0)
 FLAT_CL: tl.constexpr = tl.constexpr(1)
 FLAT_PLANAR: tl.constexpr = tl.constexpr(2)
+FLAT_RUNS: tl.constexpr = tl.constexpr(3)
 # WRITE_MASK: how the forward packs the ReLU bitmask (always bit i = element i in memory order).
 MASK_NONE: tl.constexpr = tl.constexpr(0)
 MASK_FLAT: tl.constexpr = tl.constexpr(1)   # FLAT block: 32 consecutive lanes per word
@@ -436,11 +441,13 @@ def _store_mask_words(mask_ptr, positive, mask, base, C, S, numel, num_sblocks, 
 @triton.jit
 def _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs,
                    LAYOUT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's elements in an elementwise kernel: int64 base offset, int32 offsets from it, the
-    element mask, each element's channel (broadcastable to the elements) and its mask.
+    """This program's elements in an elementwise kernel: base offset (int64; int32 for FLAT_RUNS), int32
+    offsets from it, the element mask, each element's channel (broadcastable to the elements) and its mask,
+    and for FLAT_RUNS the next channel and which elements take it (``_bn_affine_at``).
 
     TILED: tile (channel tile, row block, n) of the view, channel tiles fastest. FLAT_*: memory block
-    ``pid`` of ``BLOCK_S * BLOCK_C`` elements of a dense tensor."""
+    ``pid`` of ``BLOCK_S * BLOCK_C`` elements of a dense tensor; FLAT_RUNS: ``BLOCK_S`` runs of ``BLOCK_C``
+    elements, each in at most two planes (S >= BLOCK_C), so channels are found and loaded once per run."""
     pid = tl.program_id(0)
     if LAYOUT == TILED:
         n, pid_s, pid_c = _tile_coords(num_sblocks, num_cblocks)
@@ -452,6 +459,23 @@ def _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, 
         mask = (offs_s < S)[:, None] & cmask
         base = n.to(tl.int64) * stride_xn + c0.to(tl.int64) * stride_xc
         offs = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
+        chan_b, second = chan, cmask
+    elif LAYOUT == FLAT_RUNS:
+        # int32 throughout (the launcher takes this layout only below 2**31 elements): q0 is the plane
+        # (n·C + c) of the block's first element, t each run's start counted from that plane's start.
+        base = pid * (BLOCK_S * BLOCK_C)
+        runs = tl.arange(0, BLOCK_S)[:, None] * BLOCK_C
+        cols = tl.arange(0, BLOCK_C)[None, :]
+        offs = runs + cols
+        left = tl.minimum(numel - base, BLOCK_S * BLOCK_C)
+        mask = offs < left
+        q0 = base // S
+        t = base - q0 * S + runs
+        j = t // S
+        chan = (q0 % C + j) % C
+        chan_b = tl.where(chan == C - 1, 0, chan + 1)
+        second = cols >= S - (t - j * S)              # past the end of the run's first plane
+        cmask = runs < left
     else:
         base = pid.to(tl.int64) * (BLOCK_S * BLOCK_C)
         offs = tl.arange(0, BLOCK_S * BLOCK_C)
@@ -463,7 +487,34 @@ def _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, 
             s = (base - q0 * S).to(tl.int32) + offs
             chan = ((q0 % C).to(tl.int32) + s // S) % C
         cmask = mask
-    return base, offs, mask, chan, cmask
+        chan_b, second = chan, cmask
+    return base, offs, mask, chan, cmask, chan_b, second
+
+
+@triton.jit
+def _bn_affine_at(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, chan_b, second, cmask, var_off, eps,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_VAR: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, LAYOUT: tl.constexpr):
+    """``_bn_affine`` at the channels ``_element_block`` found: FLAT_RUNS computes it for both channels of
+    each run and picks per element (the ``second`` ones take ``chan_b``'s)."""
+    mean, invstd, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off,
+                                            eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE)
+    if LAYOUT == FLAT_RUNS:
+        mean_b, invstd_b, scale_b, shift_b = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan_b,
+                                                        cmask, var_off, eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR,
+                                                        ACC_DTYPE)
+        mean, invstd = tl.where(second, mean_b, mean), tl.where(second, invstd_b, invstd)
+        scale, shift = tl.where(second, scale_b, scale), tl.where(second, shift_b, shift)
+    return mean, invstd, scale, shift
+
+
+@triton.jit
+def _load_at(ptr, chan, chan_b, second, cmask, LAYOUT: tl.constexpr):
+    """``ptr[chan]`` per element, as ``_bn_affine_at`` picks."""
+    v = tl.load(ptr + chan, mask=cmask, other=0.0)
+    if LAYOUT == FLAT_RUNS:
+        v = tl.where(second, tl.load(ptr + chan_b, mask=cmask, other=0.0), v)
+    return v
 
 
 @_jit(do_not_specialize_on_alignment=_SMALL)
@@ -490,10 +541,11 @@ def _bn_forward_kernel(
     tl.static_assert(WRITE_MASK == MASK_NONE or (LAYOUT == TILED) == (WRITE_MASK != MASK_FLAT),
                      "MASK_FLAT goes with a FLAT layout, MASK_S / MASK_C with TILED")
     C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
-    base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
-                                                   stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
-    mean, _, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off, eps,
-                                       HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE)
+    base, offs, mask, chan, cmask, chan_b, second = _element_block(
+        C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
+    mean, _, scale, shift = _bn_affine_at(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, chan_b, second,
+                                          cmask, var_off, eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE,
+                                          LAYOUT)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_RESIDUAL:
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -620,14 +672,15 @@ def _bn_backward_dx_kernel(
     Grid: as ``_bn_forward_kernel``.
     """
     C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
-    base, offs, mask, chan, cmask = _element_block(C, S, numel, num_sblocks, num_cblocks, stride_xn,
-                                                   stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
+    base, offs, mask, chan, cmask, chan_b, second = _element_block(
+        C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
     if ACTIVATION == ACT_RELU and HAS_MASK:
         # Before anything else: Triton gives this gather (no contiguity) its own layout, and converting the
         # predicate to the tile's layout is cheaper than converting g there and back through shared memory.
         positive = _mask_bit(mask_ptr, base + offs, mask)
-    mean, invstd, scale, shift = _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off,
-                                            eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE)
+    mean, invstd, scale, shift = _bn_affine_at(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, chan_b, second,
+                                               cmask, var_off, eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE,
+                                               LAYOUT)
     g = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if TRAINING or (ACTIVATION == ACT_RELU and not HAS_MASK):
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -640,8 +693,8 @@ def _bn_backward_dx_kernel(
     if WRITE_DX:
         if TRAINING:
             inv_count = 1.0 / count.to(ACC_DTYPE)
-            mean_g = tl.load(sums_ptr + chan, mask=cmask, other=0.0) * inv_count
-            mean_g_xhat = tl.load(sums_ptr + C + chan, mask=cmask, other=0.0) * inv_count
+            mean_g = _load_at(sums_ptr, chan, chan_b, second, cmask, LAYOUT) * inv_count
+            mean_g_xhat = _load_at(sums_ptr + C, chan, chan_b, second, cmask, LAYOUT) * inv_count
             xhat = (x - mean) * invstd
             dx = (g - mean_g - xhat * mean_g_xhat) * scale
         else:

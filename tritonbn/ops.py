@@ -49,6 +49,10 @@ class Tuning:
     reduce_tile: int = 2048        # elements per reduction tile (half for fp64: twice the registers)
     elementwise_tile: int = 4096
     flat_block: int = 2048         # elements per FLAT block (half for fp64)
+    run_block: int = 4096          # elements per FLAT_RUNS block (half for fp64): more than FLAT's, as
+                                   # the block's setup (two int32 divisions) is shared by more elements
+    flat_run: int = 8              # planar FLAT blocks as runs of this many elements (a power of two),
+                                   # channels found per run (FLAT_RUNS); 1: per element (FLAT_PLANAR)
     max_block_c: int = 64
     merge_tile: int = 1024         # partials (splits x channels) a merging program merges per step; its
                                    # accumulators size the whole kernel's registers (2048: 105 on sm_90 for
@@ -60,12 +64,20 @@ class Tuning:
                                    # num_stages; 1: plain loads, as measured so far; 3: cp.async, to measure)
     waves: int = 4                 # reduction programs per SM
     interpreter_programs: int = 8  # "SM count" under the interpreter: keeps several splits in the tests
-    flat: str = "auto"             # elementwise addressing: "auto" (TILED; FLAT only for a ReLU bitmask no
-                                   # tile can hold) or "always" (FLAT for every dense input)
+    flat: str = "auto"             # elementwise addressing (_elementwise_plan): "auto" (TILED, but FLAT_RUNS
+                                   # for planes TILED cannot vectorize and FLAT for a ReLU bitmask no tile
+                                   # can hold), "tiled" (TILED but for that bitmask) or "always" (FLAT for
+                                   # every dense input)
     fast_launch: bool = True       # CompiledKernel.run on triton 3.6–3.9 (GPU); False: kernel[grid](...)
     pointer_ints: bool = False     # cached launches pass data_ptr() ints: the launcher then skips its own
                                    # data_ptr() call and cuPointerGetAttribute per pointer (to be measured:
                                    # benchmarks/host_overhead.py)
+
+    def __post_init__(self):
+        if self.flat not in ("auto", "tiled", "always"):
+            raise ValueError(f"Tuning.flat must be 'auto', 'tiled' or 'always', got {self.flat!r}")
+        if self.flat_run < 1 or self.flat_run & (self.flat_run - 1):
+            raise ValueError(f"Tuning.flat_run must be a power of two, got {self.flat_run}")
 
 
 TUNING = Tuning()
@@ -76,7 +88,7 @@ TUNING = Tuning()
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 ACTIVATIONS = {None: 0, "relu": 1}
-TILED, FLAT_CL, FLAT_PLANAR = 0, 1, 2
+TILED, FLAT_CL, FLAT_PLANAR, FLAT_RUNS = 0, 1, 2, 3
 MASK_NONE, MASK_FLAT, MASK_S, MASK_C = 0, 1, 2, 3   # kernels.py: how the forward packs the ReLU bitmask
 
 _KERNELS = None
@@ -511,14 +523,30 @@ def _rows_aligned(view: View, r: ReducePlan, k: int) -> bool:
             and ((r.block_c * view.stride_c) % k == 0 or r.num_cblocks == 1))
 
 
-def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, wide: bool) -> ElementwisePlan:
-    """TILED unless the FLAT layout is asked for (``Tuning.flat``) or the ReLU bitmask needs it.
+def _runs_fit(view: View, block: int, run: int) -> bool:
+    """Whether FLAT_RUNS can take a dense planar view in blocks of ``block`` elements: each run in at most
+    two planes (S >= run), int32 offsets."""
+    return 1 < run <= min(view.s, block) and view.n * view.c * view.s + block < 2**31
 
-    TILED by default: its per-channel parameters are loaded once per tile column and its addressing is
-    2-D, while FLAT computes and gathers each element's channel. In sm_90 SASS (``benchmarks/sass_stats.py``)
-    FLAT takes 51–78 (planar, 7×7 to 56×56) and 33 (channels-last, C = 96 to 256) bf16 instructions per
-    element, against TILED's 13–34 and 16–21 per useful one, idle lanes counted: enough to make a 16-bit
-    FLAT pass issue-bound below the memory bandwidth.
+
+def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int) -> ElementwisePlan:
+    """TILED, except for planes TILED cannot load in wide vectors, the ReLU bitmask where no tile holds
+    whole words, and on request (``Tuning.flat``).
+
+    TILED loads per-channel parameters once per tile column and addresses in 2-D, while FLAT finds and
+    gathers each element's channel. sm_90 SASS per useful bf16 element (``benchmarks/sass_stats.py``,
+    idle lanes counted; training normalize / eval normalize / dx):
+
+    * 56×56 and 14×14 planes: TILED 13 / 23 / 20 and 19 / 38 / 27, FLAT_RUNS 18 / 33 / 24 and
+      22 / 37 / 31, per-element planar FLAT 51–78 / 97–124 / 60–88;
+    * 7×7 planes: TILED 34 / 84 / 48 against FLAT_RUNS 22 / 37 / 31. Rows of 49 elements start at odd
+      offsets, so TILED loads one element per instruction, and with 64 planes per tile each thread loads
+      (and, in eval, computes 1/√(var+ε) for) 16 channels for 16 elements; FLAT_RUNS loads 16-byte
+      vectors and 2 channels per run of 8.
+
+    So ``flat="auto"`` takes FLAT_RUNS where TILED's rows allow only vectors under 8 bytes (planar
+    S·itemsize not a multiple of 8: odd planes in 16- and 32-bit dtypes), ``"tiled"`` keeps TILED there
+    (for A/B runs), ``"always"`` takes FLAT wherever the view is dense.
 
     The bitmask (bit i = element i in memory order) takes a TILED tile when whole 32-element words lie
     along its contiguous axis (planar S, or channels-last C, a multiple of 32, and a block of at least 32
@@ -531,12 +559,20 @@ def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, wide: bool) -
             mask = MASK_S
         elif flat == FLAT_CL and view.c % 32 == 0 and block_c % 32 == 0 and view.stride_s % 32 == 0:
             mask = MASK_C
-    use_flat = flat != TILED and (tuning.flat == "always" or (need_mask and mask == MASK_NONE))
+    # Blocks of whole 32-bit mask words.
+    wide = itemsize == 8
+    run_block = max(32, tuning.run_block // (2 if wide else 1))
+    runs = flat == FLAT_PLANAR and _runs_fit(view, run_block, tuning.flat_run)
+    use_flat = flat != TILED and (tuning.flat == "always" or (need_mask and mask == MASK_NONE) or (
+        tuning.flat == "auto" and runs and view.s * itemsize % 8 != 0))
     if use_flat:
-        # Blocks of whole 32-bit mask words.
-        block = max(32, tuning.flat_block // (2 if wide else 1))
         numel = view.n * view.c * view.s
-        return ElementwisePlan(flat, block, 1, 0, 0, (_cdiv(numel, block),), MASK_FLAT if need_mask else 0)
+        mask = MASK_FLAT if need_mask else MASK_NONE
+        if runs:
+            return ElementwisePlan(FLAT_RUNS, run_block // tuning.flat_run, tuning.flat_run, 0, 0,
+                                   (_cdiv(numel, run_block),), mask)
+        block = max(32, tuning.flat_block // (2 if wide else 1))
+        return ElementwisePlan(flat, block, 1, 0, 0, (_cdiv(numel, block),), mask)
     num_sblocks, num_cblocks = _cdiv(view.s, block_s), _cdiv(view.c, block_c)
     return ElementwisePlan(TILED, block_s, block_c, num_sblocks, num_cblocks,
                            (view.n * num_sblocks * num_cblocks,), mask)
@@ -612,7 +648,7 @@ class ForwardPlan:
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
                 GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
                 BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
-        e = _elementwise_plan(view, tuning, write_mask, acc == torch.float64)
+        e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize)
         flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
         self.fwd_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks, c if training else 0)
@@ -790,7 +826,7 @@ class BackwardPlan:
                 DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
-            e = _elementwise_plan(view, tuning, False, acc == torch.float64)
+            e = _elementwise_plan(view, tuning, False, dtype.itemsize)
             self.dx_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks)
             self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(
                 common, TRAINING=training, WRITE_DX=need_dx, WRITE_DZ=write_dz, LAYOUT=e.layout,
