@@ -2,6 +2,8 @@
 
     python -m benchmarks.warm_cache              # GPU machine: fills Triton's cache for this GPU
     python -m benchmarks.warm_cache --dry-run    # any machine: only count the specializations
+    python -m benchmarks.warm_cache --shapes rn50_b32_2048x7x7 --dtypes bf16 --tunings ";flat=tiled"
+                                                 # bench shapes under each Tuning override (benchmarks.ab)
 
 A Triton kernel compiles on its first launch, in the launching process, one specialization after the
 other (a second or so each). The GPU check launches a few hundred (ResNet-50's 12 BatchNorm shapes at two
@@ -23,7 +25,15 @@ import sys
 import time
 
 
-def _record(sm_count: int, quick_shapes: bool) -> list:
+def _layouts(shape) -> tuple:
+    return ("contiguous", "channels_last") if len(shape) >= 3 else ("contiguous",)
+
+
+def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tunings=({},)) -> list:
+    """The specializations of the GPU check's launches; with ``bench_cases``, of those kernel-suite shapes
+    only (in ``dtypes``, both layouts), under each Tuning override of ``tunings``."""
+    import dataclasses
+
     import torch
 
     from tritonbn import compile_gate, ops
@@ -36,38 +46,51 @@ def _record(sm_count: int, quick_shapes: bool) -> list:
         spec = compile_gate._specialize(kernel, args, constexprs)
         records.setdefault((kernel.fn.__name__, repr(spec), num_warps), (kernel.fn.__name__, spec, num_warps))
 
-    # In the order the GPU check launches them, so that a cut-off warm-up still covers the first steps.
-    cases = [(shape, layout, dtype) for shape in _cuda_test_shapes()
-             for dtype in (torch.float32, torch.float16, torch.bfloat16)
-             for layout in (("contiguous", "channels_last") if len(shape) >= 4 else ("contiguous",))]
-    cases += [(c.shape, "channels_last", torch.bfloat16) for b in (32, 128) for c in _rn50(b)]
-    if quick_shapes:
-        cases += [(c.shape, layout, dtype) for c in QUICK for dtype in (torch.bfloat16, torch.float32)
-                  for layout in (("contiguous", "channels_last") if len(c.shape) >= 3 else ("contiguous",))]
-    real_target = ops._target_programs
+    if bench_cases is not None:
+        cases = [(c.shape, layout, dtype) for c in bench_cases for dtype in dtypes
+                 for layout in _layouts(c.shape)]
+    else:
+        # In the order the GPU check launches them, so that a cut-off warm-up still covers the first steps.
+        cases = [(shape, layout, dtype) for shape in _cuda_test_shapes()
+                 for dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 for layout in (("contiguous", "channels_last") if len(shape) >= 4 else ("contiguous",))]
+        cases += [(c.shape, "channels_last", torch.bfloat16) for b in (32, 128) for c in _rn50(b)]
+        if quick_shapes:
+            cases += [(c.shape, layout, dtype) for c in QUICK for dtype in (torch.bfloat16, torch.float32)
+                      for layout in _layouts(c.shape)]
+    real_target, real_tuning = ops._target_programs, ops.TUNING
     ops._target_programs = lambda dev: ops.TUNING.waves * sm_count
     ops._launch_hook = hook
     try:
-        for shape, layout, dtype in cases:
-            # Empty CPU tensors of the real shapes: the launchers only read shapes, strides and alignment.
-            x = torch.empty(shape, dtype=dtype)
-            if layout == "channels_last" and x.dim() in (4, 5):
-                fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-                x = x.contiguous(memory_format=fmt)
-            c = shape[1]
-            w, b = torch.ones(c), torch.zeros(c)       # fp32 parameters (autocast / AMP, and fp32 input)
-            rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
-            for residual, act in ((None, 0), (None, 1), (torch.empty_like(x), 1)):
-                mask = residual is not None
-                _, stats, bits, xr = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5, residual, act, mask,
-                                                 True)
-                ops.backward(torch.empty_like(xr), xr, w, b, stats, stats, bits, True, 1e-5, act, True, True,
-                             torch.float32, mask)
-            ops.forward(x, w, b, rm, rv, None, False, 0.1, 1e-5)
+        for overrides in tunings:
+            ops.TUNING = dataclasses.replace(real_tuning, **overrides)
+            _record_cases(ops, cases)
     finally:
         ops._launch_hook = None
         ops._target_programs = real_target
+        ops.TUNING = real_tuning
     return list(records.values())
+
+
+def _record_cases(ops, cases) -> None:
+    import torch
+
+    for shape, layout, dtype in cases:
+        # Empty CPU tensors of the real shapes: the launchers only read shapes, strides and alignment.
+        x = torch.empty(shape, dtype=dtype)
+        if layout == "channels_last" and x.dim() in (4, 5):
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            x = x.contiguous(memory_format=fmt)
+        c = shape[1]
+        w, b = torch.ones(c), torch.zeros(c)       # fp32 parameters (autocast / AMP, and fp32 input)
+        rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
+        for residual, act in ((None, 0), (None, 1), (torch.empty_like(x), 1)):
+            mask = residual is not None
+            _, stats, bits, xr = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5, residual, act, mask,
+                                             True)
+            ops.backward(torch.empty_like(xr), xr, w, b, stats, stats, bits, True, 1e-5, act, True, True,
+                         torch.float32, mask)
+        ops.forward(x, w, b, rm, rv, None, False, 0.1, 1e-5)
 
 
 def _cuda_test_shapes() -> list:
@@ -100,6 +123,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="record and count, compile nothing")
     parser.add_argument("--no-quick", action="store_true", help="ResNet-50 shapes only")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shapes", help="kernel-suite shape patterns (bench --shapes): only these")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="with --shapes: bench dtype names")
+    parser.add_argument("--tunings", default="",
+                        help="';'-separated Tuning overrides (bench --tuning syntax; empty = defaults)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
@@ -110,7 +137,15 @@ def main(argv=None) -> int:
         sm_count, arch = props.multi_processor_count, props.major * 10 + props.minor
     else:
         sm_count, arch = 132, 90   # an H200/H100, for --dry-run on a CPU machine
-    launches = _record(sm_count, not args.no_quick)
+    from . import bench, shapes
+
+    tunings = [bench._tuning_overrides(t, parser) for t in args.tunings.split(";")]
+    cases = dtypes = None
+    if args.shapes:
+        cases = shapes.select(shapes.FULL, args.shapes)
+        names = bench._csv(args.dtypes, bench.DTYPES, parser, "dtypes")
+        dtypes = [bench._torch_dtype(torch, d) for d in names]
+    launches = _record(sm_count, not args.no_quick, cases, dtypes, tunings)
     print(f"warm_cache: {len(launches)} kernel specializations (sm_{arch}, {sm_count} SMs), "
           f"recorded in {time.perf_counter() - t0:.1f} s", flush=True)
     if args.dry_run:

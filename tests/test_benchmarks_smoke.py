@@ -331,6 +331,35 @@ def test_host_us_interleaved_alternates_and_resets_grads():
     assert "".join(order) == "ab" + "aabb" + "bbaa" + "aabb"
 
 
+def test_warm_cache_records_each_tuning_variant():
+    """benchmarks.ab warms its variants' kernels with warm_cache --shapes --tunings: each override adds the
+    specializations only it launches (flat=tiled: TILED 7×7 kernels instead of FLAT_RUNS), and the
+    library's TUNING is restored. In a subprocess: the specializations are the compiler's, not the
+    interpreter's."""
+    code = """if True:
+        import json, torch
+        from benchmarks import shapes, warm_cache
+        from tritonbn import ops
+        cases, tuning = shapes.select(shapes.FULL, "rn50_b32_2048x7x7"), ops.TUNING
+        out = []
+        for tunings in ([{}], [{}, {"flat": "tiled"}]):
+            recs = warm_cache._record(132, False, cases, [torch.bfloat16], tunings)
+            assert ops.TUNING is tuning and ops._launch_hook is None
+            out.append([len(recs), [dict(s[1])["LAYOUT"] for n, s, _ in recs if n == "_bn_forward_kernel"]])
+        print(json.dumps(out))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (n, base), (n2, both) = json.loads(res.stdout.splitlines()[-1])
+    from tritonbn import ops
+
+    # NCHW takes FLAT_RUNS by default (channels_last TILED); flat=tiled adds NCHW TILED forwards
+    assert ops.FLAT_RUNS in base and both.count(ops.TILED) > base.count(ops.TILED) and n2 > n
+
+
 def test_ab_runs_each_variant_and_tabulates(tmp_path, capsys):
     """benchmarks.ab on the CPU: one bench process per tuning variant, one table of all of them (2 files)."""
     from benchmarks import ab
