@@ -68,8 +68,8 @@ TUNINGS = {
     # tiny tiles and few programs, so every loop, split, merge and partial-block path is taken (up to 12
     # splits per channel tile, merged 2 per step: flat merges of one or two steps, and from 5 splits on the
     # two-level merge, its top level over up to 6 groups in several steps, the last one masked)
-    "tiny-tiles": dict(reduce_tile=8, elementwise_tile=8, flat_block=32, run_block=32, max_block_c=4,
-                       merge_tile=8, interpreter_programs=12, waves=1),
+    "tiny-tiles": dict(reduce_tile=8, elementwise_tile=8, eval_tile=8, flat_block=32, run_block=32,
+                       max_block_c=4, merge_tile=8, interpreter_programs=12, waves=1),
     # the FLAT elementwise addressing on every layout that has it (default: TILED, FLAT for some bitmasks)
     "flat": dict(flat="always", flat_block=64, run_block=64),
 }

@@ -144,6 +144,23 @@ def test_plan_cache_follows_tuning(monkeypatch):
     assert ops._plan_cache() is not cache and not ops._plan_cache()
 
 
+@pytest.mark.parametrize("dtype,train_tile,eval_tile", [
+    (torch.bfloat16, 4096, 8192), (torch.float32, 4096, 8192), (torch.float64, 4096, 4096)])
+def test_eval_kernels_take_the_eval_tile(dtype, train_tile, eval_tile):
+    """The kernels that compute 1/√(var+ε) per channel (eval forward and backward) take Tuning.eval_tile
+    elements per TILED tile (half for fp64); training ones elementwise_tile."""
+    x = torch.empty((2, 256, 56, 56), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(256, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    rm, rv = torch.zeros_like(w), torch.ones_like(w)
+    for training, tile in ((True, train_tile), (False, eval_tile)):
+        _, plan = ops.forward_plan(x, w, w, rm, rv, None, training, 0.1)
+        c = plan.fwd.constexprs
+        assert c["LAYOUT"] == ops.TILED and c["BLOCK_S"] * c["BLOCK_C"] == tile and c["FROM_VAR"] != training
+        bwd = ops.BackwardPlan(ops._dense_view(tuple(x.shape), x.stride()), dtype, -1, training,
+                               (True, True, 0, False, True, True, True, False, False))
+        assert bwd.dx.constexprs["BLOCK_S"] * bwd.dx.constexprs["BLOCK_C"] == tile
+
+
 def test_fast_launch_passes_the_same_arguments_as_the_normal_launch(monkeypatch):
     """The cached path calls CompiledKernel.run with Triton's own argument convention: grid, stream,
     function, packed metadata, no launch metadata or hooks, then every parameter in signature order."""
