@@ -148,7 +148,8 @@ def test_plan_cache_follows_tuning(monkeypatch):
     (torch.bfloat16, 4096, 8192), (torch.float32, 4096, 8192), (torch.float64, 4096, 4096)])
 def test_eval_kernels_take_the_eval_tile(dtype, train_tile, eval_tile):
     """The kernels that compute 1/√(var+ε) per channel (eval forward and backward) take Tuning.eval_tile
-    elements per TILED tile (half for fp64); training ones elementwise_tile."""
+    elements per TILED tile (half for fp64) where that still makes 4 programs per SM (the interpreter's 8
+    "SMs" here); training ones elementwise_tile, and so do eval ones on smaller tensors."""
     x = torch.empty((2, 256, 56, 56), dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.ones(256, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     rm, rv = torch.zeros_like(w), torch.ones_like(w)
@@ -159,6 +160,10 @@ def test_eval_kernels_take_the_eval_tile(dtype, train_tile, eval_tile):
         bwd = ops.BackwardPlan(ops._dense_view(tuple(x.shape), x.stride()), dtype, -1, training,
                                (True, True, 0, False, True, True, True, False, False))
         assert bwd.dx.constexprs["BLOCK_S"] * bwd.dx.constexprs["BLOCK_C"] == tile
+    # 8 programs of 8192 need 65536 elements: 1 x 256 x 15 x 16 stays at the training tile
+    small = torch.empty((1, 256, 15, 16), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    _, plan = ops.forward_plan(small, w, w, rm, rv, None, False, 0.1)
+    assert plan.fwd.constexprs["BLOCK_S"] * plan.fwd.constexprs["BLOCK_C"] == train_tile
 
 
 def test_fast_launch_passes_the_same_arguments_as_the_normal_launch(monkeypatch):

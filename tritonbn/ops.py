@@ -49,9 +49,10 @@ class Tuning:
     reduce_tile: int = 2048        # elements per reduction tile (half for fp64: twice the registers)
     elementwise_tile: int = 4096
     eval_tile: int = 8192          # TILED elements of the kernels that compute 1/√(var+ε) per channel
-                                   # (eval forward and backward; half for fp64): twice the rows per thread
-                                   # for each channel's sqrt and division (sm_90, bf16 channels_last: 38 → 22
-                                   # instructions per element, 48 → 62 registers)
+                                   # (eval forward and backward; half for fp64) where that still makes
+                                   # 4 programs per SM: twice the rows per thread for each channel's sqrt
+                                   # and division (sm_90, bf16 channels_last: 38 → 22 instructions per
+                                   # element, 48 → 62 registers)
     flat_block: int = 2048         # elements per FLAT block (half for fp64)
     run_block: int = 4096          # elements per FLAT_RUNS block (half for fp64): more than FLAT's, as
                                    # the block's setup (two int32 divisions) is shared by more elements
@@ -534,7 +535,7 @@ def _runs_fit(view: View, block: int, run: int) -> bool:
 
 
 def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int,
-                      from_var: bool = False) -> ElementwisePlan:
+                      from_var: bool = False, target_programs: int = 0) -> ElementwisePlan:
     """TILED, except for planes TILED cannot load in wide vectors, the ReLU bitmask where no tile holds
     whole words, and on request (``Tuning.flat``).
 
@@ -556,14 +557,18 @@ def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int
     Kernels that compute 1/√(var+ε) per channel from the running variance (``from_var``: eval forward and
     backward) take ``Tuning.eval_tile`` elements per TILED tile: with more rows per channel in each thread,
     the correctly rounded square root and division cost less per element (sm_90, bf16: channels_last
-    38 → 22, 14×14 planes 38 → 30 instructions per element).
+    38 → 22, 14×14 planes 38 → 30 instructions per element). Only where that still makes
+    ``target_programs`` programs (4 per SM, as the reductions): a smaller tensor keeps the GPU busier
+    with smaller tiles.
 
     The bitmask (bit i = element i in memory order) takes a TILED tile when whole 32-element words lie
     along its contiguous axis (planar S, or channels-last C, a multiple of 32, and a block of at least 32
     along that axis): every channels-last ResNet layer. Else FLAT blocks, which are runs of memory."""
     flat = view.flat_layout
     wide = itemsize == 8
-    tile = tuning.eval_tile // (2 if wide else 1) if from_var else tuning.elementwise_tile
+    tile = tuning.elementwise_tile
+    if from_var and view.n * view.c * view.s >= target_programs * (tuning.eval_tile // (2 if wide else 1)):
+        tile = tuning.eval_tile // (2 if wide else 1)
     block_s, block_c = _tiles(view, tile, tuning)
     mask = MASK_NONE
     if need_mask:
@@ -659,7 +664,8 @@ class ForwardPlan:
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
                 GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
                 BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
-        e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training)
+        e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training,
+                              0 if training else _target_programs(dev))
         flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
         self.fwd_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks, c if training else 0)
@@ -837,7 +843,8 @@ class BackwardPlan:
                 DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
-            e = _elementwise_plan(view, tuning, False, dtype.itemsize, not training)
+            e = _elementwise_plan(view, tuning, False, dtype.itemsize, not training,
+                                  0 if training else _target_programs(dev))
             self.dx_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks)
             self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(
                 common, TRAINING=training, WRITE_DX=need_dx, WRITE_DZ=write_dz, LAYOUT=e.layout,
