@@ -4,8 +4,9 @@ A call costs what its host path costs, so the launchers are built around a per-c
 everything the kernels specialize on (shape, strides, dtypes, device, flags, the big tensors' 16-byte
 alignment). A plan holds the grids, the tile sizes, the prepared scalar arguments, the workspace size and
 one ``_Launch`` per kernel, which keeps the ``CompiledKernel`` of its first launch and afterwards launches
-it directly through ``CompiledKernel.run`` (triton 3.6–3.9, CUDA; the normal ``kernel[grid](...)`` launch
-everywhere else, under the interpreter, and while a Triton launch hook is installed). Per call the
+it directly: the launcher's C entry point with triton 3.6 and 3.9, ``CompiledKernel.run`` with 3.7–3.8
+(CUDA; the normal ``kernel[grid](...)`` launch everywhere else, under the interpreter, and while a Triton
+launch hook is installed). Per call the
 launchers allocate the output and one workspace (statistics and partials together), take the stream's
 reduction counters, and launch:
 
@@ -23,10 +24,11 @@ statistics):
   (≥128 contiguous bytes per row for 2-byte dtypes) × ``BLOCK_S = TILE / BLOCK_C`` rows;
 * spatial-contiguous view (NCHW): ``BLOCK_S = min(next_pow2(S), TILE)`` positions, and when a channel's
   plane is small (7×7, 14×14) ``BLOCK_C = TILE / BLOCK_S`` neighbouring channels per tile;
-* ``TILE`` is 2048 elements (8 warps) for the reductions and 4096 for the elementwise kernels;
-* elementwise kernels run FLAT (memory order, per-element channel) when those tiles would leave lanes
-  idle or break vector loads: planar S not a multiple of the tile (7×7, 14×14, 56×56), channels-last C
-  not a power of two (96, 160); and always when the ReLU bitmask is written;
+* ``TILE`` is 2048 elements (8 warps) for the reductions and 4096 for the elementwise kernels (8192 for
+  eval on large tensors: ``Tuning.eval_tile``);
+* elementwise kernels take NCHW planes whose rows are not a multiple of 8 bytes (7×7) as flat runs of
+  memory (FLAT_RUNS), and the ReLU bitmask as flat blocks where no tile holds whole 32-element words
+  (``_elementwise_plan``);
 * reductions split the rows so that the grid has about ``4 × SMs`` programs: small C with a large N·S
   fills the GPU too, unlike one-block-per-channel kernels.
 """
