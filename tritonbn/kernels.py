@@ -24,7 +24,8 @@ Elementwise kernels (forward, dx) address their elements in one of three ways (c
   default for planes whose rows TILED cannot load in vectors of 8 bytes or more (7×7: rows misaligned).
 
 Offsets are int32 inside a tile or block and int64 at its base, so tensors past 2**31 elements are
-addressed correctly.
+addressed correctly (FLAT_RUNS, which the launchers take only below 2**31 elements, is int32 throughout:
+its per-block divisions are then 32-bit, not a 64-bit division routine).
 
 Reductions (statistics, backward sums) run on a 2-D grid ``(channel tiles, splits)``: split ``k`` owns a
 contiguous range of the ``N * cdiv(S, BLOCK_S)`` row blocks and writes one partial per channel. The last
