@@ -58,6 +58,10 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
         if quick_shapes:
             cases += [(c.shape, layout, dtype) for c in QUICK for dtype in (torch.bfloat16, torch.float32)
                       for layout in _layouts(c.shape)]
+    # The CUDA tests that compare Tuning variants (tests/test_bn_cuda.py TUNING_VARIANTS), in fp32 and bf16.
+    variants = [] if bench_cases is not None else [
+        (overrides, [(tuple(shape), layout, dtype) for dtype in (torch.float32, torch.bfloat16)])
+        for shape, layout, overrides in _cuda_test_list("TUNING_VARIANTS")]
     real_target, real_tuning = ops._target_programs, ops.TUNING
     ops._target_programs = lambda dev: ops.TUNING.waves * sm_count
     ops._launch_hook = hook
@@ -65,6 +69,9 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
         for overrides in tunings:
             ops.TUNING = dataclasses.replace(real_tuning, **overrides)
             _record_cases(ops, cases)
+        for overrides, variant_cases in variants:
+            ops.TUNING = dataclasses.replace(real_tuning, **overrides)
+            _record_cases(ops, variant_cases)
     finally:
         ops._launch_hook = None
         ops._target_programs = real_target
@@ -95,6 +102,11 @@ def _record_cases(ops, cases) -> None:
 
 def _cuda_test_shapes() -> list:
     """The shapes of ``pytest -m cuda`` (tests/test_bn_cuda.py), which the GPU check runs first."""
+    return [tuple(s) for s in _cuda_test_list("SHAPES")]
+
+
+def _cuda_test_list(name: str) -> list:
+    """The literal list ``name`` of tests/test_bn_cuda.py (read, not imported: it needs pytest)."""
     import ast
     from pathlib import Path
 
@@ -102,8 +114,8 @@ def _cuda_test_shapes() -> list:
     if not path.exists():
         return []
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SHAPES" for t in node.targets):
-            return [tuple(s) for s in ast.literal_eval(node.value)]
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return list(ast.literal_eval(node.value))
     return []
 
 
