@@ -25,8 +25,8 @@ import sys
 import time
 
 
-def _layouts(shape) -> tuple:
-    return ("contiguous", "channels_last") if len(shape) >= 3 else ("contiguous",)
+def _layouts(shape, cl_rank: int = 3) -> tuple:
+    return ("contiguous", "channels_last") if len(shape) >= cl_rank else ("contiguous",)
 
 
 def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tunings=({},)) -> list:
@@ -53,25 +53,23 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
         # In the order the GPU check launches them, so that a cut-off warm-up still covers the first steps.
         cases = [(shape, layout, dtype) for shape in _cuda_test_shapes()
                  for dtype in (torch.float32, torch.float16, torch.bfloat16)
-                 for layout in (("contiguous", "channels_last") if len(shape) >= 4 else ("contiguous",))]
+                 for layout in _layouts(shape, 4)]
         cases += [(c.shape, "channels_last", torch.bfloat16) for b in (32, 128) for c in _rn50(b)]
         if quick_shapes:
             cases += [(c.shape, layout, dtype) for c in QUICK for dtype in (torch.bfloat16, torch.float32)
                       for layout in _layouts(c.shape)]
-    # The CUDA tests that compare Tuning variants (tests/test_bn_cuda.py TUNING_VARIANTS), in fp32 and bf16.
-    variants = [] if bench_cases is not None else [
-        (overrides, [(tuple(shape), layout, dtype) for dtype in (torch.float32, torch.bfloat16)])
-        for shape, layout, overrides in _cuda_test_list("TUNING_VARIANTS")]
+    jobs = [(overrides, cases) for overrides in tunings]
+    if bench_cases is None:
+        # The CUDA tests that compare Tuning variants (tests/test_bn_cuda.py TUNING_VARIANTS), fp32 and bf16.
+        jobs += [(overrides, [(tuple(shape), layout, dtype) for dtype in (torch.float32, torch.bfloat16)])
+                 for shape, layout, overrides in _cuda_test_list("TUNING_VARIANTS")]
     real_target, real_tuning = ops._target_programs, ops.TUNING
     ops._target_programs = lambda dev: ops.TUNING.waves * sm_count
     ops._launch_hook = hook
     try:
-        for overrides in tunings:
+        for overrides, job_cases in jobs:
             ops.TUNING = dataclasses.replace(real_tuning, **overrides)
-            _record_cases(ops, cases)
-        for overrides, variant_cases in variants:
-            ops.TUNING = dataclasses.replace(real_tuning, **overrides)
-            _record_cases(ops, variant_cases)
+            _record_cases(ops, job_cases)
     finally:
         ops._launch_hook = None
         ops._target_programs = real_target

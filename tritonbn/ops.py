@@ -536,8 +536,8 @@ def _runs_fit(view: View, block: int, run: int) -> bool:
     return 1 < run <= min(view.s, block) and view.n * view.c * view.s + block < 2**31
 
 
-def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int,
-                      from_var: bool = False, target_programs: int = 0) -> ElementwisePlan:
+def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int, from_var: bool,
+                      dev: int) -> ElementwisePlan:
     """TILED, except for planes TILED cannot load in wide vectors, the ReLU bitmask where no tile holds
     whole words, and on request (``Tuning.flat``).
 
@@ -560,7 +560,7 @@ def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int
     backward) take ``Tuning.eval_tile`` elements per TILED tile: with more rows per channel in each thread,
     the correctly rounded square root and division cost less per element (sm_90, bf16: channels_last
     38 → 22, 14×14 planes 38 → 30 instructions per element). Only where that still makes
-    ``target_programs`` programs (4 per SM, as the reductions): a smaller tensor keeps the GPU busier
+    ``_target_programs(dev)`` programs (4 per SM, as the reductions): a smaller tensor keeps the GPU busier
     with smaller tiles.
 
     The bitmask (bit i = element i in memory order) takes a TILED tile when whole 32-element words lie
@@ -568,9 +568,12 @@ def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int
     along that axis): every channels-last ResNet layer. Else FLAT blocks, which are runs of memory."""
     flat = view.flat_layout
     wide = itemsize == 8
+    numel = view.n * view.c * view.s
     tile = tuning.elementwise_tile
-    if from_var and view.n * view.c * view.s >= target_programs * (tuning.eval_tile // (2 if wide else 1)):
-        tile = tuning.eval_tile // (2 if wide else 1)
+    if from_var:
+        eval_tile = tuning.eval_tile // (2 if wide else 1)
+        if numel >= _target_programs(dev) * eval_tile:
+            tile = eval_tile
     block_s, block_c = _tiles(view, tile, tuning)
     mask = MASK_NONE
     if need_mask:
@@ -584,7 +587,6 @@ def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int
     use_flat = flat != TILED and (tuning.flat == "always" or (need_mask and mask == MASK_NONE) or (
         tuning.flat == "auto" and runs and view.s * itemsize % 8 != 0))
     if use_flat:
-        numel = view.n * view.c * view.s
         mask = MASK_FLAT if need_mask else MASK_NONE
         if runs:
             return ElementwisePlan(FLAT_RUNS, run_block // tuning.flat_run, tuning.flat_run, 0, 0,
@@ -666,8 +668,7 @@ class ForwardPlan:
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
                 GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
                 BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
-        e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training,
-                              0 if training else _target_programs(dev))
+        e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training, dev)
         flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
         self.fwd_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks, c if training else 0)
@@ -845,8 +846,7 @@ class BackwardPlan:
                 DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
-            e = _elementwise_plan(view, tuning, False, dtype.itemsize, not training,
-                                  0 if training else _target_programs(dev))
+            e = _elementwise_plan(view, tuning, False, dtype.itemsize, not training, dev)
             self.dx_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks)
             self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(
                 common, TRAINING=training, WRITE_DX=need_dx, WRITE_DZ=write_dz, LAYOUT=e.layout,
