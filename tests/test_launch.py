@@ -68,6 +68,66 @@ def test_at_most_two_launches_per_training_pass_and_one_in_eval(layout, residual
     assert launches.take() == [FWD, DX]      # constant statistics, no parameter gradients: no reduction
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype,param_dtype,shared", [
+    (torch.bfloat16, torch.float32, True),     # autocast: fp32 parameters, fp32 accumulation
+    (torch.float32, torch.float32, True),
+    (torch.float16, torch.float16, False),     # fp16 parameters: dγ, dβ rounded into their own buffers
+])
+def test_backward_allocates_dx_and_one_workspace(dtype, param_dtype, shared, device, monkeypatch):
+    """The backward allocates dx and the reduction's workspace, nothing else: dγ and dβ in the
+    accumulation dtype are views of the workspace (which holds Σg·x̂ and Σg), and autograd keeps them as
+    the parameters' .grad without a copy (stolen, not cloned: no extra kernel). Each backward gets a
+    fresh workspace, so a second backward through the same graph leaves the first one's gradients alone."""
+    torch.manual_seed(0)
+    x = make_input((4, 6, 5, 3), "channels_last", dtype=dtype, device=device).requires_grad_(True)
+    m = tritonbn.BatchNorm2d(6).to(device=device, dtype=param_dtype)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.5, 0.5)
+    y = m(x)
+    dy1, dy2 = torch.randn_like(y), torch.randn_like(y)
+    allocs, launching = [], []
+
+    class _Allocs(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not launching and func.overloadpacket in (
+                    torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+                    torch.ops.aten.new_empty, torch.ops.aten.zeros, torch.ops.aten.clone):
+                allocs.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def launch(kernel, grid, args, constexprs, num_warps):   # the interpreter allocates: not counted
+        launching.append(1)
+        try:
+            kernel[grid](*args, num_warps=num_warps, **constexprs)
+        finally:
+            launching.pop()
+
+    if device == "cpu":
+        monkeypatch.setattr(ops, "_launch_hook", launch)
+    with _Allocs():
+        y.backward(dy1, retain_graph=True)
+    gw, gb = m.weight.grad, m.bias.grad
+    # dx (empty_like) and the workspace; dγ and dβ of their own where they are not views
+    assert sorted(allocs) == ["empty"] * (1 if shared else 3) + ["empty_like"]
+    assert (gw.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr()) == shared
+    assert gw.dtype == gb.dtype == param_dtype and gw.is_contiguous() and gb.is_contiguous()
+    first = [gw.clone(), gb.clone()]
+    again = torch.autograd.grad(y, [m.weight, m.bias], dy2)
+    assert torch.equal(gw, first[0]) and torch.equal(gb, first[1])
+    for grads, dy in ((first, dy1), (again, dy2)):
+        _, dw, db = ref.bn_backward(dy, x.detach(), m.weight.detach(), *_batch_stats(x.detach()), True)
+        assert rel_err(grads[0], dw) < 2e-3 and rel_err(grads[1], db) < 2e-3
+
+
+def _batch_stats(x):
+    x = x.double()
+    dims = [0, *range(2, x.dim())]
+    var = x.var(dims, unbiased=False)
+    return x.mean(dims), (var + 1e-5).rsqrt()
+
+
 class _RecordingMode(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
