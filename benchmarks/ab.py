@@ -15,7 +15,7 @@ The default variants are the open questions of the CPU-only sessions (see benchm
   34 / 84 / 48, FLAT_RUNS 22 / 37 / 31; only the NCHW 7×7 rows change), and eval kernels at 4096-element
   tiles, not 8192 (channels_last eval 38 → 22; every eval row changes).
 
-First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 110
+First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 152
 specializations for the default variants and shapes), so that no variant spends its share compiling.
 Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past its share and keeps
 what it measured. ``--smoke`` runs the same on a CPU (Triton interpreter): timings mean nothing there.

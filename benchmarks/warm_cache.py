@@ -93,8 +93,9 @@ def _record_cases(ops, cases) -> None:
             mask = residual is not None
             _, stats, bits, xr = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5, residual, act, mask,
                                              True)
-            ops.backward(torch.empty_like(xr), xr, w, b, stats, stats, bits, True, 1e-5, act, True, True,
-                         torch.float32, mask)
+            for views in (True, False):   # the eager backward, and the custom ops' (torch.compile)
+                ops.backward(torch.empty_like(xr), xr, w, b, stats, stats, bits, True, 1e-5, act, True, True,
+                             torch.float32, mask, grads_as_views=views)
         ops.forward(x, w, b, rm, rv, None, False, 0.1, 1e-5)
 
 

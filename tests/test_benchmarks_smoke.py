@@ -836,7 +836,9 @@ def test_warm_cache_records_the_gpu_checks_specializations():
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
     n = int(res.stdout.split("warm_cache: ")[1].split()[0])
-    assert 20 <= n <= 480, res.stdout   # 432 on 2026-11-28: TILED planes specialize per block shape
+    # 553 on 2026-11-28 (the eager backward's and the custom ops' reductions differ in HAS_DWEIGHT):
+    # TILED planes specialize per block shape
+    assert 20 <= n <= 640, res.stdout
 
 
 def test_sass_stats_counts_instructions_per_element():

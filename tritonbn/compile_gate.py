@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -82,12 +83,15 @@ def _record_launches():
                             if not training:
                                 _, _, mask, _ = ops.forward(x, w, b, *src, None, False, 0.1, 1e-5, z, act,
                                                             mask_flag)
-                            for need_dx, need_dw, need_db, need_dz in (
+                            # views: the eager backward (dγ, dβ read from the workspace), else custom ops
+                            for (need_dx, need_dw, need_db, need_dz), views in itertools.product((
                                     (True, True, True, residual), (True, False, False, False),
-                                    (False, True, True, False), (False, False, False, residual)):
+                                    (False, True, True, False), (False, False, False, residual)),
+                                    (False, True)):
                                 ops.backward(torch.randn_like(xr), xr, w, b, *src, mask, training, 1e-5, act,
                                              need_dx, need_dw and w is not None,
-                                             b.dtype if need_db and b is not None else None, need_dz)
+                                             b.dtype if need_db and b is not None else None, need_dz,
+                                             grads_as_views=views)
                 # SyncBatchNorm's launches: partial statistics, sums, dx.
                 view = ops._prepare(x)[1]
                 ops.bn_stat_partials(x, view)
