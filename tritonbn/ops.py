@@ -732,18 +732,53 @@ def _run_stats(plan: ForwardPlan, x, dev, stream, running_mean, running_var, num
                eps) -> torch.Tensor:
     """The statistics launch: the workspace ``[mean | invstd | partials]``, running stats updated."""
     ws = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
-    plan.stats(stream, x, ws, _counters(x, dev, stream, plan.num_counters),
-               running_mean if running_mean is not None else ws,
-               running_var if running_var is not None else ws,
-               num_batches_tracked if num_batches_tracked is not None else ws,
-               *plan.stats_ints, 0.0 if momentum is None else float(momentum), float(eps), *plan.strides)
+    cnt = _counters(x, dev, stream, plan.num_counters)
+    plan.stats(stream, *stats_args(plan, x, ws, cnt, running_mean, running_var, num_batches_tracked,
+                                   0.0 if momentum is None else float(momentum), float(eps)))
     return ws
+
+
+# The launches' argument lists, in the kernels' parameter order. Pure functions of the plan and their
+# arguments (tensors, or the native path's symbolic slots): an absent optional tensor passes another tensor
+# of the call, which the kernel does not read (its constexpr flag is off).
+
+def stats_args(plan: ForwardPlan, x, ws, cnt, running_mean, running_var, num_batches_tracked, momentum,
+               eps) -> tuple:
+    return (x, ws, cnt, running_mean if running_mean is not None else ws,
+            running_var if running_var is not None else ws,
+            num_batches_tracked if num_batches_tracked is not None else ws,
+            *plan.stats_ints, momentum, eps, *plan.strides)
+
+
+def normalize_args(plan: ForwardPlan, x, y, z, mask, mean_src, var_src, weight, bias, num_batches_tracked,
+                   eps) -> tuple:
+    any_ = mean_src
+    return (x, y, z, mask if mask is not None else any_, mean_src, var_src,
+            weight if weight is not None else any_, bias if bias is not None else any_,
+            num_batches_tracked if plan.flags[4] else any_, *plan.fwd_ints, eps, *plan.strides)
+
+
+def reduce_args(plan: BackwardPlan, x, dy, mask, mean_src, var_src, weight, bias, sums, cnt, dweight, dbias,
+                var_off: int, eps) -> tuple:
+    any_ = mean_src
+    return (x, dy, mask if mask is not None else any_, mean_src, var_src,
+            weight if weight is not None else any_, bias if bias is not None else any_, sums, cnt,
+            dweight if dweight is not None else any_, dbias if dbias is not None else any_,
+            *plan.reduce_ints, var_off, eps, *plan.strides)
+
+
+def dx_args(plan: BackwardPlan, x, dy, dx, dz, mask, mean_src, var_src, weight, bias, sums, var_off: int,
+            eps) -> tuple:
+    any_ = mean_src
+    return (x, dy, dx if dx is not None else dy, dz if dz is not None else dy,
+            mask if mask is not None else any_, mean_src, var_src,
+            weight if weight is not None else any_, bias if bias is not None else any_, sums,
+            *plan.dx_ints, var_off, plan.count, eps, *plan.strides)
 
 
 def _run_normalize(plan: ForwardPlan, x, stream, weight, bias, mean_src, var_src, num_batches_tracked,
                    eps, residual):
     """The normalize launch: ``(y, mask)`` from ``mean_src``/``var_src`` (see ``normalize``)."""
-    any_ = mean_src
     y = torch.empty_like(x)
     z = x
     if residual is not None:
@@ -751,9 +786,8 @@ def _run_normalize(plan: ForwardPlan, x, stream, weight, bias, mean_src, var_src
         if z.data_ptr() % 16:   # the kernel was specialized for an aligned residual
             z = torch.empty_like(x).copy_(z)
     mask = torch.empty(plan.mask_words, dtype=torch.int32, device=x.device) if plan.mask_words else None
-    plan.fwd(stream, x, y, z, mask if mask is not None else any_, mean_src, var_src,
-             weight if weight is not None else any_, bias if bias is not None else any_,
-             num_batches_tracked if plan.flags[4] else any_, *plan.fwd_ints, float(eps), *plan.strides)
+    plan.fwd(stream, *normalize_args(plan, x, y, z, mask, mean_src, var_src, weight, bias,
+                                     num_batches_tracked, float(eps)))
     return y, mask
 
 
@@ -924,20 +958,15 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
                 t.zero_()
         return _backward_outputs(dx, dweight, dbias, dz, sums, c, dw_view, db_view, want_sums)
     var_off = c if training else 0
-    any_ = mean_src
-    sums = any_
+    sums = mean_src
     if plan.reduce is not None:
         sums = torch.empty(plan.ws_numel, dtype=plan.acc, device=x.device)
         cnt = _counters(x, dev, stream, plan.num_counters)
-        plan.reduce(stream, x, dy, mask if mask is not None else any_, mean_src, var_src,
-                    weight if weight is not None else any_, bias if bias is not None else any_, sums, cnt,
-                    dweight if dweight is not None else any_, dbias if dbias is not None else any_,
-                    *plan.reduce_ints, var_off, float(eps), *plan.strides)
+        plan.reduce(stream, *reduce_args(plan, x, dy, mask, mean_src, var_src, weight, bias, sums, cnt,
+                                         dweight, dbias, var_off, float(eps)))
     if plan.dx is not None:
-        plan.dx(stream, x, dy, dx if dx is not None else dy, dz if need_dz else dy,
-                mask if mask is not None else any_, mean_src, var_src,
-                weight if weight is not None else any_, bias if bias is not None else any_, sums,
-                *plan.dx_ints, var_off, plan.count, float(eps), *plan.strides)
+        plan.dx(stream, *dx_args(plan, x, dy, dx, dz if need_dz else None, mask, mean_src, var_src, weight,
+                                 bias, sums, var_off, float(eps)))
     return _backward_outputs(dx, dweight, dbias, dz, sums, c, dw_view, db_view, want_sums)
 
 
