@@ -68,7 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--time-budget", type=float, default=None, help="seconds; stop starting new shapes past it"
     )
+    p.add_argument("--tuning", default=None,
+                   help="tritonbn.ops.Tuning overrides, KEY=VALUE,... (e.g. native=true: the C++ call path)")
     a = p.parse_args(argv)
+    a.tuning = bench._tuning_overrides(a.tuning, p)
     a.modes = bench._csv(a.modes, MODES, p, "modes")
     a.dtypes = bench._csv(a.dtypes or ("fp32" if a.smoke else "bf16,fp32"), bench.DTYPES, p, "dtypes")
     a.layouts = bench._csv(a.layouts, bench.LAYOUTS, p, "layouts")
@@ -208,8 +211,13 @@ def main(argv=None) -> int:
     except Exception as e:  # torch's numbers are still measured; tritonbn's cells record the error
         tb = e
         traceback.print_exc()
+    if args.tuning and not isinstance(tb, Exception):
+        import dataclasses
+
+        tb.ops.TUNING = dataclasses.replace(tb.ops.TUNING, **args.tuning)
     todo = plan(args)
     meta = {
+        "tuning": args.tuning,
         "argv": sys.argv[1:] if argv is None else list(argv),
         "modes": args.modes,
         "dtypes": args.dtypes,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tritonbn import custom_ops, ops
+from tritonbn import custom_ops, native, ops
 from tritonbn.dispatch import graph_capture, uses_triton
 from tritonbn.torch_math import epilogue
 
@@ -154,12 +154,23 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     input, plan = ops.forward_plan(input, weight, bias, running_mean, running_var, num_batches_tracked,
                                    training, momentum, residual, activation,
                                    needs_graph and residual is not None and activation != 0, bump)
+    first = False
+    if ops.TUNING.native:   # tritonbn.native: after a plan's first (Python) call, its C++ path
+        y = native.call(plan, input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                        momentum, eps, needs_graph)
+        if y is not None:
+            return y
+        first = plan.native_handle is None
     if needs_graph:
-        return ops.apply(input, weight, bias, residual, (
+        y = ops.apply(input, weight, bias, residual, (
             plan, running_mean, running_var, num_batches_tracked, momentum, eps))
-    # No graph to record (inference, no_grad): skip the autograd.Function machinery on the hot path.
-    return ops.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                           momentum, eps, residual)[0]
+    else:
+        # No graph to record (inference, no_grad): skip the autograd.Function machinery on the hot path.
+        y = ops.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                            momentum, eps, residual)[0]
+    if first:
+        native.try_build(plan, input)
+    return y
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

@@ -1,0 +1,253 @@
+"""The native call path (``tritonbn.native``, ``Tuning.native``): a C++ autograd node and one
+``cuLaunchKernel`` per launch, from programs recorded once per plan.
+
+On the CPU its launches are handed back to Python (``native.set_launch_hook``) and run by the Triton
+interpreter, so everything but the GPU launch itself is checked here: the recorded programs (which tensor
+or scalar goes to each parameter, allocations, outputs), the C++ node (saved tensors, which gradients are
+needed, fallbacks to the Python backward) and the parameter packing, against the Python path, bit for bit.
+The CUDA-marked test checks the real launches on a GPU."""
+
+import dataclasses
+import struct
+
+import pytest
+import reference as ref
+import torch
+from reference import make_input, rel_err
+
+import tritonbn
+from tritonbn import native, ops
+
+NATIVE = dataclasses.replace(ops.TUNING, native=True)
+PYTHON = dataclasses.replace(ops.TUNING, native=False)
+
+
+@pytest.fixture
+def hooked(monkeypatch):
+    """Native launches recorded by kernel name and run through the interpreter."""
+    if native.module() is None:
+        pytest.fail(f"the native extension must build on the CI machine: {native.build_error}")
+    names = []
+
+    def hook(launch, args):
+        names.append(launch.kernel.fn.__name__)
+        launch.kernel[launch.grid](*args, num_warps=launch.num_warps, **ops.LAUNCH_OPTIONS,
+                                   **launch.constexprs)
+
+    native.set_launch_hook(hook)
+    yield names
+    native.set_launch_hook(None)
+
+
+def _steps(tuning, shape, layout, dtype, act, residual, training, monkeypatch, steps=4, device="cpu",
+           needs=(True, True, True, True)):
+    """Outputs, gradients and state of ``steps`` training/eval steps of one BatchNormAct module."""
+    monkeypatch.setattr(ops, "TUNING", tuning)
+    torch.manual_seed(0)
+    x = make_input(shape, layout, dtype=dtype, device=device).requires_grad_(needs[0])
+    z = torch.randn_like(x).requires_grad_(needs[3]) if residual else None
+    m = {3: tritonbn.BatchNormAct1d, 4: tritonbn.BatchNormAct2d, 5: tritonbn.BatchNormAct3d}[len(shape)](
+        shape[1], activation=act).to(device)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.5, 0.5)
+    m.weight.requires_grad_(needs[1])
+    m.bias.requires_grad_(needs[2])
+    m.train(training)
+    outs, nodes = [], []
+    for _ in range(steps):
+        dy = torch.randn_like(x)
+        y = m(x, z)
+        inputs = [t for t, need in zip((x, m.weight, m.bias, z), needs) if t is not None and need]
+        outs += [y, *torch.autograd.grad(y, inputs, dy)]
+        outs += [m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()]
+        nodes.append(type(y.grad_fn).__name__)
+    return outs, nodes
+
+
+STATS, FWD, REDUCE, DX = "_bn_stats_kernel", "_bn_forward_kernel", "_bn_backward_reduce_kernel", \
+    "_bn_backward_dx_kernel"
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act,residual", [(None, False), ("relu", False), ("relu", True), (None, True)])
+def test_native_path_gives_the_python_paths_bits(act, residual, layout, training, hooked, monkeypatch):
+    """First call Python (it compiles), then the C++ node: its first backward with these needs runs the
+    Python backward and records the native one; from the third step everything is native. Outputs, every
+    gradient, running statistics and num_batches_tracked equal the Python path's, bit for bit."""
+    shape, dtype = (4, 6, 5, 3), torch.bfloat16
+    want, py_nodes = _steps(PYTHON, shape, layout, dtype, act, residual, training, monkeypatch)
+    hooked.clear()
+    got, nodes = _steps(NATIVE, shape, layout, dtype, act, residual, training, monkeypatch)
+    assert py_nodes == ["BatchNormFunctionBackward"] * 4
+    assert nodes[0] == "BatchNormFunctionBackward" and nodes[1:] == ["CppFunction"] * 3
+    per_step = ([STATS] if training else []) + [FWD, REDUCE, DX]
+    # step 2: native forward, Python backward (recording the native one); steps 3 and 4: all native
+    assert hooked == per_step[:-2] + per_step * 2
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,layout", [((6, 5), "contiguous"), ((3, 7, 11), "contiguous"),
+                                          ((2, 5, 3, 2, 3), "channels_last")])
+def test_native_path_matches_the_float64_reference(shape, layout, hooked, monkeypatch):
+    """fp32, 1-D, (N, C, L) and channels_last 3-D inputs: the native steps against the float64 formulas."""
+    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    torch.manual_seed(1)
+    x = make_input(shape, layout).requires_grad_(True)
+    m = {2: tritonbn.BatchNorm1d, 3: tritonbn.BatchNorm1d, 5: tritonbn.BatchNorm3d}[len(shape)](shape[1])
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.5, 0.5)
+    rm, rv = torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64)
+    for step in range(3):
+        dy = torch.randn_like(x)
+        y = m(x)
+        dx, dw, db = torch.autograd.grad(y, [x, m.weight, m.bias], dy)
+        exp = ref.bn_forward(x.detach(), rm, rv, m.weight.detach(), m.bias.detach(), True, 0.1, 1e-5)
+        rm, rv = exp.running_mean, exp.running_var
+        edx, edw, edb = ref.bn_backward(dy, x.detach(), m.weight.detach(), exp.mean, exp.invstd, True)
+        assert type(y.grad_fn).__name__ == ("CppFunction" if step else "BatchNormFunctionBackward")
+        for got, want in ((y, exp.y), (dx, edx), (dw, edw), (db, edb), (m.running_mean, rm),
+                          (m.running_var, rv)):
+            assert rel_err(got, want) < 1e-5
+        assert int(m.num_batches_tracked) == step + 1
+    assert hooked.count(STATS) == 2
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, True, False),
+                                   (True, True, False, True), (False, False, False, True)])
+def test_native_backward_computes_only_the_needed_gradients(needs, hooked, monkeypatch):
+    """Frozen parameters, a constant input, a residual alone: the node asks autograd which gradients are
+    needed (its edges exist only for the tensors given) and its programs compute just those."""
+    args = ((4, 6, 5, 3), "channels_last", torch.float32, "relu", True, True, monkeypatch)
+    want, _ = _steps(PYTHON, *args, needs=needs)
+    got, nodes = _steps(NATIVE, *args, needs=needs)
+    assert nodes[1:] == ["CppFunction"] * 3
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_native_fallbacks_to_the_python_backward(hooked, monkeypatch):
+    """create_graph (double backward through differentiable torch ops) and a gradient not laid out as x
+    (the expanded gradient of y.sum()) run the Python backward from the C++ node; no affine parameters and
+    no running statistics take the native path too."""
+    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    torch.manual_seed(2)
+    x = make_input((3, 4, 2, 5), "contiguous", dtype=torch.float64).requires_grad_(True)
+    m = tritonbn.BatchNorm2d(4).double()
+    for _ in range(3):
+        m(x).backward(torch.randn_like(x))     # builds both native programs
+    hooked.clear()
+    m(x).sum().backward()               # expanded dy: Python backward
+    assert hooked == [STATS, FWD]
+    hooked.clear()
+    y = m(x)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    (dx,) = torch.autograd.grad((y * y).sum(), [x], create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.sum(), [x])
+    monkeypatch.setattr(ops, "TUNING", PYTHON)
+    m2 = tritonbn.BatchNorm2d(4).double()
+    m2.load_state_dict(m.state_dict())
+    y2 = m2(x)
+    (dx2,) = torch.autograd.grad((y2 * y2).sum(), [x], create_graph=True)
+    (ddx2,) = torch.autograd.grad(dx2.sum(), [x])
+    assert torch.equal(y, y2) and torch.equal(dx, dx2) and torch.equal(ddx, ddx2)
+    assert hooked == [STATS, FWD]       # the backward ran the Python path
+    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    for kwargs in (dict(affine=False), dict(track_running_stats=False)):
+        bn = tritonbn.BatchNorm2d(4, **kwargs).double()
+        ref_bn = torch.nn.BatchNorm2d(4, **kwargs).double()
+        for _ in range(3):
+            dy = torch.randn_like(x)
+            gx = torch.autograd.grad(bn(x), [x], dy)[0]
+            gx_ref = torch.autograd.grad(ref_bn(x), [x], dy)[0]
+            assert rel_err(gx, gx_ref) < 1e-10
+        assert type(bn(x).grad_fn).__name__ == "CppFunction"
+
+
+def test_native_retain_graph_gives_each_backward_its_own_buffers(hooked, monkeypatch):
+    """Two backwards through one native node: fresh workspaces, the first gradients untouched."""
+    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    x = make_input((4, 6, 3, 3), "channels_last").requires_grad_(True)
+    m = tritonbn.BatchNorm2d(6)
+    for _ in range(3):
+        m(x).backward(torch.randn_like(x))
+    y = m(x)
+    g1 = torch.autograd.grad(y, [x, m.weight, m.bias], torch.ones_like(y) * 2, retain_graph=True)
+    keep = [g.clone() for g in g1]
+    g2 = torch.autograd.grad(y, [x, m.weight, m.bias], torch.randn_like(y))
+    assert all(torch.equal(a, b) for a, b in zip(g1, keep))
+    assert not torch.equal(g1[1], g2[1])
+
+
+def test_native_parameters_are_packed_as_tritons_launcher_packs_them(hooked, monkeypatch):
+    """The 8-byte cells the C++ side hands cuLaunchKernel, against struct-packing the arguments the Python
+    path launched with, typed as Triton types them (integers equal to 1 specialized away, fp64 momentum and
+    eps as doubles), then the two null scratch pointers."""
+    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    x = make_input((2, 3, 1, 7), "contiguous")   # S = 7, N = 2; C = 3
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
+    w, b = torch.ones(3), torch.zeros(3)
+    recorded = []
+    monkeypatch.setattr(ops, "_launch_hook", lambda kernel, grid, args, *_: recorded.append(args))
+    _, plan = ops.forward_plan(x, w, b, rm, rv, nbt, True, 0.1)
+    ops.run_forward(plan, x, w, b, rm, rv, nbt, 0.1, 1e-3)
+    monkeypatch.setattr(ops, "_launch_hook", None)
+    C = native.module()
+    s = [native._Slot(i) for i in range(11)]
+    sym = ops.stats_args(plan, s[0], s[8], s[7], s[4], s[5], s[6], native._CallScalar(native.MOMENTUM),
+                         native._CallScalar(native.EPS))
+    launch = native._make_launch(C, plan.stats, sym, native.WS)
+    params = native._param_list(plan.stats, sym)
+    real = recorded[0]
+    table = [x, w, b, None, rm, rv, nbt, real[2], real[1], None, None]
+    cells = C.packed(launch, table, 0.1, 1e-3)
+    expect = b""
+    for (kind, *_), arg in zip(params, real):
+        if kind == native.SPECIALIZED:
+            assert arg == 1
+            continue
+        if kind == native.PTR:
+            expect += struct.pack("<Q", arg.data_ptr())
+        else:
+            fmt = {native.I32: "<i4x", native.I64: "<q", native.F32: "<f4x", native.F64: "<d"}[kind]
+            expect += struct.pack(fmt, arg)
+    expect += bytes(16)
+    assert cells == expect
+    assert any(k == native.SPECIALIZED for k, *_ in params)      # N = 1 after merging: stride 1 etc.
+    assert [k for k, *_ in params if k in (native.F32, native.F64)] == [native.F64, native.F64]
+
+
+def test_native_is_off_by_default_and_a_failed_build_leaves_the_python_path(monkeypatch):
+    assert ops.Tuning().native is False
+    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    monkeypatch.setattr(native, "module", lambda: None)
+    x = make_input((2, 3, 4, 4), "contiguous").requires_grad_(True)
+    m = tritonbn.BatchNorm2d(3)
+    for _ in range(2):
+        y = m(x)
+        assert type(y.grad_fn).__name__ == "BatchNormFunctionBackward"
+    _, plan = ops.forward_plan(x.detach(), m.weight, m.bias, m.running_mean, m.running_var,
+                               m.num_batches_tracked, True, 0.1, None, 0, False, True)
+    assert plan.native_handle in (None, -1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act,residual", [(None, False), ("relu", True)])
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_native_launches_give_the_python_paths_bits(training, act, residual, layout, monkeypatch):
+    """On the GPU: the C++ node's cuLaunchKernel launches give the bits of the Python path."""
+    native.set_launch_hook(None)
+    if native.module() is None:
+        pytest.fail(f"the native extension does not build here: {native.build_error}")
+    shape, dtype = (16, 64, 14, 14), torch.bfloat16
+    want, _ = _steps(PYTHON, shape, layout, dtype, act, residual, training, monkeypatch, device="cuda")
+    got, nodes = _steps(NATIVE, shape, layout, dtype, act, residual, training, monkeypatch, device="cuda")
+    assert nodes[1:] == ["CppFunction"] * 3
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
