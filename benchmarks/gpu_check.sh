@@ -14,7 +14,8 @@
 #                 would take minutes of the budget. Skipped with SMOKE=1
 #   cuda_tests    TEST_TIMEOUT=140 (pytest -m cuda, 87 tests;  OUTDIR/pytest_cuda.log
 #                 110 s reached test 83 on 2026-11-28; --durations lists the slowest)
-#   host_us       HOST_BUDGET=30 (+15 hard)                    OUTDIR/host_us.json
+#   host_us       HOST_BUDGET=40 (+15 hard; --native: the       OUTDIR/host_us.json
+#                 native call path timed next to the Python path and torch)
 #   host_overhead 35 (GPU only): where one call's host time    console only
 #                 goes: engine, Python node, launcher, launches, each timed on autograd's device thread
 #   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
@@ -49,7 +50,7 @@ mkdir -p "$out" && out="$(cd "$out" && pwd)" || { echo "gpu_check: cannot create
 SMOKE="${SMOKE:-0}"
 DEADLINE="${DEADLINE:-565}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-140}"
-HOST_BUDGET="${HOST_BUDGET:-30}"
+HOST_BUDGET="${HOST_BUDGET:-40}"
 MODEL_BUDGET="${MODEL_BUDGET:-220}"
 BENCH_BUDGET="${BENCH_BUDGET:-150}"
 FUSED_BUDGET="${FUSED_BUDGET:-45}"
@@ -173,7 +174,7 @@ step cuda_tests run_tests
 budget=$(max 10 "$(min "$HOST_BUDGET" $(($(left) - 300)))")
 # shellcheck disable=SC2086  # HOST_ARGS is a list of options
 step host_us timeout -k 10 $((budget + 15)) "$PY" -m benchmarks.host_us "${smoke[@]}" --out "$out" \
-    --time-budget "$budget" ${HOST_ARGS:-}
+    --time-budget "$budget" --native ${HOST_ARGS:-}
 summarize
 
 # --- where tritonbn's host time goes (console only): short, and what issue 8's backward work needs next --

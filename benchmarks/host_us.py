@@ -68,8 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--time-budget", type=float, default=None, help="seconds; stop starting new shapes past it"
     )
+    p.add_argument("--native", action="store_true",
+                   help="also time tritonbn's native call path (tritonbn.native), in alternation")
     p.add_argument("--tuning", default=None,
-                   help="tritonbn.ops.Tuning overrides, KEY=VALUE,... (e.g. native=true: the C++ call path)")
+                   help="tritonbn.ops.Tuning overrides, KEY=VALUE,... (e.g. pointer_ints=false)")
     a = p.parse_args(argv)
     a.tuning = bench._tuning_overrides(a.tuning, p)
     a.modes = bench._csv(a.modes, MODES, p, "modes")
@@ -102,7 +104,10 @@ def measure_case(torch, tb, args, case, dt, lay, device, seed) -> list[dict]:
     x = bench.make_input(torch, case.shape, dtype, lay, device, 1000 + seed)
     dy = bench.make_input(torch, case.shape, dtype, lay, device, 2000 + seed)
     state = bench.bn_state(torch, nd, C, torch.float32, device, seed)
-    mods = bench.make_modules(torch, PROVIDERS, tb, nd, C, torch.float32, device, state, None)
+    providers = PROVIDERS + ((NATIVE,) if args.native else ())
+    mods = bench.make_modules(torch, providers, tb, nd, C, torch.float32, device, state, None)
+    if args.native and not isinstance(mods[NATIVE], Exception):
+        mods[NATIVE] = _native_provider(tb, *mods[NATIVE])
     sync = torch.cuda.synchronize if device == "cuda" else None
     cells = []
     for mode in args.modes:
@@ -151,6 +156,25 @@ def measure_case(torch, tb, args, case, dt, lay, device, seed) -> list[dict]:
     return cells
 
 
+NATIVE = "tritonbn_native"
+
+
+def _native_provider(tb, call, bn, params):
+    """tritonbn's module with the native call path on for its own calls only (the plans it builds stay
+    with the Python provider's, which runs them on the Python path)."""
+    if tb.native.module() is None:
+        return RuntimeError(f"native extension unavailable: {tb.native.build_error}")
+
+    def native_call(*a):
+        tb.native.ENABLED = True
+        try:
+            return call(*a)
+        finally:
+            tb.native.ENABLED = False
+
+    return (native_call, bn, params)
+
+
 def summarize(cells) -> dict:
     """Per mode: geomean µs per call of each provider over the cells both measured, the geomean ratio,
     and tritonbn's launches per call (min / max over cells)."""
@@ -171,6 +195,13 @@ def summarize(cells) -> dict:
                 p: statistics.median(c[p]["n_aten_ops"] for c in cs) for p in ("tritonbn", "eager")
             },
         }
+        nat = [c for c in cs if c.get(NATIVE, {}).get("us")]
+        if nat:
+            out[mode].update({
+                NATIVE: H.geomean(c[NATIVE]["us"] for c in nat),
+                "native_ratio": H.geomean(c[NATIVE]["us"] / c["eager"]["us"] for c in nat),
+                "native_cells": len(nat),
+            })
     return out
 
 
@@ -195,6 +226,8 @@ def table(doc) -> str:
             f"  {mode:<9} tritonbn {H.fmt(s['tritonbn'], '.1f'):>7}  torch {H.fmt(s['torch'], '.1f'):>7}  "
             f"ratio {H.fmt(s['ratio'], '.2f')}  launches {s['launches_min']}-{s['launches_max']}  "
             f"n={s['cells']}"
+            + (f"  | native {H.fmt(s[NATIVE], '.1f')} ratio {H.fmt(s['native_ratio'], '.2f')} "
+               f"n={s['native_cells']}" if NATIVE in s else "")
         )
     return "\n".join(L)
 

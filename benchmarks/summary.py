@@ -68,6 +68,8 @@ def host_section(doc, why) -> dict:
             },
             _piece_reason(doc, why, f"host µs ({mode})"),
         )
+        if "tritonbn_native" in s:   # host_us --native: the native call path (tritonbn.native)
+            out[mode].update({k: s.get(k) for k in ("tritonbn_native", "native_ratio", "native_cells")})
     return out
 
 

@@ -516,6 +516,9 @@ def test_host_us_smoke(smoke_run):
     assert set(doc["summary"]) == set(host_us.MODES)
     for s in doc["summary"].values():
         assert s["tritonbn"] > 0 and s["torch"] > 0 and s["cells"] == len(doc["cells"]) // 3
+        # gpu_check times the native call path too (on the CPU its calls take the Python path)
+        assert s["tritonbn_native"] > 0 and s["native_cells"] == s["cells"]
+    assert all(c["tritonbn_native"]["us"] > 0 for c in doc["cells"])
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The native call path (``tritonbn.native``, ``Tuning.native``): a C++ autograd node and one
+"""The native call path (``tritonbn.native.enable()``): a C++ autograd node and one
 ``cuLaunchKernel`` per launch, from programs recorded once per plan.
 
 On the CPU its launches are handed back to Python (``native.set_launch_hook``) and run by the Triton
@@ -7,7 +7,6 @@ or scalar goes to each parameter, allocations, outputs), the C++ node (saved ten
 needed, fallbacks to the Python backward) and the parameter packing, against the Python path, bit for bit.
 The CUDA-marked test checks the real launches on a GPU."""
 
-import dataclasses
 import struct
 
 import pytest
@@ -18,13 +17,13 @@ from reference import make_input, rel_err
 import tritonbn
 from tritonbn import native, ops
 
-NATIVE = dataclasses.replace(ops.TUNING, native=True)
-PYTHON = dataclasses.replace(ops.TUNING, native=False)
+NATIVE, PYTHON = True, False
 
 
 @pytest.fixture
 def hooked(monkeypatch):
-    """Native launches recorded by kernel name and run through the interpreter."""
+    """Native launches recorded by kernel name and run through the interpreter; plans start afresh."""
+    monkeypatch.setattr(ops, "_plans", {})
     if native.module() is None:
         pytest.fail(f"the native extension must build on the CI machine: {native.build_error}")
     names = []
@@ -39,10 +38,11 @@ def hooked(monkeypatch):
     native.set_launch_hook(None)
 
 
-def _steps(tuning, shape, layout, dtype, act, residual, training, monkeypatch, steps=4, device="cpu",
+def _steps(on, shape, layout, dtype, act, residual, training, monkeypatch, steps=4, device="cpu",
            needs=(True, True, True, True)):
-    """Outputs, gradients and state of ``steps`` training/eval steps of one BatchNormAct module."""
-    monkeypatch.setattr(ops, "TUNING", tuning)
+    """Outputs, gradients and state of ``steps`` training/eval steps of one BatchNormAct module, with the
+    native path on or off."""
+    monkeypatch.setattr(native, "ENABLED", on)
     torch.manual_seed(0)
     x = make_input(shape, layout, dtype=dtype, device=device).requires_grad_(needs[0])
     z = torch.randn_like(x).requires_grad_(needs[3]) if residual else None
@@ -94,7 +94,7 @@ def test_native_path_gives_the_python_paths_bits(act, residual, layout, training
                                           ((2, 5, 3, 2, 3), "channels_last")])
 def test_native_path_matches_the_float64_reference(shape, layout, hooked, monkeypatch):
     """fp32, 1-D, (N, C, L) and channels_last 3-D inputs: the native steps against the float64 formulas."""
-    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    monkeypatch.setattr(native, "ENABLED", True)
     torch.manual_seed(1)
     x = make_input(shape, layout).requires_grad_(True)
     m = {2: tritonbn.BatchNorm1d, 3: tritonbn.BatchNorm1d, 5: tritonbn.BatchNorm3d}[len(shape)](shape[1])
@@ -134,7 +134,7 @@ def test_native_fallbacks_to_the_python_backward(hooked, monkeypatch):
     """create_graph (double backward through differentiable torch ops) and a gradient not laid out as x
     (the expanded gradient of y.sum()) run the Python backward from the C++ node; no affine parameters and
     no running statistics take the native path too."""
-    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    monkeypatch.setattr(native, "ENABLED", True)
     torch.manual_seed(2)
     x = make_input((3, 4, 2, 5), "contiguous", dtype=torch.float64).requires_grad_(True)
     m = tritonbn.BatchNorm2d(4).double()
@@ -148,7 +148,7 @@ def test_native_fallbacks_to_the_python_backward(hooked, monkeypatch):
     assert type(y.grad_fn).__name__ == "CppFunction"
     (dx,) = torch.autograd.grad((y * y).sum(), [x], create_graph=True)
     (ddx,) = torch.autograd.grad(dx.sum(), [x])
-    monkeypatch.setattr(ops, "TUNING", PYTHON)
+    monkeypatch.setattr(native, "ENABLED", False)
     m2 = tritonbn.BatchNorm2d(4).double()
     m2.load_state_dict(m.state_dict())
     y2 = m2(x)
@@ -156,7 +156,7 @@ def test_native_fallbacks_to_the_python_backward(hooked, monkeypatch):
     (ddx2,) = torch.autograd.grad(dx2.sum(), [x])
     assert torch.equal(y, y2) and torch.equal(dx, dx2) and torch.equal(ddx, ddx2)
     assert hooked == [STATS, FWD]       # the backward ran the Python path
-    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    monkeypatch.setattr(native, "ENABLED", True)
     for kwargs in (dict(affine=False), dict(track_running_stats=False)):
         bn = tritonbn.BatchNorm2d(4, **kwargs).double()
         ref_bn = torch.nn.BatchNorm2d(4, **kwargs).double()
@@ -170,7 +170,7 @@ def test_native_fallbacks_to_the_python_backward(hooked, monkeypatch):
 
 def test_native_retain_graph_gives_each_backward_its_own_buffers(hooked, monkeypatch):
     """Two backwards through one native node: fresh workspaces, the first gradients untouched."""
-    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    monkeypatch.setattr(native, "ENABLED", True)
     x = make_input((4, 6, 3, 3), "channels_last").requires_grad_(True)
     m = tritonbn.BatchNorm2d(6)
     for _ in range(3):
@@ -187,7 +187,7 @@ def test_native_parameters_are_packed_as_tritons_launcher_packs_them(hooked, mon
     """The 8-byte cells the C++ side hands cuLaunchKernel, against struct-packing the arguments the Python
     path launched with, typed as Triton types them (integers equal to 1 specialized away, fp64 momentum and
     eps as doubles), then the two null scratch pointers."""
-    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    monkeypatch.setattr(native, "ENABLED", True)
     x = make_input((2, 3, 1, 7), "contiguous")   # S = 7, N = 2; C = 3
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
     w, b = torch.ones(3), torch.zeros(3)
@@ -222,8 +222,9 @@ def test_native_parameters_are_packed_as_tritons_launcher_packs_them(hooked, mon
 
 
 def test_native_is_off_by_default_and_a_failed_build_leaves_the_python_path(monkeypatch):
-    assert ops.Tuning().native is False
-    monkeypatch.setattr(ops, "TUNING", NATIVE)
+    assert native.ENABLED is False
+    monkeypatch.setattr(ops, "_plans", {})
+    monkeypatch.setattr(native, "ENABLED", True)
     monkeypatch.setattr(native, "module", lambda: None)
     x = make_input((2, 3, 4, 4), "contiguous").requires_grad_(True)
     m = tritonbn.BatchNorm2d(3)
@@ -241,6 +242,7 @@ def test_native_is_off_by_default_and_a_failed_build_leaves_the_python_path(monk
 @pytest.mark.parametrize("training", [True, False])
 def test_cuda_native_launches_give_the_python_paths_bits(training, act, residual, layout, monkeypatch):
     """On the GPU: the C++ node's cuLaunchKernel launches give the bits of the Python path."""
+    monkeypatch.setattr(ops, "_plans", {})
     native.set_launch_hook(None)
     if native.module() is None:
         pytest.fail(f"the native extension does not build here: {native.build_error}")

@@ -155,7 +155,7 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
                                    training, momentum, residual, activation,
                                    needs_graph and residual is not None and activation != 0, bump)
     first = False
-    if ops.TUNING.native:   # tritonbn.native: after a plan's first (Python) call, its C++ path
+    if native.ENABLED:   # tritonbn.native: after a plan's first (Python) call, its C++ path
         y = native.call(plan, input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
                         momentum, eps, needs_graph)
         if y is not None:

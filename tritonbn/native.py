@@ -1,12 +1,13 @@
 """The native call path: a C++ autograd node and one ``cuLaunchKernel`` per launch (``csrc/native.cpp``).
 
-Opt-in (``Tuning.native``), GPU only in use; the CPU tests run it with its launches handed back to
+Opt-in (``tritonbn.native.enable()``), GPU only in use; the CPU tests run it with its launches handed back to
 Python (``set_launch_hook``: the Triton interpreter runs them). What it removes from each call, by the
 H200 host measurements of 2026-11-28 (benchmarks/results/h200-2026-11-28-run3, ``host_overhead``): the
 Python autograd.Function (~5 µs of torch's machinery on a fast core), the launchers' Python, Triton's
 launcher (a ``data_ptr()`` call and a ``cuPointerGetAttribute`` per pointer, ~10-15 µs a launch there)
 and, in the backward, the Python node on autograd's device thread (70 µs there, of which 29 µs in the two
-launches). Not measured yet: it needs a GPU run (``benchmarks/host_us.py`` with ``--tuning native=true``).
+launches). Not measured yet: it needs a GPU run (``benchmarks/host_us.py --native`` times it next to the
+Python path and torch, call by call in alternation).
 
 How it works. A plan's first call runs the Python path, which compiles its kernels. Then ``build_forward``
 records the call's launches symbolically: the argument-list functions of ``tritonbn.ops``
@@ -28,6 +29,16 @@ from pathlib import Path
 import torch
 
 from tritonbn import ops
+
+ENABLED = False   # enable(): module-level, not a Tuning field, so that an A/B keeps the plans it built
+
+
+def enable(on: bool = True) -> None:
+    """Turn the native call path on (or off) for every tritonbn BatchNorm call from now on. Calls made
+    while it is off, and the first call of each plan, take the Python path."""
+    global ENABLED
+    ENABLED = bool(on)
+
 
 # Table slots (csrc/native.cpp).
 X, WEIGHT, BIAS, RESIDUAL, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES, COUNTERS, WS, Y, MASK = range(11)

@@ -76,8 +76,6 @@ class Tuning:
                                    # can hold), "tiled" (TILED but for that bitmask) or "always" (FLAT for
                                    # every dense input)
     fast_launch: bool = True       # CompiledKernel.run on triton 3.6–3.9 (GPU); False: kernel[grid](...)
-    native: bool = False           # tritonbn.native: C++ autograd node and cuLaunchKernel (not yet measured
-                                   # on a GPU: off until a GPU run shows it bit-identical and cheaper)
     pointer_ints: bool = True      # cached launches pass data_ptr() ints: the launcher then skips its own
                                    # data_ptr() call and cuPointerGetAttribute per pointer (H200 host,
                                    # benchmarks/host_overhead.py: 9.6 -> 7.7 µs for a launch with 6 of
