@@ -19,7 +19,8 @@
 #   host_overhead 35 (GPU only): where one call's host time    console only
 #                 goes: engine, Python node, launcher, launches, each timed on autograd's device thread
 #   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
-#                 leaves 140 s for the rest. ResNet-50 eager+graph b32/b128 (torch, tritonbn, fuse_model),
+#                 leaves 140 s for the rest. ResNet-50 eager+graph b32/b128 (torch, tritonbn, fuse_model;
+#                 eager also both on the native call path, --native),
 #                 its torch.compile at b128 (torch, then tritonbn; each started only with >= 70 s left),
 #                 then mobilenet_v2 eager+graph
 #   bench         what is left minus 55 s, at most             OUTDIR/bench.json, bench.md
@@ -188,7 +189,7 @@ fi
 budget=$(max 60 "$(min "$MODEL_BUDGET" $(($(left) - 140)))")
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of options
 step model timeout -k 15 $((budget + 20)) "$PY" -m benchmarks.model_bench "${smoke[@]}" --out "$out" \
-    --time-budget "$budget" --compile-estimate 70 ${MODEL_ARGS:-}
+    --time-budget "$budget" --compile-estimate 70 --native ${MODEL_ARGS:-}
 summarize
 
 # --- kernel suite: plain rows, then fused rows (ResNet-50 shapes) -------------------------------------

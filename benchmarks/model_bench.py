@@ -73,6 +73,9 @@ from . import bench, models
 from . import harness as H
 
 VARIANTS = ("torch", "tritonbn", "fused")
+# --native: eager jobs also run tritonbn's and fuse_model's models on the native call path (tritonbn.native),
+# judged by their Python-path twins' model checks (the same kernels, bit-identical in the tests)
+NATIVE_VARIANTS = {"native": "tritonbn", "fused_native": "fused"}
 # Eager and graph jobs also run torch's model with its weights perturbed by 1e-6 (relative): how far two
 # runs that differ only by rounding drift apart in this job, the floor that loss tracking is judged by.
 CONTROL = "control"
@@ -132,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="image side (default 224; smoke 32)")
     p.add_argument("--num-classes", type=int, default=None, help="classes (default 1000; smoke 10)")
     p.add_argument("--amp", choices=("bf16", "none"), default="bf16", help="autocast dtype (default bf16)")
+    p.add_argument("--native", action="store_true",
+                   help="eager jobs add the variants native and fused_native (tritonbn.native.enable())")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (momentum 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument(
@@ -329,9 +334,20 @@ def variant_model(tb, info, variant):
         return copy.deepcopy(info["model"])
     if variant == CONTROL:
         return _perturbed(copy.deepcopy(info["model"]))
-    if variant == "tritonbn":
+    if variant in ("tritonbn", "native"):
         return tb.convert_model(copy.deepcopy(info["model"]))
     return copy.deepcopy(info["fused"])
+
+
+def _with_native(tb, step):
+    """``step`` with the native call path on for its forward (the backward's C++ nodes need no switch)."""
+    def native_step(*a, **k):
+        tb.native.ENABLED = True
+        try:
+            return step(*a, **k)
+        finally:
+            tb.native.ENABLED = False
+    return native_step
 
 
 def _perturbed(model):
@@ -427,10 +443,17 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
     x, y = make_batch(torch, args, batch, device)
     res["tritonbn_uses_triton"] = bool(tb.uses_triton(x)) if hasattr(tb, "uses_triton") else None
     runners = {}
-    for v in args.compile_variants if mode == "compile" else (*VARIANTS, CONTROL):
+    native = tuple(NATIVE_VARIANTS) if getattr(args, "native", False) and mode == "eager" else ()
+    for v in args.compile_variants if mode == "compile" else (*VARIANTS, CONTROL, *native):
         cell = res["variants"][v] = {}
-        if v == "fused" and info["fused"] is None:
+        if v in ("fused", "fused_native") and info["fused"] is None:
             cell["skipped"] = info["fused_skipped"]
+            continue
+        if v in NATIVE_VARIANTS and getattr(tb, "native", None) is None:
+            cell["skipped"] = "this tritonbn has no native call path"
+            continue
+        if v in NATIVE_VARIANTS and tb.native.module() is None:
+            cell["skipped"] = f"native extension unavailable: {tb.native.build_error}"
             continue
         if mode == "compile" and time_left() < args.compile_estimate:
             cell["skipped"] = (
@@ -439,6 +462,8 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
             continue
         try:
             runners[v] = Runner(torch, args, mode, variant_model(tb, info, v), x, y, device)
+            if v in NATIVE_VARIANTS:
+                runners[v].step = _with_native(tb, runners[v].step)
             if runners[v].compile_s is not None:
                 cell["compile_s"] = runners[v].compile_s
         except Exception as e:
@@ -512,7 +537,7 @@ def track(res, tol, check) -> None:
         if v == "torch" or "losses" not in cell:
             continue
         if v != CONTROL:
-            cell["check_ok"] = check.get(v, {}).get("ok")
+            cell["check_ok"] = check.get(NATIVE_VARIANTS.get(v, v), {}).get("ok")
         if v not in gaps:
             cell["loss_gap"] = None
             if v != CONTROL:

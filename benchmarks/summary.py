@@ -173,6 +173,28 @@ def model_section(doc, why, model=RESNET50):
     return out, fused
 
 
+def native_section(doc, model=RESNET50) -> dict | None:
+    """``model_bench --native``: eager steps of tritonbn's and fuse_model's models on the native call path
+    (tritonbn.native), against torch's; None where the run had no native variants."""
+    jobs = _jobs(doc, model)
+    if not any(v in j.get("variants", {}) for j in jobs.values() for v in ("native", "fused_native")):
+        return None
+    out = {}
+    for key in ("eager_b32", "eager_b128"):
+        job = jobs.get(key) or {}
+        tr, nat, fnat = _ms(job, "torch"), _ms(job, "native"), _ms(job, "fused_native")
+        V = job.get("variants", {})
+        out[key] = {
+            "tritonbn_ms": nat, "fused_ms": fnat, "torch_ms": tr,
+            "speedup": tr / nat if tr and nat else None,
+            "fused_speedup": tr / fnat if tr and fnat else None,
+            "tritonbn_tracks": V.get("native", {}).get("tracks"),
+            "fused_tracks": V.get("fused_native", {}).get("tracks"),
+            "skipped": V.get("native", {}).get("skipped") or V.get("native", {}).get("error"),
+        }
+    return out
+
+
 def other_models(doc) -> dict:
     out = {}
     for m in (doc or {}).get("meta", {}).get("models", [])[1:]:
@@ -316,6 +338,9 @@ def build(d: Path) -> dict:
         S["reason"] = "no piece was written: card, torch, triton, commit unknown"
     S["host_us"] = host_section(host, host_why)
     S["resnet50"], S["resnet50_fused"] = model_section(model, model_why)
+    native = native_section(model)
+    if native is not None:
+        S["resnet50_native"] = native
     S["kernel_geomean_vs_eager"], S["kernel_detail"], S["kernel_fused"] = kernel_section(bench, bench_why)
     S["fuse_model"] = {
         m: {k: info.get(k) for k in ("fused_skipped", "fuse_report") if k in info}
@@ -324,7 +349,8 @@ def build(d: Path) -> dict:
     S["other_models"] = other_models(model)
     S["loss_tracking"] = loss_tracking(model)
     S["criteria"] = criteria(S)
-    S["missing"] = _missing({k: v for k, v in S.items() if k != "criteria"})
+    # resnet50_native (model_bench --native) is an A/B beside the issues' fields: its Nones are not gaps
+    S["missing"] = _missing({k: v for k, v in S.items() if k not in ("criteria", "resnet50_native")})
     return S
 
 
@@ -342,6 +368,12 @@ def markdown(S) -> str:
             f"| {m} | {f(c['tritonbn'], '.1f')} | {f(c['torch'], '.1f')} | {f(c['ratio'])} | "
             f"{c['launches_max']} |"
         )
+    native_host = {m: c for m, c in S["host_us"].items() if "tritonbn_native" in c}
+    if native_host:
+        L += ["", "| host µs/call, native call path (geomean) | native | native/torch | cells |",
+              "|---|---|---|---|"]
+        L += [f"| {m} | {f(c['tritonbn_native'], '.1f')} | {f(c['native_ratio'])} | {c['native_cells']} |"
+              for m, c in native_host.items()]
     L += [
         "",
         "| resnet50 ms/step | tritonbn | torch | speed-up | loss gap | control gap | fused "
@@ -359,6 +391,11 @@ def markdown(S) -> str:
         f"fused eager_b128 vs torch.compile ({f(S['resnet50_fused']['eager_b128']['torch_compile_ms'])} ms): "
         f"{f(S['resnet50_fused']['eager_b128']['speedup_vs_torch_compile'])}"
     )
+    for k, c in (S.get("resnet50_native") or {}).items():
+        L.append(f"native call path, resnet50 {k}: tritonbn {f(c['tritonbn_ms'])} ms ({f(c['speedup'])}x), "
+                 f"fuse_model {f(c['fused_ms'])} ms ({f(c['fused_speedup'])}x), torch {f(c['torch_ms'])} ms, "
+                 f"tracks {c['tritonbn_tracks']}/{c['fused_tracks']}"
+                 + (f", {c['skipped']}" if c["skipped"] else ""))
     k = S["kernel_geomean_vs_eager"]
     L += [
         "",
