@@ -266,6 +266,8 @@ def main(argv=None) -> int:
         "stopped_reason": None,
     }
     doc = {"env": env, "meta": meta, "cells": [], "summary": {}}
+    if args.native and not isinstance(tb, Exception):
+        meta["native_failures"] = tb.native.failures   # the same list, filled as plans are built
     print(f"host_us: {env.get('gpu') or 'CPU smoke'} | {len(todo)} shapes x {len(args.modes)} modes -> {out}")
     old = signal.signal(signal.SIGTERM, bench._sigterm)
     durations: list[float] = []

@@ -477,6 +477,8 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
                 progress(res)
     _time_steps(torch, args, runners, res, device)
     track(res, (TRACK_TOL[args.amp], FIRST_STEP_TOL[args.amp]), info.get("check", {}))
+    if native:
+        res["native_failures"] = list(tb.native.failures)   # plans that stayed on the Python path, and why
     return res
 
 

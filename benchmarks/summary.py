@@ -191,6 +191,7 @@ def native_section(doc, model=RESNET50) -> dict | None:
             "tritonbn_tracks": V.get("native", {}).get("tracks"),
             "fused_tracks": V.get("fused_native", {}).get("tracks"),
             "skipped": V.get("native", {}).get("skipped") or V.get("native", {}).get("error"),
+            "failures": job.get("native_failures"),   # plans left on the Python path, and why
         }
     return out
 

@@ -301,8 +301,8 @@ def _python_backward(handle, dy, saved, needs, eps):
     if dy.stride() == x.stride() and dy.data_ptr() % 16 == 0 and not module().has_backward(handle, needs):
         try:
             build_backward(handle, needs, weight, bias, mask)
-        except NotNative:
-            pass
+        except NotNative as e:
+            _note_failure(f"backward: {e}")
     return tuple(grads)
 
 
@@ -311,6 +311,12 @@ def _dtype_code(dtype: torch.dtype) -> int:
 
 
 _C = None
+failures: list = []     # why plans stayed on the Python path (benchmarks report it), first 20 distinct
+
+
+def _note_failure(reason: str) -> None:
+    if reason not in failures and len(failures) < 20:
+        failures.append(reason)
 
 
 def try_build(plan: ops.ForwardPlan, x: torch.Tensor) -> None:
@@ -321,8 +327,9 @@ def try_build(plan: ops.ForwardPlan, x: torch.Tensor) -> None:
     try:
         plan.native_handle = build_forward(plan, x)
         _C = module()
-    except NotNative:
+    except NotNative as e:
         plan.native_handle = -1
+        _note_failure(f"forward: {e}")
 
 
 def call(plan: ops.ForwardPlan, x, weight, bias, residual, running_mean, running_var, num_batches, momentum,
