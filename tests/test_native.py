@@ -256,3 +256,25 @@ def test_cuda_native_launches_give_the_python_paths_bits(training, act, residual
     torch.cuda.synchronize()
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=None), dict(eps=1e-3, momentum=0.3)])
+def test_native_momentum_and_eps_are_the_calls_own(kwargs, hooked, monkeypatch):
+    """The cumulative average (momentum=None: the kernels read num_batches_tracked) and per-module eps and
+    momentum reach the native launches as the Python path passes them: the same bits, step after step."""
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(native, "ENABLED", on)
+        torch.manual_seed(3)
+        x = make_input((4, 5, 3, 3), "channels_last").requires_grad_(True)
+        m = tritonbn.BatchNorm2d(5, **kwargs)
+        outs = []
+        for _ in range(4):
+            y = m(x)
+            outs += [y, *torch.autograd.grad(y, [x, m.weight, m.bias], torch.ones_like(y)),
+                     m.running_mean.clone(), m.running_var.clone()]
+        assert int(m.num_batches_tracked) == 4
+        results.append(outs)
+    assert hooked.count(STATS) == 3     # calls 2-4 native
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
