@@ -80,8 +80,9 @@ struct Plan {
   bool training = false;
   int64_t activation = 0;
   bool has_residual = false;
-  std::map<int64_t, Program> backward;  // needs bitmask (dx 1, dweight 2, dbias 4, dz 8) -> program;
-                                        // outputs: dx, dweight, dbias, dz
+  // needs bitmask (dx 1, dweight 2, dbias 4, dz 8) -> program (outputs: dx, dweight, dbias, dz). Shared
+  // pointers: a backward takes its program under the lock while the Python backward may add another.
+  std::map<int64_t, std::shared_ptr<const Program>> backward;
 };
 
 std::mutex registry_mutex;
@@ -248,8 +249,13 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
     for (int64_t bit = 1; bit <= 4; bit <<= 1) {   // weight, bias, residual: edges only where given
       if ((given & bit) && ctx->needs_input_grad(edge++)) needs |= bit << 1;
     }
-    auto found = plan.backward.find(needs);
-    bool native = found != plan.backward.end() && !torch::autograd::GradMode::is_enabled() && dy.defined() &&
+    std::shared_ptr<const Program> program;
+    {
+      std::lock_guard<std::mutex> lock(registry_mutex);
+      auto found = plan.backward.find(needs);
+      if (found != plan.backward.end()) program = found->second;
+    }
+    bool native = program && !torch::autograd::GradMode::is_enabled() && dy.defined() &&
                   dy.strides() == x.strides() && reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 == 0;
     Tensor dx, dw, db, dz;
     if (native) {
@@ -257,11 +263,11 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
       table[0] = x;
       table[1] = dy;
       for (int i = 2; i < 8; ++i) table[i] = saved[i - 1];
-      run_program(found->second, table, 0.0, eps);
-      dx = output(table, found->second.outputs[0]);
-      dw = output(table, found->second.outputs[1]);
-      db = output(table, found->second.outputs[2]);
-      dz = output(table, found->second.outputs[3]);
+      run_program(*program, table, 0.0, eps);
+      dx = output(table, program->outputs[0]);
+      dw = output(table, program->outputs[1]);
+      db = output(table, program->outputs[2]);
+      dz = output(table, program->outputs[3]);
     } else {
       py::gil_scoped_acquire gil;
       py::list py_saved;
@@ -323,8 +329,9 @@ int64_t make_plan(const Program& forward, bool training, int64_t activation, boo
 void set_backward(int64_t handle, int64_t needs, const Program& program) {
   TORCH_CHECK(program.outputs.size() == 4, "tritonbn native: a backward program has 4 outputs");
   Plan& plan = plan_at(handle);
+  auto shared = std::make_shared<const Program>(program);
   std::lock_guard<std::mutex> lock(registry_mutex);
-  plan.backward[needs] = program;
+  plan.backward[needs] = std::move(shared);
 }
 
 bool has_backward(int64_t handle, int64_t needs) {
