@@ -91,6 +91,7 @@ def main(argv=None) -> int:
                          _host_us(lambda m=m: m(x).backward(dy), calls=20, sync=sync)))
         rows += _backward_split(ours, x, dy, sync)
         rows += _pointer_int_rows(ops, ours, x, dy, sync)
+        rows += _native_rows(tritonbn, ours, theirs, x, dy, sync)
     print(f"host µs per call ({'GPU ' + torch.cuda.get_device_name() if cuda else 'CPU only'}, "
           f"torch {torch.__version__})")
     for name, us in rows:
@@ -190,6 +191,32 @@ def _pointer_int_rows(ops, module, x, dy, sync) -> list:
                          _host_us(lambda: module(x).backward(dy), calls=20, sync=sync)))
     finally:
         ops.TUNING = base
+    return rows
+
+
+def _native_rows(tritonbn, ours, theirs, x, dy, sync) -> list:
+    """The same module calls on the native call path (tritonbn.native: C++ node, cuLaunchKernel), next to
+    the Python path and torch again (GPU only; rows say why where the extension is unavailable)."""
+    native = tritonbn.native
+    if native.module() is None:
+        return [(f"module call: native unavailable ({native.build_error})", float("nan"))]
+    rows = []
+    native.enable()
+    try:
+        for _ in range(3):   # a plan's first call is Python; its first native backward records the program
+            ours(x).backward(dy)
+        rows.append(("module call: tritonbn train forward, native", _host_us(lambda: ours(x), calls=50,
+                                                                              sync=sync)))
+        rows.append(("module call: tritonbn train fwd+bwd, native",
+                     _host_us(lambda: ours(x).backward(dy), calls=20, sync=sync)))
+    finally:
+        native.enable(False)
+    rows.append(("module call: tritonbn train fwd+bwd, Python path again",
+                 _host_us(lambda: ours(x).backward(dy), calls=20, sync=sync)))
+    rows.append(("module call: torch train fwd+bwd, again",
+                 _host_us(lambda: theirs(x).backward(dy), calls=20, sync=sync)))
+    if native.failures:
+        rows.append((f"module call: native failures: {native.failures}", float("nan")))
     return rows
 
 

@@ -410,6 +410,38 @@ def test_host_overhead_pointer_int_rows_restore_the_tuning():
     assert all(us > 0 for _, us in rows) and ops.TUNING is base
 
 
+def test_host_overhead_native_rows_run_on_the_cpu(monkeypatch):
+    """The GPU-only native rows, on the CPU with the native launches handed to the interpreter: they run,
+    leave the native path off, and say nothing failed (two calls per timing: the interpreter is slow)."""
+    import torch
+
+    import tritonbn
+    from benchmarks import host_overhead
+    from benchmarks.harness import host_us_per_call
+    from tritonbn import native
+
+    def quick(fn, loops=7, calls=200, sync=None):
+        return host_us_per_call(fn, n=2, loops=1, warmup=0, sync=None)
+
+    monkeypatch.setattr(host_overhead, "_host_us", quick)
+
+    def hook(launch, args):
+        launch.kernel[launch.grid](*args, num_warps=launch.num_warps, **tritonbn.ops.LAUNCH_OPTIONS,
+                                   **launch.constexprs)
+
+    native.set_launch_hook(hook)
+    try:
+        x = torch.randn(2, 3, 2, 2, requires_grad=True)
+        rows = host_overhead._native_rows(tritonbn, tritonbn.BatchNorm2d(3), torch.nn.BatchNorm2d(3), x,
+                                          torch.ones_like(x), None)
+    finally:
+        native.set_launch_hook(None)
+    assert [name for name, _ in rows] == [
+        "module call: tritonbn train forward, native", "module call: tritonbn train fwd+bwd, native",
+        "module call: tritonbn train fwd+bwd, Python path again", "module call: torch train fwd+bwd, again"]
+    assert all(us > 0 for _, us in rows) and native.ENABLED is False
+
+
 def test_host_overhead_launch_rows_run_with_a_fake_gpu(monkeypatch):
     """The GPU-only launch rows, on fakes of the CUDA pieces they touch: a GPU run must not be the first
     to execute them (the first H200 run lost host_overhead to a NameError)."""
