@@ -351,4 +351,4 @@ def call(plan: ops.ForwardPlan, x, weight, bias, residual, running_mean, running
         dev, stream = -1, None
     cnt = ops._counters(x, dev, stream, plan.native_counters)
     return _C.apply(handle, x, weight, bias, residual, running_mean, running_var, num_batches, cnt,
-                    0.0 if momentum is None else float(momentum), float(eps), record)
+                    0.0 if momentum is None else float(momentum), float(eps), stream or 0, record)

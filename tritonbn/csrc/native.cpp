@@ -15,7 +15,6 @@
 
 #include <torch/extension.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <dlfcn.h>
 
@@ -157,10 +156,6 @@ void pack(const Launch& l, const std::vector<Tensor>& table, double momentum, do
   }
 }
 
-void* current_stream(const Tensor& x) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
-}
-
 void run_launch(const Launch& l, const std::vector<Tensor>& table, double momentum, double eps, void* stream) {
   if (launch_hook) {
     py::gil_scoped_acquire gil;
@@ -183,14 +178,15 @@ void run_launch(const Launch& l, const std::vector<Tensor>& table, double moment
   TORCH_CHECK(rc == 0, "tritonbn native: cuLaunchKernel of launch ", l.kernel_id, " failed: ", cu_error(rc));
 }
 
-void run_program(const Program& prog, std::vector<Tensor>& table, double momentum, double eps) {
+// stream: the raw CUDA stream of the call (Python passes the current one; a backward reuses its forward's,
+// which is the stream autograd runs the node on).
+void run_program(const Program& prog, std::vector<Tensor>& table, double momentum, double eps, int64_t stream) {
   const Tensor& x = table[0];
   for (const Alloc& a : prog.allocs) {
     table[a.slot] = a.like >= 0 ? at::empty_like(table[a.like])
                                 : at::empty({a.numel}, x.options().dtype(static_cast<c10::ScalarType>(a.dtype)));
   }
-  void* stream = (x.is_cuda() && !launch_hook) ? current_stream(x) : nullptr;
-  for (const Launch& l : prog.launches) run_launch(l, table, momentum, eps, stream);
+  for (const Launch& l : prog.launches) run_launch(l, table, momentum, eps, reinterpret_cast<void*>(stream));
 }
 
 Tensor output(const std::vector<Tensor>& table, const Output& o) {
@@ -206,7 +202,7 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
                         const std::optional<Tensor>& bias, const std::optional<Tensor>& residual, int64_t handle,
                         const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
                         const std::optional<Tensor>& num_batches, const Tensor& counters, double momentum,
-                        double eps) {
+                        double eps, int64_t stream) {
     Plan& plan = plan_at(handle);
     std::vector<Tensor> table(FORWARD_SLOTS);
     table[0] = x;
@@ -217,7 +213,7 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
     table[5] = running_var.value_or(Tensor());
     table[6] = num_batches.value_or(Tensor());
     table[7] = counters;
-    run_program(plan.forward, table, momentum, eps);
+    run_program(plan.forward, table, momentum, eps, stream);
     Tensor y = output(table, plan.forward.outputs[0]);
     if (ctx != nullptr) {
       Tensor stats = output(table, plan.forward.outputs[1]);
@@ -229,6 +225,7 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
       }
       ctx->saved_data["handle"] = handle;
       ctx->saved_data["eps"] = eps;
+      ctx->saved_data["stream"] = stream;
       // needs_input_grad counts only the inputs that are tensors: which of these were given.
       ctx->saved_data["given"] = static_cast<int64_t>((table[1].defined() ? 1 : 0) | (table[2].defined() ? 2 : 0) |
                                                       (table[3].defined() ? 4 : 0));
@@ -240,6 +237,7 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
     auto saved = ctx->get_saved_variables();
     int64_t handle = ctx->saved_data["handle"].toInt();
     double eps = ctx->saved_data["eps"].toDouble();
+    int64_t stream = ctx->saved_data["stream"].toInt();
     Plan& plan = plan_at(handle);
     const Tensor& x = saved[0];
     Tensor dy = grads[0];
@@ -263,7 +261,7 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
       table[0] = x;
       table[1] = dy;
       for (int i = 2; i < 8; ++i) table[i] = saved[i - 1];
-      run_program(*program, table, 0.0, eps);
+      run_program(*program, table, 0.0, eps, stream);
       dx = output(table, program->outputs[0]);
       dw = output(table, program->outputs[1]);
       db = output(table, program->outputs[2]);
@@ -280,20 +278,20 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
       dz = get(3);
     }
     // One per forward argument: x, weight, bias, residual, then the non-differentiable ones.
-    return {dx, dw, db, dz, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {dx, dw, db, dz, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor apply(int64_t handle, const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
              const std::optional<Tensor>& residual, const std::optional<Tensor>& running_mean,
              const std::optional<Tensor>& running_var, const std::optional<Tensor>& num_batches,
-             const Tensor& counters, double momentum, double eps, bool record) {
+             const Tensor& counters, double momentum, double eps, int64_t stream, bool record) {
   if (!record) {
     return BatchNormNative::forward(nullptr, x, weight, bias, residual, handle, running_mean, running_var,
-                                    num_batches, counters, momentum, eps);
+                                    num_batches, counters, momentum, eps, stream);
   }
   return BatchNormNative::apply(x, weight, bias, residual, handle, running_mean, running_var, num_batches,
-                                counters, momentum, eps);
+                                counters, momentum, eps, stream);
 }
 
 Launch make_launch(int64_t kernel_id, uint64_t function, std::vector<int64_t> grid, int64_t threads, int64_t shared,
