@@ -12,8 +12,9 @@
 #                 specializations the steps below launch (the CUDA tests', ResNet-50's and the suite's
 #                 shapes) on every CPU core into Triton's cache: serially, at their first launch, they
 #                 would take minutes of the budget. Skipped with SMOKE=1
-#   cuda_tests    TEST_TIMEOUT=140 (pytest -m cuda, 87 tests;  OUTDIR/pytest_cuda.log
-#                 110 s reached test 83 on 2026-11-28; --durations lists the slowest)
+#   cuda_tests    TEST_TIMEOUT=140 (pytest -m cuda, ~105 tests; OUTDIR/pytest_cuda.log
+#                 92 took 103 s on 2026-11-28; --durations lists the slowest). Waits for the native
+#                 extension's background build first
 #   host_us       HOST_BUDGET=40 (+15 hard; --native: the       OUTDIR/host_us.json
 #                 native call path timed next to the Python path and torch)
 #   host_overhead 35 (GPU only): where one call's host time    console only

@@ -30,9 +30,13 @@ def _step(model, x, dy):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_training_step_capture_and_replay_match_eager(momentum, channels_last):
+def test_training_step_capture_and_replay_match_eager(momentum, channels_last, native, monkeypatch):
+    """native: tritonbn.native's C++ node and launches (the warm-up's second step records them), captured
+    on the capture stream, forward and backward."""
+    monkeypatch.setattr(tritonbn.native, "ENABLED", native)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -60,6 +64,8 @@ def test_training_step_capture_and_replay_match_eager(momentum, channels_last):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = _step(model, static_x, static_dy)
+    if native:
+        assert type(static_y.grad_fn).__name__ == "CppFunction", tritonbn.native.failures
 
     for _ in range(3):
         x, dy = batch()
