@@ -201,6 +201,7 @@ def _native_rows(tritonbn, ours, theirs, x, dy, sync) -> list:
     if native.module() is None:
         return [(f"module call: native unavailable ({native.build_error})", float("nan"))]
     rows = []
+    before = native.ENABLED
     native.enable()
     try:
         for _ in range(3):   # a plan's first call is Python; its first native backward records the program
@@ -209,10 +210,11 @@ def _native_rows(tritonbn, ours, theirs, x, dy, sync) -> list:
                                                                               sync=sync)))
         rows.append(("module call: tritonbn train fwd+bwd, native",
                      _host_us(lambda: ours(x).backward(dy), calls=20, sync=sync)))
-    finally:
         native.enable(False)
-    rows.append(("module call: tritonbn train fwd+bwd, Python path again",
-                 _host_us(lambda: ours(x).backward(dy), calls=20, sync=sync)))
+        rows.append(("module call: tritonbn train fwd+bwd, Python path again",
+                     _host_us(lambda: ours(x).backward(dy), calls=20, sync=sync)))
+    finally:
+        native.enable(before)
     rows.append(("module call: torch train fwd+bwd, again",
                  _host_us(lambda: theirs(x).backward(dy), calls=20, sync=sync)))
     if native.failures:

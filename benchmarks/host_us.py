@@ -167,11 +167,11 @@ def _native_provider(tb, device, call, bn, params):
         return RuntimeError(f"native extension unavailable: {tb.native.build_error}")
 
     def native_call(*a):
-        tb.native.ENABLED = True
+        before, tb.native.ENABLED = tb.native.ENABLED, True
         try:
             return call(*a)
         finally:
-            tb.native.ENABLED = False
+            tb.native.ENABLED = before
 
     return (native_call, bn, params)
 

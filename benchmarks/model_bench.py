@@ -342,11 +342,11 @@ def variant_model(tb, info, variant):
 def _with_native(tb, step):
     """``step`` with the native call path on for its forward (the backward's C++ nodes need no switch)."""
     def native_step(*a, **k):
-        tb.native.ENABLED = True
+        before, tb.native.ENABLED = tb.native.ENABLED, True
         try:
             return step(*a, **k)
         finally:
-            tb.native.ENABLED = False
+            tb.native.ENABLED = before
     return native_step
 
 

@@ -222,7 +222,16 @@ def test_native_parameters_are_packed_as_tritons_launcher_packs_them(hooked, mon
 
 
 def test_native_is_off_by_default_and_a_failed_build_leaves_the_python_path(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
     assert native.ENABLED is False
+    for value, on in (("1", True), ("0", False), ("", False), ("off", False)):
+        code = "import tritonbn; print(tritonbn.native.ENABLED)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TRITONBN_NATIVE": value}).stdout.split()[-1]
+        assert out == str(on), value
     monkeypatch.setattr(ops, "_plans", {})
     monkeypatch.setattr(native, "failures", [])
     monkeypatch.setattr(native, "_hook", lambda *a: None)   # as on a GPU: try_build attempts the build

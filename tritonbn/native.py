@@ -23,6 +23,7 @@ the Python backward has run once with the same needs (dx, dγ, dβ, dz); until t
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import torch
 
 from tritonbn import ops
 
-ENABLED = False   # enable(): module-level, not a Tuning field, so that an A/B keeps the plans it built
+# enable(): module-level, not a Tuning field, so that an A/B keeps the plans it built. TRITONBN_NATIVE=1 in
+# the environment turns it on from the start (a whole program or benchmark run on the native path).
+ENABLED = os.environ.get("TRITONBN_NATIVE", "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def enable(on: bool = True) -> None:
