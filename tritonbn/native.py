@@ -53,7 +53,7 @@ DX, DWEIGHT, DBIAS, DZ = 1, 2, 4, 8     # backward needs bits
 
 _lock = threading.Lock()
 _launches: dict = {}     # kernel id -> ops._Launch (launch hook, errors)
-_plans: dict = {}        # native handle -> (ForwardPlan, x's view)
+_plans: dict = {}        # native handle -> its ForwardPlan
 build_error: str | None = None
 
 
