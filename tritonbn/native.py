@@ -55,6 +55,7 @@ _lock = threading.Lock()
 _launches: dict = {}     # kernel id -> ops._Launch (launch hook, errors)
 _plans: dict = {}        # native handle -> its ForwardPlan
 build_error: str | None = None
+_hook = None             # set_launch_hook: launches handed back to Python (CPU tests)
 
 
 class NotNative(Exception):
@@ -165,20 +166,13 @@ def _make_launch(C, launch: ops._Launch, args: tuple, fallback: int):
                 getattr(md, "profile_scratch_size", 0):
             raise NotNative(f"{launch.kernel.fn.__name__}: needs launch attributes or scratch memory")
         function, shared, threads = compiled.function, md.shared, md.num_warps * 32
-    elif not _hook_active():
+    elif _hook is None:
         raise NotNative("kernels not compiled yet")
     kid = id(launch)
     with _lock:
         _launches[kid] = launch
     return C.make_launch(kid, int(function), [launch.g0, launch.g1, launch.g2], threads, shared, fallback,
                          _param_list(launch, args))
-
-
-_hook = None
-
-
-def _hook_active() -> bool:
-    return _hook is not None
 
 
 def set_launch_hook(hook) -> None:
@@ -203,7 +197,7 @@ def build_forward(plan: ops.ForwardPlan, x: torch.Tensor) -> int:
         raise NotNative(f"extension unavailable: {build_error}")
     if plan.numel == 0:
         raise NotNative("empty input")
-    has_weight, has_bias, _, _, _, has_residual, activation, _ = plan.flags
+    has_weight, has_bias, _, _, _, has_residual, _, _ = plan.flags
     s = [_Slot(i) for i in range(11)]
     momentum, eps = _CallScalar(MOMENTUM), _CallScalar(EPS)
     allocs, launches = [(Y, X, 0, 0)], []
@@ -224,7 +218,7 @@ def build_forward(plan: ops.ForwardPlan, x: torch.Tensor) -> int:
         mean_src.index))
     none = (-1, 0, -1)
     outputs = [(Y, 0, -1), (WS, 0, -1) if plan.training else none, (MASK, 0, -1) if mask else none]
-    handle = C.make_plan(C.make_program(allocs, launches, outputs), plan.training, activation, has_residual)
+    handle = C.make_plan(C.make_program(allocs, launches, outputs), plan.training)
     view = ops._dense_view(tuple(x.shape), x.stride())
     r = ops._reduce_plan(view, ops._target_programs(x.get_device()), ops.TUNING, plan.acc == torch.float64)
     with _lock:
@@ -238,18 +232,12 @@ def build_backward(handle: int, needs: int, weight, bias, mask) -> None:
     needs has run, so its kernels are compiled)."""
     C = module()
     plan = _plans[handle]
-    has_weight, has_bias, activation = weight is not None, bias is not None, plan.flags[6]
-    acc = plan.acc
-    need_dx, need_dz = bool(needs & DX), bool(needs & DZ)
-    need_dw = bool(needs & DWEIGHT) and has_weight
-    need_db = bool(needs & DBIAS) and has_bias
-    dw_view = need_dw and weight.dtype == acc
-    db_view = need_db and bias.dtype == acc
-    need_dw, need_db = need_dw and not dw_view, need_db and not db_view
-    dz_is_dy = need_dz and activation == 0
-    need_dz = need_dz and not dz_is_dy
-    flags = (has_weight, has_bias, activation, mask is not None, need_dx, need_dw, need_db, need_dz,
-             dw_view or db_view)
+    has_weight, has_bias = weight is not None, bias is not None
+    dbias_dtype = bias.dtype if needs & DBIAS and has_bias else None
+    flags, dw_view, db_view, dz_is_dy = ops.backward_flags(
+        plan.acc, weight, bias, plan.flags[6], mask is not None, bool(needs & DX), bool(needs & DWEIGHT),
+        dbias_dtype, bool(needs & DZ), False, True)   # as the node's Python backward calls ops.backward
+    need_dx, need_dw, need_db, need_dz = flags[4:8]
     bplan = plan.backward_plans.get(flags)
     if bplan is None:
         raise NotNative(f"no Python backward ran with flags {flags}")
@@ -260,7 +248,7 @@ def build_backward(handle: int, needs: int, weight, bias, mask) -> None:
     allocs, launches = [], []
     sums = s[B_MEAN]
     if bplan.reduce is not None:
-        allocs.append((B_SUMS, -1, bplan.ws_numel, _dtype_code(acc)))
+        allocs.append((B_SUMS, -1, bplan.ws_numel, _dtype_code(plan.acc)))
         sums = s[B_SUMS]
     if need_dx:
         allocs.append((B_DX, B_X, 0, 0))

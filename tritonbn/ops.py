@@ -912,19 +912,11 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
         with torch.cuda.device(x.device):
             return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
                             need_dweight, dbias_dtype, need_dz, need_sums, forward_plan, grads_as_views)
-    need_db = dbias_dtype is not None
-    need_dw = need_dweight and weight is not None
-    dw_view = db_view = False
-    if grads_as_views:
-        acc = _acc_dtype(x.dtype)
-        dw_view, db_view = need_dw and weight.dtype == acc, need_db and dbias_dtype == acc
-        need_dw, need_db = need_dw and not dw_view, need_db and not db_view
+    flags, dw_view, db_view, dz_is_dy = backward_flags(_acc_dtype(x.dtype), weight, bias, activation,
+                                                       mask is not None, need_dx, need_dweight, dbias_dtype,
+                                                       need_dz, need_sums, grads_as_views)
     want_sums = need_sums
-    need_sums = need_sums or dw_view or db_view
-    dz_is_dy = need_dz and activation == 0   # y = bn(x) + z: the residual's gradient is dy itself
-    need_dz = need_dz and not dz_is_dy         # a kernel writes dz only after a ReLU
-    flags = (weight is not None, bias is not None, activation, mask is not None, need_dx, need_dw, need_db,
-             need_dz, need_sums)
+    need_dw, need_db, need_dz, need_sums = flags[5:]
     plan = forward_plan.backward_plans.get(flags) if forward_plan is not None else None
     if plan is None:
         key = ("bwd", x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
@@ -935,7 +927,7 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
             if view is None:   # saved inputs are dense (the forward read them in place or copied them)
                 x = x.contiguous()
                 return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation,
-                                need_dx, need_dweight, dbias_dtype, need_dz or dz_is_dy, need_sums,
+                                need_dx, need_dweight, dbias_dtype, need_dz or dz_is_dy, want_sums,
                                 None, grads_as_views)
             plan = cache[key] = BackwardPlan(view, x.dtype, x.get_device(), training, flags)
         if forward_plan is not None:
@@ -970,6 +962,27 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
         plan.dx(stream, *dx_args(plan, x, dy, dx, dz if need_dz else None, mask, mean_src, var_src, weight,
                                  bias, sums, var_off, float(eps)))
     return _backward_outputs(dx, dweight, dbias, dz, sums, c, dw_view, db_view, want_sums)
+
+
+def backward_flags(acc: torch.dtype, weight, bias, activation: int, has_mask: bool, need_dx: bool,
+                   need_dweight: bool, dbias_dtype, need_dz: bool, need_sums: bool,
+                   grads_as_views: bool) -> tuple:
+    """``(flags, dw_view, db_view, dz_is_dy)`` of a ``backward`` call (arguments as there; ``acc``: the
+    accumulation dtype of x's): its
+    ``BackwardPlan`` flags ``(has_weight, has_bias, activation, has_mask, need_dx, need_dw, need_db,
+    need_dz, need_sums)`` as the kernels see them, and which results come from elsewhere: dγ / dβ read from
+    the workspace (``grads_as_views``, accumulation dtype), dz = dy (y = bn(x) + z: no ReLU between)."""
+    need_db = dbias_dtype is not None
+    need_dw = need_dweight and weight is not None
+    dw_view = db_view = False
+    if grads_as_views:
+        dw_view, db_view = need_dw and weight.dtype == acc, need_db and dbias_dtype == acc
+        need_dw, need_db = need_dw and not dw_view, need_db and not db_view
+    dz_is_dy = need_dz and activation == 0   # y = bn(x) + z: the residual's gradient is dy itself
+    need_dz = need_dz and not dz_is_dy         # a kernel writes dz only after a ReLU
+    flags = (weight is not None, bias is not None, activation, has_mask, need_dx, need_dw, need_db, need_dz,
+             need_sums or dw_view or db_view)
+    return flags, dw_view, db_view, dz_is_dy
 
 
 def _backward_outputs(dx, dweight, dbias, dz, sums, c, dw_view, db_view, want_sums):

@@ -76,9 +76,7 @@ struct Program {
 
 struct Plan {
   Program forward;               // outputs: y, saved statistics, saved mask
-  bool training = false;
-  int64_t activation = 0;
-  bool has_residual = false;
+  bool training = false;         // what the node saves: the batch statistics, or the running ones
   // needs bitmask (dx 1, dweight 2, dbias 4, dz 8) -> program (outputs: dx, dweight, dbias, dz). Shared
   // pointers: a backward takes its program under the lock while the Python backward may add another.
   std::map<int64_t, std::shared_ptr<const Program>> backward;
@@ -312,13 +310,11 @@ Program make_program(const std::vector<std::tuple<int64_t, int64_t, int64_t, int
   return p;
 }
 
-int64_t make_plan(const Program& forward, bool training, int64_t activation, bool has_residual) {
+int64_t make_plan(const Program& forward, bool training) {
   TORCH_CHECK(forward.outputs.size() == 3, "tritonbn native: a forward program has 3 outputs");
   auto plan = std::make_unique<Plan>();
   plan->forward = forward;
   plan->training = training;
-  plan->activation = activation;
-  plan->has_residual = has_residual;
   std::lock_guard<std::mutex> lock(registry_mutex);
   registry.push_back(std::move(plan));
   return static_cast<int64_t>(registry.size()) - 1;
