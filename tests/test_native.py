@@ -221,6 +221,33 @@ def test_native_parameters_are_packed_as_tritons_launcher_packs_them(hooked, mon
     assert [k for k, *_ in params if k in (native.F32, native.F64)] == [native.F64, native.F64]
 
 
+def test_native_packs_only_against_a_known_compiled_signature(monkeypatch):
+    """The recorded parameter types are checked against the compiled kernel's signature; a kernel whose
+    signature differs, or cannot be read, keeps its plan on the Python path (NotNative), never guessed."""
+    import types
+
+    x = make_input((2, 3, 1, 7), "contiguous")
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
+    _, plan = ops.forward_plan(x, torch.ones(3), torch.zeros(3), rm, rv, nbt, True, 0.1)
+    s = [native._Slot(i) for i in range(11)]
+    sym = ops.stats_args(plan, s[0], s[8], s[7], s[4], s[5], s[6], native._CallScalar(native.MOMENTUM),
+                         native._CallScalar(native.EPS))
+    recorded = native._param_list(plan.stats, sym)    # not compiled (interpreter): nothing to check
+    kinds = {native.PTR: "*fp32", native.I32: "i32", native.I64: "i64", native.F64: "fp64"}
+    good = {f"a{i}": kinds[k] for i, (k, *_) in enumerate(recorded) if k != native.SPECIALIZED}
+    bad = dict(good, a0="i32")
+    launch = ops._Launch(plan.stats.kernel, plan.stats.grid, plan.stats.num_warps, plan.stats.constexprs)
+    for compiled, ok in ((types.SimpleNamespace(src=types.SimpleNamespace(signature=good)), True),
+                         (types.SimpleNamespace(src=types.SimpleNamespace(signature=bad)), False),
+                         (types.SimpleNamespace(), False)):
+        launch.compiled = compiled
+        if ok:
+            assert native._param_list(launch, sym) == recorded
+        else:
+            with pytest.raises(native.NotNative):
+                native._param_list(launch, sym)
+
+
 def test_native_is_off_by_default_and_a_failed_build_leaves_the_python_path(monkeypatch):
     import os
     import subprocess
@@ -261,6 +288,40 @@ def test_cuda_native_launches_give_the_python_paths_bits(training, act, residual
     shape, dtype = (16, 64, 14, 14), torch.bfloat16
     want, _ = _steps(PYTHON, shape, layout, dtype, act, residual, training, monkeypatch, device="cuda")
     got, nodes = _steps(NATIVE, shape, layout, dtype, act, residual, training, monkeypatch, device="cuda")
+    assert nodes[1:] == ["CppFunction"] * 3
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_native_path_runs_on_a_fresh_thread(monkeypatch):
+    """A thread that has made no CUDA runtime call of its own (no current context for the driver's
+    cuLaunchKernel until the C++ side binds the device's primary one): the native forward and backward
+    give the Python path's bits there."""
+    import threading
+
+    monkeypatch.setattr(ops, "_plans", {})
+    native.set_launch_hook(None)
+    if native.module() is None:
+        pytest.fail(f"the native extension does not build here: {native.build_error}")
+    want, _ = _steps(PYTHON, (8, 32, 7, 7), "channels_last", torch.bfloat16, "relu", True, True, monkeypatch,
+                     device="cuda")
+    result = {}
+
+    def run():
+        try:
+            result["out"] = _steps(NATIVE, (8, 32, 7, 7), "channels_last", torch.bfloat16, "relu", True, True,
+                                   monkeypatch, device="cuda")
+        except BaseException as e:   # surfaced below
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    got, nodes = result["out"]
     assert nodes[1:] == ["CppFunction"] * 3
     torch.cuda.synchronize()
     for a, b in zip(got, want):

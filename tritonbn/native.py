@@ -129,8 +129,10 @@ def _param_list(launch: ops._Launch, args: tuple) -> list:
         types.append(ty)
     compiled = launch.compiled
     if compiled is not None:
-        sig = [t for t in getattr(compiled.src, "signature", {}).values() if t != "constexpr"]
-        got = ["*" if str(t).startswith("*") else str(t) for t in sig]
+        signature = getattr(getattr(compiled, "src", None), "signature", None)
+        if not isinstance(signature, dict):   # nothing to check the packing against: do not guess
+            raise NotNative(f"{kernel.fn.__name__}: the compiled kernel's signature is unknown")
+        got = ["*" if str(t).startswith("*") else str(t) for t in signature.values() if t != "constexpr"]
         if got != types:
             raise NotNative(f"{kernel.fn.__name__}: compiled signature {got} is not the recorded {types}")
     return out

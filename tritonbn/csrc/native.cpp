@@ -1,4 +1,4 @@
-// tritonbn's native call path (tritonbn/native.py builds and loads it; opt-in: Tuning.native).
+// tritonbn's native call path (tritonbn/native.py builds and loads it; opt-in: tritonbn.native.enable()).
 //
 // A BatchNorm call on the Python path pays for Python at every level: the autograd.Function (~5 µs of
 // torch's Python machinery on a fast core), the launchers, Triton's launcher (a data_ptr() call and a
@@ -94,21 +94,40 @@ Plan& plan_at(int64_t handle) {
   return *registry[handle];
 }
 
-using LaunchFn = int (*)(uint64_t, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*,
-                         void**, void**);
-using ErrorFn = int (*)(int, const char**);
+// The driver entry points, resolved once from libcuda (this extension links no CUDA library: it builds
+// against CPU and CUDA builds of torch alike).
+struct Driver {
+  int (*launch)(uint64_t, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**,
+                void**);
+  int (*ctx_get_current)(void**);
+  int (*ctx_set_current)(void*);
+  int (*device_get)(int*, int);
+  int (*primary_ctx_retain)(void**, int);
+};
 
-LaunchFn cu_launch() {
-  static LaunchFn fn = [] {
+template <typename F>
+void resolve_symbol(void* lib, const char* name, F& fn) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  TORCH_CHECK(fn != nullptr, "tritonbn native: libcuda.so.1 has no ", name);
+}
+
+const Driver& driver() {
+  static const Driver d = [] {
     void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) lib = dlopen("libcuda.so.1", RTLD_NOW);
     TORCH_CHECK(lib != nullptr, "tritonbn native: cannot load libcuda.so.1");
-    auto f = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
-    TORCH_CHECK(f != nullptr, "tritonbn native: libcuda.so.1 has no cuLaunchKernel");
-    return f;
+    Driver d{};
+    resolve_symbol(lib, "cuLaunchKernel", d.launch);
+    resolve_symbol(lib, "cuCtxGetCurrent", d.ctx_get_current);
+    resolve_symbol(lib, "cuCtxSetCurrent", d.ctx_set_current);
+    resolve_symbol(lib, "cuDeviceGet", d.device_get);
+    resolve_symbol(lib, "cuDevicePrimaryCtxRetain", d.primary_ctx_retain);
+    return d;
   }();
-  return fn;
+  return d;
 }
+
+using ErrorFn = int (*)(int, const char**);
 
 std::string cu_error(int code) {
   void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
@@ -154,6 +173,20 @@ void pack(const Launch& l, const std::vector<Tensor>& table, double momentum, do
   }
 }
 
+// cuLaunchKernel launches into the thread's current context. torch's runtime calls make the device's
+// primary context current lazily, so a thread may not have one yet (autograd's device thread, whose
+// cudaSetDevice is skipped for the device the runtime already reports): bind it, as Triton's launcher does.
+void ensure_context(int64_t device) {
+  const Driver& d = driver();
+  void* ctx = nullptr;
+  if (d.ctx_get_current(&ctx) == 0 && ctx != nullptr) return;
+  int dev = 0;
+  int rc = d.device_get(&dev, static_cast<int>(device));
+  if (rc == 0) rc = d.primary_ctx_retain(&ctx, dev);
+  if (rc == 0) rc = d.ctx_set_current(ctx);
+  TORCH_CHECK(rc == 0, "tritonbn native: no CUDA context for device ", device, ": ", cu_error(rc));
+}
+
 void run_launch(const Launch& l, const std::vector<Tensor>& table, double momentum, double eps, void* stream) {
   if (launch_hook) {
     py::gil_scoped_acquire gil;
@@ -171,7 +204,7 @@ void run_launch(const Launch& l, const std::vector<Tensor>& table, double moment
   pack(l, table, momentum, eps, cells);
   std::vector<void*> params(cells.size());
   for (size_t i = 0; i < cells.size(); ++i) params[i] = &cells[i];
-  int rc = cu_launch()(l.function, l.grid[0], l.grid[1], l.grid[2], l.threads, 1, 1, l.shared, stream,
+  int rc = driver().launch(l.function, l.grid[0], l.grid[1], l.grid[2], l.threads, 1, 1, l.shared, stream,
                        params.data(), nullptr);
   TORCH_CHECK(rc == 0, "tritonbn native: cuLaunchKernel of launch ", l.kernel_id, " failed: ", cu_error(rc));
 }
@@ -184,6 +217,7 @@ void run_program(const Program& prog, std::vector<Tensor>& table, double momentu
     table[a.slot] = a.like >= 0 ? at::empty_like(table[a.like])
                                 : at::empty({a.numel}, x.options().dtype(static_cast<c10::ScalarType>(a.dtype)));
   }
+  if (!launch_hook) ensure_context(x.get_device());
   for (const Launch& l : prog.launches) run_launch(l, table, momentum, eps, reinterpret_cast<void*>(stream));
 }
 
