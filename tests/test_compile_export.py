@@ -134,9 +134,9 @@ def test_compiled_training_is_bitwise_deterministic(device):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
 def test_custom_ops_opcheck(training, fused, device):
-    """Schema, fake (meta) implementations (shapes, dtypes, strides), autograd registration and the
-    declared mutation of the running stats, plain and with the fused residual + ReLU (which adds the
-    bitmask output)."""
+    """Schema, fake (meta) implementations (shapes, dtypes, strides), autograd registration (none: the ops
+    are not differentiable, ``custom_ops.Normalize`` is) and the declared mutation of the running stats,
+    plain and with the fused residual + ReLU (which adds the bitmask output)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -163,6 +163,42 @@ def test_custom_ops_opcheck(training, fused, device):
     torch.library.opcheck(torch.ops.tritonbn.bn_backward,
                           (dy, x.detach(), w.detach(), b.detach(), mean_src, var_src, mask if fused else None,
                            1e-5, training, act, True, True, True, fused, torch.float32))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act,residual", [(0, False), (1, False), (1, True), (0, True)])
+@pytest.mark.parametrize("needs", [(True, True, True, True), (True, False, False, True),
+                                   (False, True, True, False), (False, False, True, True)])
+def test_normalize_function_gives_the_eager_paths_bits(training, act, residual, needs, device):
+    """``custom_ops.Normalize`` (what compiled graphs differentiate: ``bn_normalize`` forward, ``bn_backward``
+    backward) against tritonbn's eager path, bit for bit: outputs, running stats and the gradients of each
+    subset of (x, weight, bias, residual) asked for; the ops themselves carry no autograd kernel (a
+    compiled graph calls them with no Python autograd layer in between)."""
+    for name in ("bn_batch_stats", "bn_normalize", "bn_backward"):
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"tritonbn::{name}", "Autograd")
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 5, 4, 3, device=device).contiguous(memory_format=torch.channels_last) * 2 + 1
+    z0 = torch.randn_like(x0) if residual else None
+    w0, b0 = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    dy = torch.randn_like(x0)
+    results = []
+    for path in ("eager", "function"):
+        x, w, b = x0.clone(), w0.clone(), b0.clone()
+        z = z0.clone() if residual else None
+        inputs = [t.requires_grad_(need) for t, need in zip((x, w, b, z), needs) if t is not None]
+        rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)
+        if path == "eager":
+            y = tritonbn.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, residual=z,
+                                    activation="relu" if act else None)
+        else:
+            stats = torch.ops.tritonbn.bn_batch_stats(x.detach(), rm, rv, None, 0.1, 1e-5) if training \
+                else None
+            mean_src, var_src = (stats, None) if training else (rm, rv)
+            y = custom_ops.Normalize.apply(x, w, b, z, mean_src, var_src, 1e-5, training, act)[0]
+        wanted = [t for t in inputs if t.requires_grad]
+        results.append([y, rm, rv, *torch.autograd.grad(y, wanted, dy)])
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
 
 
 def test_batch_stats_op_updates_running_stats_in_place(device):
