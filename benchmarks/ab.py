@@ -6,19 +6,22 @@ clean), into a temporary folder, then writes one table: kernel time under a CUDA
 variant, and each variant's geomean ratio to the first. Two files in DIR (``ab.json``, ``ab.md``) and
 the table on the console: the GPU machine returns at most 8 files and no folders.
 
-The default variants are the open questions of the CPU-only sessions (see benchmarks/README.md):
+The default variants are the open questions left by the H200 run of 2026-11-28 (results/h200-2026-11-28-run3
+and -run4), whose slowest kernel rows against eager are all fp32 channels_last reductions: the training
+forward of 2048×7×7 at b32 (0.80×: 26.4 µs against cuDNN's 20.7, of which the normalize pass is ~13 µs
+as the eval row shows, so the statistics pass takes ~13 µs to read 12.8 MB), 64×112×112 and the 3-D
+64×16×56×56 (0.96×). Each changes how the channels-last statistics and backward reductions split:
 
-* ``two_level_merge=false,merge_tile=2048``: the reductions' merge before the two-level merge;
-* ``reduce_stages=3``: the reductions' main loops software-pipelined (cp.async);
-* ``flat=tiled,eval_tile=4096``: the elementwise kernels as before 2026-11-28's CPU session: planar 7×7
-  in TILED tiles, not FLAT_RUNS (sm_90 SASS per bf16 element, training normalize / eval / dx: TILED
-  34 / 84 / 48, FLAT_RUNS 22 / 37 / 31; only the NCHW 7×7 rows change), and eval kernels at 4096-element
-  tiles, not 8192 (channels_last eval 38 → 22; every eval row changes).
+* ``waves=2``: half the reduction programs, each with twice the row blocks (2048×7×7: 288 programs of 6
+  tiles, not 544 of 3), so fewer partials to merge;
+* ``reduce_tile=4096``: tiles of 64 rows × 64 channels, not 32 (2048×7×7: 416 programs of 2 tiles);
+* ``max_block_c=128``: 128 channels (512 contiguous bytes of fp32) per tile row, not 64.
 
-First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 152
-specializations for the default variants and shapes), so that no variant spends its share compiling.
-Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past its share and keeps
-what it measured. ``--smoke`` runs the same on a CPU (Triton interpreter): timings mean nothing there.
+First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 366
+specializations for the default variants, shapes and dtypes, both layouts), so that no variant spends its
+share compiling. Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past
+its share and keeps what it measured. ``--smoke`` runs the same on a CPU (Triton interpreter): timings mean
+nothing there.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("", "two_level_merge=false,merge_tile=2048", "reduce_stages=3", "flat=tiled,eval_tile=4096")
-# channels-last reductions (C = 64, 256, 144) and planar 7×7 elementwise kernels
-SHAPES = "rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7,mbv2_b64_144x56x56"
+VARIANTS = ("", "waves=2", "reduce_tile=4096", "max_block_c=128")
+# the fp32 channels-last rows under 1.0x eager in the 2026-11-28 H200 run, and one that is fine (256x56x56)
+SHAPES = "rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7,bn3d_b8_64x16x56x56"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,11 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=";".join(VARIANTS),
                    help="';'-separated Tuning overrides (bench --tuning syntax); empty = defaults")
     p.add_argument("--shapes", default=SHAPES, help="bench --shapes (default: weak rows of the H200 run)")
-    p.add_argument("--dtypes", default="bf16")
-    p.add_argument("--layouts", default="channels_last,contiguous")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--layouts", default="channels_last")
     p.add_argument("--modes", default="train_fwd,fwd_bwd,eval_fwd")
     p.add_argument("--time-budget", type=float, default=200.0, help="seconds, shared by the variants")
-    p.add_argument("--warm-timeout", type=float, default=90.0,
+    p.add_argument("--warm-timeout", type=float, default=150.0,
                    help="seconds for compiling every variant's kernels first (benchmarks.warm_cache)")
     p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
     return p.parse_args(argv)

@@ -9,6 +9,8 @@ to issue the call. This splits that CPU time into
 * ``triton launch``, cached: the same launch through tritonbn's cached ``CompiledKernel.run`` path;
 * ``module call``: a whole ``tritonbn.BatchNorm2d`` call, forward and forward+backward (GPU only),
   next to ``torch.nn.BatchNorm2d`` for scale;
+* ``python: custom op``: each custom op as a compiled graph calls it (``tritonbn.custom_ops``, the
+  dispatcher included) against the launcher function it ends in;
 * ``aten`` / ``autograd``: torch.empty, and a backward through one native node against one through a
   do-nothing ``autograd.Function`` (the engine's own cost, and what a Python node adds to it);
 * ``backward``: a whole ``y.backward(dy)`` split into the engine, the Python node, tritonbn's launcher
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
                                                           torch.ones_like(y), retain_graph=True))))
         rows += [(f"python: {name}", us) for name, us in
                  _backward_split(bn, small, torch.ones_like(small), None)]
+        rows += _custom_op_rows(torch, ops, small.detach(), bn)
     finally:
         ops._launch_hook = None
     rows += _engine_rows(torch, device, sync)
@@ -97,6 +100,33 @@ def main(argv=None) -> int:
     for name, us in rows:
         print(f"  {name:62s} {us:8.1f}")
     return 0
+
+
+def _custom_op_rows(torch, ops, x, bn) -> list:
+    """What a compiled graph pays per call of each custom op (``tritonbn.custom_ops``, the dispatcher
+    included) against the launcher function it ends in, launches recorded (not run)."""
+    from tritonbn import custom_ops  # noqa: F401 (defines the ops)
+
+    w, b, rm, rv = bn.weight.detach(), bn.bias.detach(), bn.running_mean.clone(), bn.running_var.clone()
+    stats = ops.batch_stats(x, rm, rv, None, 0.1, 1e-5)
+    dy = torch.ones_like(x)
+    t = torch.ops.tritonbn
+    calls = (
+        ("bn_batch_stats", lambda: t.bn_batch_stats.default(x, rm, rv, None, 0.1, 1e-5),
+         lambda: ops.batch_stats(x, rm, rv, None, 0.1, 1e-5)),
+        ("bn_normalize", lambda: t.bn_normalize.default(x, w, b, None, stats, stats, 1e-5, True, 0),
+         lambda: ops.normalize(x, w, b, stats, stats, True, 1e-5)),
+        ("bn_backward", lambda: t.bn_backward.default(dy, x, w, b, stats, stats, None, 1e-5, True, 0, True,
+                                                      True, True, False, torch.float32),
+         lambda: ops.backward(dy, x, w, b, stats, stats, None, True, 1e-5, 0, True, True, torch.float32,
+                              False)),
+    )
+    rows = []
+    with torch.no_grad():
+        for name, op, direct in calls:
+            rows.append((f"python: custom op {name} (compiled graphs' call)", _host_us(op)))
+            rows.append(("python:   its launcher function alone", _host_us(direct)))
+    return rows
 
 
 def _engine_rows(torch, device, sync) -> list:
