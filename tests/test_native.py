@@ -275,6 +275,79 @@ def test_native_is_off_by_default_and_a_failed_build_leaves_the_python_path(monk
     assert native.failures == ["forward: extension unavailable: None"]
 
 
+def _model_steps(on, monkeypatch, device, x_shape, autocast_dtype=None, steps=3):
+    """A fused ResNet-50-structured model (``fuse_model``: plain, BN+ReLU and BN+add+ReLU layers),
+    channels_last, trained ``steps`` SGD steps and then run in eval, with the native path on or off:
+    losses, eval output, parameters and buffers."""
+    from resnet_models import resnet50_like
+
+    monkeypatch.setattr(native, "ENABLED", on)
+    torch.manual_seed(0)
+    model = resnet50_like(width=4, layers=(2, 1))
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(x_shape, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+          for _ in range(steps + 1)]
+    model, _ = tritonbn.fuse_model(model, (xs[0].cpu(),))
+    model = model.to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for x in xs[:steps]:
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(x).float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    model.eval()
+    with torch.no_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(xs[-1])
+    state = [t.detach().clone() for t in model.state_dict().values()]
+    return losses + [out] + state, model
+
+
+def test_native_path_trains_a_fused_resnet_like_the_python_path(hooked, monkeypatch):
+    """A whole fused ResNet-50-structured model (BN, BN+ReLU, BN+add+ReLU; a stride-2 stage; SGD): the
+    native path's training steps, eval output, parameters and running stats equal the Python path's, bit
+    for bit, and from the second step its BatchNorm calls are native."""
+    want, _ = _model_steps(PYTHON, monkeypatch, "cpu", (2, 3, 16, 16))
+    got, model = _model_steps(NATIVE, monkeypatch, "cpu", (2, 3, 16, 16))
+    assert _bn_nodes(model, torch.randn(2, 3, 16, 16)) == {"CppFunction"}
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def _bn_nodes(model, x):
+    """The autograd node types of the model's BatchNorm outputs in one training forward."""
+    model.train()
+    x = x.to(next(model.parameters()).device).contiguous(memory_format=torch.channels_last)
+    nodes = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: nodes.add(type(o.grad_fn).__name__))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return nodes
+
+
+@pytest.mark.cuda
+def test_cuda_native_path_trains_a_fused_resnet_like_the_python_path(monkeypatch):
+    """The same on the GPU, in bf16 autocast: cuLaunchKernel launches through a whole model."""
+    monkeypatch.setattr(ops, "_plans", {})
+    native.set_launch_hook(None)
+    if native.module() is None:
+        pytest.fail(f"the native extension does not build here: {native.build_error}")
+    want, _ = _model_steps(PYTHON, monkeypatch, "cuda", (8, 3, 32, 32), torch.bfloat16)
+    got, model = _model_steps(NATIVE, monkeypatch, "cuda", (8, 3, 32, 32), torch.bfloat16)
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert _bn_nodes(model, torch.randn(8, 3, 32, 32)) == {"CppFunction"}, native.failures
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act,residual", [(None, False), ("relu", True)])
