@@ -303,6 +303,35 @@ def test_torch_export_eval_model(device):
     torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_torch_export_of_a_training_model_is_aten_and_trains_like_eager(strict, momentum, device):
+    """A training-mode export (momentum=None too: the cumulative factor 1/num_batches_tracked is read on
+    the device, not baked in) holds only ATen ops, and the exported module trains like the eager one:
+    gradients, running stats and num_batches_tracked over steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU())
+    model = tritonbn.convert_model(model).to(device)
+    eager = copy.deepcopy(model)
+    ep = torch.export.export(model, (torch.randn(2, 3, 6, 6, device=device),), strict=strict)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("tritonbn" in t for t in targets), targets
+    exported = ep.module()
+    for step in range(3):
+        x = torch.randn(2, 3, 6, 6, device=device) * (step + 1) + step
+        r = torch.randn(2, 4, 4, 4, device=device)
+        (exported(x) * r).sum().backward()
+        (eager(x) * r).sum().backward()
+    params = dict(eager.named_parameters())
+    for name, p in exported.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    buffers = dict(eager.named_buffers())
+    assert buffers.keys() == dict(exported.named_buffers()).keys()
+    for name, b in exported.named_buffers():
+        torch.testing.assert_close(b, buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert int(buffers["1.num_batches_tracked"]) == 3
+
+
 @pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
 @pytest.mark.parametrize("dynamo", [True, False])
 def test_onnx_export_runs_in_onnxruntime(dynamo, tmp_path):

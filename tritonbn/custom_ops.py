@@ -201,15 +201,34 @@ class Normalize(torch.autograd.Function):
 
 # --- entry point used by tritonbn.functional while tracing ------------------------------------------
 
+def _cumulative_batch_norm(input, running_mean, running_var, weight, bias, num_batches_tracked, eps):
+    """A training call with the cumulative average (momentum=None) in standard, differentiable ATen ops,
+    for exporters: ``F.batch_norm`` with momentum 1 leaves the batch mean and unbiased variance in
+    temporaries, then the running stats take ``(1 − f)·running + f·batch`` with f = 1/num_batches_tracked
+    read on the device (``F.batch_norm`` takes only a Python float, which would bake one step's factor
+    into the exported graph)."""
+    batch_mean, batch_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+    y = torch.nn.functional.batch_norm(input, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+    f = 1.0 / num_batches_tracked.to(running_mean.dtype)
+    running_mean.mul_(1.0 - f).add_(batch_mean * f)
+    running_var.mul_(1.0 - f).add_(batch_var * f)
+    return y
+
+
 def dispatch(input, running_mean, running_var, weight, bias, training, momentum, eps,
              num_batches_tracked=None, residual=None, activation=0):
     """Graph-capture path of ``batch_norm_impl`` (arguments already checked): exporters get
-    ``F.batch_norm`` + add + ReLU (standard ATen, so ``torch.export``/ONNX emit ``batch_norm`` /
-    ``BatchNormalization``: nothing runs a kernel while exporting), ``torch.compile`` gets the custom ops
-    (tritonbn's kernels run in the compiled graph)."""
-    if _dispatch.tracing_for_export() and (not training or momentum is not None):
-        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
-                                           eps)
+    ``F.batch_norm`` + add + ReLU (standard, differentiable ATen, so ``torch.export``/ONNX emit
+    ``batch_norm`` / ``BatchNormalization`` and an exported training graph trains; the cumulative average
+    through ``_cumulative_batch_norm``; nothing runs a kernel while exporting), ``torch.compile`` gets the
+    custom ops (tritonbn's kernels run in the compiled graph)."""
+    if _dispatch.tracing_for_export():
+        if training and momentum is None and running_mean is not None and num_batches_tracked is not None:
+            y = _cumulative_batch_norm(input, running_mean, running_var, weight, bias, num_batches_tracked,
+                                       eps)
+        else:
+            y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                               0.0 if momentum is None else momentum, eps)
         return torch_math.epilogue(y, residual, activation)
     if not training:
         mean_src, var_src = running_mean, running_var
