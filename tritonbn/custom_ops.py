@@ -111,7 +111,7 @@ def bn_normalize(x, weight, bias, residual, mean_src, var_src, eps, training, ac
     else:
         y, mask = torch_math.normalize(x, weight, bias, *_mean_invstd(x, mean_src, var_src, training, eps),
                                        residual, activation)
-    return _like_fake(x, y), _none0(mask, x.new_empty(0, dtype=torch.int32))
+    return _like_fake(x, y), mask if mask is not None else x.new_empty(0, dtype=torch.int32)
 
 
 def _normalize_fake(x, weight, bias, residual, mean_src, var_src, eps, training, activation):
