@@ -360,6 +360,27 @@ def test_warm_cache_records_each_tuning_variant():
     assert ops.FLAT_RUNS in base and both.count(ops.TILED) > base.count(ops.TILED) and n2 > n
 
 
+def test_kernel_split_splits_each_provider(tmp_path):
+    """benchmarks.kernel_split on the CPU (profiler CPU ops: no CUDA kernels there): a split per provider,
+    the unfused chain for a fused mode, both files; a bad --rows entry is a usage error."""
+    from benchmarks import kernel_split
+
+    rc = kernel_split.main(["--smoke", "--out", str(tmp_path), "--reps", "2", "--rows",
+                            "smoke_2d_2x4x6x6:fp32:channels_last:add_relu_fwd_bwd,smoke_1d_16x5:fp32:contiguous:"
+                            "eval_fwd"])
+    assert rc == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["kernel_split.json", "kernel_split.md"]
+    doc = json.loads((tmp_path / "kernel_split.json").read_text())
+    assert [(r["case"], r["mode"]) for r in doc["rows"]] == [("smoke_2d_2x4x6x6", "add_relu_fwd_bwd"),
+                                                             ("smoke_1d_16x5", "eval_fwd")]
+    assert list(doc["rows"][0]["providers"]) == ["tritonbn", "eager", "tritonbn_unfused"]
+    assert list(doc["rows"][1]["providers"]) == ["tritonbn", "eager"]
+    for r in doc["rows"]:
+        for v in r["providers"].values():
+            assert "error" not in v and v["kernels"] and v["total_us"] > 0
+    with pytest.raises(SystemExit):
+        kernel_split.parse_args(["--out", str(tmp_path), "--rows", "rn50_b32_2048x7x7:fp32:nhwc:train_fwd"])
+
+
 def test_ab_runs_each_variant_and_tabulates(tmp_path, capsys):
     """benchmarks.ab on the CPU: one bench process per tuning variant, one table of all of them (2 files)."""
     from benchmarks import ab
