@@ -10,15 +10,23 @@ The default variants are the open questions left by the H200 run of 2026-11-28 (
 and -run4), whose slowest kernel rows against eager are all fp32 channels_last reductions: the training
 forward of 2048×7×7 at b32 (0.80×: 26.4 µs against cuDNN's 20.7, of which the normalize pass is ~13 µs
 as the eval row shows, so the statistics pass takes ~13 µs to read 12.8 MB), 64×112×112 and the 3-D
-64×16×56×56 (0.96×). Each changes how the channels-last statistics and backward reductions split:
+64×16×56×56 (0.96×). The statistics kernel's main loop costs the same per element on every shape
+(``benchmarks/sass_stats.py --kernel stats``: 13.1 sm_90 instructions per fp32 element at 2048×7×7, 13.0
+at 256×56×56, which runs at 1.13× eager), but at 2048×7×7 each of its 544 programs reads only 3 row
+blocks, one dependent DRAM round trip after the other, then the last program of each channel tile merges
+17 partials: latency, not instructions. Each variant changes that:
 
-* ``waves=2``: half the reduction programs, each with twice the row blocks (2048×7×7: 288 programs of 6
-  tiles, not 544 of 3), so fewer partials to merge;
-* ``reduce_tile=4096``: tiles of 64 rows × 64 channels, not 32 (2048×7×7: 416 programs of 2 tiles);
-* ``max_block_c=128``: 128 channels (512 contiguous bytes of fp32) per tile row, not 64.
+* ``waves=2``: half the programs, twice the row blocks each (288 programs of 6), fewer partials to merge;
+* ``waves=8``: more programs in flight per SM (800 of 2 row blocks);
+* ``reduce_tile=4096``: tiles of 64 rows, not 32: twice the bytes in flight per load (416 programs of 2);
+* ``reduce_stages=2``: the next row block's loads issued before this one is reduced (cp.async).
 
-First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 366
-specializations for the default variants, shapes and dtypes, both layouts), so that no variant spends its
+Reductions run only in training, so the rows are fp32 channels_last training forward and forward+backward;
+256×56×56 is the control that is fine today. A variant that wins there must then be checked on bf16 and
+NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a default.
+
+First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 211
+specializations for the default variants, shapes and dtype, both layouts), so that no variant spends its
 share compiling. Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past
 its share and keeps what it measured. ``--smoke`` runs the same on a CPU (Triton interpreter): timings mean
 nothing there.
@@ -35,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("", "waves=2", "reduce_tile=4096", "max_block_c=128")
+VARIANTS = ("", "waves=2", "waves=8", "reduce_tile=4096", "reduce_stages=2")
 # the fp32 channels-last rows under 1.0x eager in the 2026-11-28 H200 run, and one that is fine (256x56x56)
 SHAPES = "rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7,bn3d_b8_64x16x56x56"
 
@@ -46,9 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default=";".join(VARIANTS),
                    help="';'-separated Tuning overrides (bench --tuning syntax); empty = defaults")
     p.add_argument("--shapes", default=SHAPES, help="bench --shapes (default: weak rows of the H200 run)")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32")
     p.add_argument("--layouts", default="channels_last")
-    p.add_argument("--modes", default="train_fwd,fwd_bwd,eval_fwd")
+    p.add_argument("--modes", default="train_fwd,fwd_bwd")
     p.add_argument("--time-budget", type=float, default=200.0, help="seconds, shared by the variants")
     p.add_argument("--warm-timeout", type=float, default=150.0,
                    help="seconds for compiling every variant's kernels first (benchmarks.warm_cache)")
