@@ -98,6 +98,19 @@ def test_compile_inductor_matches_eager(device):
     _train_steps_match(eager, model, compiled, 2, device, dict(rtol=1e-4, atol=1e-4))
 
 
+def test_compile_inductor_layers_without_running_stats(device):
+    """track_running_stats=False (batch statistics in eval too; the statistics op then mutates nothing,
+    ``bn_batch_stats_untracked``: Inductor could not lower the mutable one with both buffers None)."""
+    torch.manual_seed(0)
+    eager = tritonbn.convert_model(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5, affine=False, track_running_stats=False), nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 3))).to(device)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True)
+    _train_steps_match(eager, model, compiled, 2, device, dict(rtol=1e-4, atol=1e-4))
+
+
 def test_compile_functional_batch_norm_no_graph_break(device):
     def f(x, rm, rv, w, b):
         return tritonbn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.2, eps=1e-3).relu()
@@ -151,6 +164,7 @@ def test_custom_ops_opcheck(training, fused, device):
             torch.library.opcheck(torch.ops.tritonbn.bn_batch_stats,
                                   (x.detach(), rm.clone(), rv.clone(), nbt, momentum, 1e-5))
         torch.library.opcheck(torch.ops.tritonbn.bn_batch_stats, (x.detach(), None, None, None, 0.1, 1e-5))
+        torch.library.opcheck(torch.ops.tritonbn.bn_batch_stats_untracked, (x.detach(), 1e-5))
         stats = torch.ops.tritonbn.bn_batch_stats(x.detach(), rm, rv, nbt, None, 1e-5)
         mean_src = var_src = stats
     else:
@@ -174,7 +188,7 @@ def test_normalize_function_gives_the_eager_paths_bits(training, act, residual, 
     backward) against tritonbn's eager path, bit for bit: outputs, running stats and the gradients of each
     subset of (x, weight, bias, residual) asked for; the ops themselves carry no autograd kernel (a
     compiled graph calls them with no Python autograd layer in between)."""
-    for name in ("bn_batch_stats", "bn_normalize", "bn_backward"):
+    for name in ("bn_batch_stats", "bn_batch_stats_untracked", "bn_normalize", "bn_backward"):
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"tritonbn::{name}", "Autograd")
     torch.manual_seed(0)
     x0 = torch.randn(3, 5, 4, 3, device=device).contiguous(memory_format=torch.channels_last) * 2 + 1

@@ -6,6 +6,8 @@ Ops (namespace ``tritonbn``), none of them differentiable themselves:
   training statistics ``[mean | invstd]`` (2·C, fp32 / fp64), the running statistics updated **in place**
   (declared in the schema: Inductor reinplaces the op on the module's buffers, with no copy); given
   ``x.detach()``: ``bn_normalize``'s backward is the whole batch-norm gradient;
+* ``bn_batch_stats_untracked(x, eps) -> stats``: the same for a layer without running stats (mutates
+  nothing);
 * ``bn_normalize(x, weight?, bias?, residual?, mean_src, var_src, eps, training, activation) -> (y, mask)``:
   ``activation(BN(x) [+ residual])`` from ``stats`` twice (training) or the running mean and variance
   (eval); ``mask`` is the ReLU bitmask (residual + ReLU; else empty);
@@ -101,6 +103,20 @@ def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentu
 _define("bn_batch_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor? num_batches_tracked, float? momentum, float eps) -> Tensor", bn_batch_stats,
         _batch_stats_fake)
+
+
+def bn_batch_stats_untracked(x, eps):
+    return bn_batch_stats(x, None, None, None, 0.0, eps)
+
+
+def _batch_stats_untracked_fake(x, eps):
+    return _batch_stats_fake(x, None, None, None, 0.0, eps)
+
+
+# The statistics of a layer without running stats (track_running_stats=False): an op that mutates
+# nothing, as Inductor cannot lower the mutable one's functionalized form with both buffers None.
+_define("bn_batch_stats_untracked(Tensor x, float eps) -> Tensor", bn_batch_stats_untracked,
+        _batch_stats_untracked_fake)
 
 
 def bn_normalize(x, weight, bias, residual, mean_src, var_src, eps, training, activation):
@@ -234,7 +250,10 @@ def dispatch(input, running_mean, running_var, weight, bias, training, momentum,
         mean_src, var_src = running_mean, running_var
     else:
         # x.detach(): the statistics carry no gradient of their own (bn_normalize's backward is whole).
-        mean_src = torch.ops.tritonbn.bn_batch_stats(input.detach(), running_mean, running_var,
-                                                     num_batches_tracked, momentum, eps)
+        if running_mean is None:
+            mean_src = torch.ops.tritonbn.bn_batch_stats_untracked(input.detach(), eps)
+        else:
+            mean_src = torch.ops.tritonbn.bn_batch_stats(input.detach(), running_mean, running_var,
+                                                         num_batches_tracked, momentum, eps)
         var_src = None
     return Normalize.apply(input, weight, bias, residual, mean_src, var_src, eps, training, activation)[0]
