@@ -13,6 +13,11 @@ The default rows are the open questions of the H200 run of 2026-11-28 (results/h
 * the same shape in bf16 with the fused residual add + ReLU, forward+backward: 77.7 µs fused against
   60.8 µs for tritonbn's BN + separate add + ReLU (NCHW: 43.6 µs), while the fused kernels move less;
   the NCHW row for contrast;
+* bf16 256×56×56 forward+backward, plain and with the fused ReLU: channels_last takes 143.0 and 171.4 µs,
+  NCHW 127.4 and 126.3 (CUDA-graph times): the fused ReLU costs channels_last 28 µs and NCHW nothing,
+  although the channels_last reduce and dx kernels need fewer sm_90 instructions per element than the
+  NCHW ones (``sass_stats``: 12.5 / 26.3 against 16.0 / 24.2 with the ReLU); so something dynamic (the
+  reductions' merge of 132 partials per channel tile, against 3 in NCHW? the access pattern?);
 * fp32 channels_last 64×112×112, training forward: 0.96× eager.
 
 Kernel times here are per call and not L2-flushed (a call's kernels run back to back, as in a model); the
@@ -36,6 +41,9 @@ ROWS = (
     "rn50_b32_2048x7x7:fp32:channels_last:train_fwd",
     "rn50_b32_2048x7x7:bf16:channels_last:add_relu_fwd_bwd",
     "rn50_b32_2048x7x7:bf16:contiguous:add_relu_fwd_bwd",
+    "rn50_b32_256x56x56:bf16:channels_last:fwd_bwd",
+    "rn50_b32_256x56x56:bf16:channels_last:relu_fwd_bwd",
+    "rn50_b32_256x56x56:bf16:contiguous:relu_fwd_bwd",
     "rn50_b32_64x112x112:fp32:channels_last:train_fwd",
 )
 SMOKE_ROWS = ("smoke_2d_2x4x6x6:fp32:channels_last:add_relu_fwd_bwd",)
