@@ -25,6 +25,10 @@ Reductions run only in training, so the rows are fp32 channels_last training for
 256×56×56 is the control that is fine today. A variant that wins there must then be checked on bf16 and
 NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a default.
 
+``--preset fused_cl`` asks the other open question of that run: bf16 channels_last forward+backward with
+the fused ReLU / add+ReLU is 28-78% slower than NCHW (see ``PRESETS``), whose variants cut the registers per
+thread of the channels_last backward kernels by using smaller tiles.
+
 First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 211
 specializations for the default variants, shapes and dtype, both layouts), so that no variant spends its
 share compiling. Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past
@@ -46,22 +50,42 @@ from pathlib import Path
 VARIANTS = ("", "waves=2", "waves=8", "reduce_tile=4096", "reduce_stages=2")
 # the fp32 channels-last rows under 1.0x eager in the 2026-11-28 H200 run, and one that is fine (256x56x56)
 SHAPES = "rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7,bn3d_b8_64x16x56x56"
+PRESETS = {
+    # the default: latency of the channels-last statistics pass (module docstring)
+    "reductions": dict(variants=";".join(VARIANTS), shapes=SHAPES, dtypes="fp32", layouts="channels_last",
+                       modes="train_fwd,fwd_bwd"),
+    # bf16 channels_last forward+backward, plain and fused: the fused ReLU costs channels_last 28 us at
+    # 256x56x56 and NCHW nothing (H200 run of 2026-11-28). Not instructions (sass_stats: fewer per element
+    # than NCHW) but registers? sm_90, triton 3.9: with the ReLU the channels_last backward reduce takes 69
+    # and dx 79 per thread (without: 48 and 64; NCHW: 32-47), so 3 programs of 8 warps per SM. Smaller tiles
+    # (fewer rows per thread) bring them to 40 (reduce_tile=1024) and 59 (elementwise_tile=2048).
+    "fused_cl": dict(variants=";reduce_tile=1024;elementwise_tile=2048;"
+                              "reduce_tile=1024,elementwise_tile=2048",
+                     shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
+                     layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for ab.json and ab.md")
-    p.add_argument("--variants", default=";".join(VARIANTS),
+    p.add_argument("--preset", choices=sorted(PRESETS), default="reductions",
+                   help="the question asked: defaults for the five options below (module docstring)")
+    p.add_argument("--variants",
                    help="';'-separated Tuning overrides (bench --tuning syntax); empty = defaults")
-    p.add_argument("--shapes", default=SHAPES, help="bench --shapes (default: weak rows of the H200 run)")
-    p.add_argument("--dtypes", default="fp32")
-    p.add_argument("--layouts", default="channels_last")
-    p.add_argument("--modes", default="train_fwd,fwd_bwd")
+    p.add_argument("--shapes", help="bench --shapes")
+    p.add_argument("--dtypes")
+    p.add_argument("--layouts")
+    p.add_argument("--modes")
     p.add_argument("--time-budget", type=float, default=200.0, help="seconds, shared by the variants")
     p.add_argument("--warm-timeout", type=float, default=150.0,
                    help="seconds for compiling every variant's kernels first (benchmarks.warm_cache)")
     p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def _row_key(row) -> tuple:

@@ -381,6 +381,16 @@ def test_kernel_split_splits_each_provider(tmp_path):
         kernel_split.parse_args(["--out", str(tmp_path), "--rows", "rn50_b32_2048x7x7:fp32:nhwc:train_fwd"])
 
 
+def test_ab_presets_fill_only_what_is_not_given(tmp_path):
+    from benchmarks import ab
+
+    a = ab.parse_args(["--out", str(tmp_path)])
+    assert a.preset == "reductions" and a.variants.split(";")[0] == "" and a.dtypes == "fp32"
+    b = ab.parse_args(["--out", str(tmp_path), "--preset", "fused_cl", "--shapes", "smoke_2d"])
+    assert b.shapes == "smoke_2d" and b.dtypes == "bf16" and "relu_fwd_bwd" in b.modes.split(",")
+    assert b.variants == ab.PRESETS["fused_cl"]["variants"]
+
+
 def test_ab_runs_each_variant_and_tabulates(tmp_path, capsys):
     """benchmarks.ab on the CPU: one bench process per tuning variant, one table of all of them (2 files)."""
     from benchmarks import ab
