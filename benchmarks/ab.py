@@ -56,9 +56,10 @@ PRESETS = {
                        modes="train_fwd,fwd_bwd"),
     # bf16 channels_last forward+backward, plain and fused: the fused ReLU costs channels_last 28 us at
     # 256x56x56 and NCHW nothing (H200 run of 2026-11-28). Not instructions (sass_stats: fewer per element
-    # than NCHW) but registers? sm_90, triton 3.9: with the ReLU the channels_last backward reduce takes 69
-    # and dx 79 per thread (without: 48 and 64; NCHW: 32-47), so 3 programs of 8 warps per SM. Smaller tiles
-    # (fewer rows per thread) bring them to 40 (reduce_tile=1024) and 59 (elementwise_tile=2048).
+    # than NCHW) but registers? sm_90 with the GPU machines' triton 3.6, bf16 channels_last backward reduce /
+    # dx registers per thread: 48 / 64 plain, 71 / 75 with the ReLU, 100 / 74 with add+ReLU (NCHW: 40 / 33,
+    # 40 / 32, 59 / 40), so 2-3 programs of 8 warps per SM; with reduce_tile=1024 and elementwise_tile=2048
+    # (fewer rows per thread, 8-byte loads) 48 / 48 in every case, 5 programs per SM.
     "fused_cl": dict(variants=";reduce_tile=1024;elementwise_tile=2048;"
                               "reduce_tile=1024,elementwise_tile=2048",
                      shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
