@@ -59,9 +59,9 @@ PRESETS = {
     # than NCHW) but registers? sm_90 with the GPU machines' triton 3.6, bf16 channels_last backward reduce /
     # dx registers per thread: 48 / 64 plain, 71 / 75 with the ReLU, 100 / 74 with add+ReLU (NCHW: 40 / 33,
     # 40 / 32, 59 / 40), so 2-3 programs of 8 warps per SM; with reduce_tile=1024 and elementwise_tile=2048
-    # (fewer rows per thread, 8-byte loads) 48 / 48 in every case, 5 programs per SM.
-    "fused_cl": dict(variants=";reduce_tile=1024;elementwise_tile=2048;"
-                              "reduce_tile=1024,elementwise_tile=2048",
+    # (fewer rows per thread, 8-byte loads) 48 / 48 in every case, 5 programs per SM. fused_cl_tiles halves
+    # the tiles of those fused channels-last backward kernels only; the other two variants, of every kernel.
+    "fused_cl": dict(variants=";fused_cl_tiles=true;reduce_tile=1024;reduce_tile=1024,elementwise_tile=2048",
                      shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
                      layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
 }

@@ -221,3 +221,39 @@ def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, aligned, device
     # multiples of 32 elements, else with whole int64 ones.
     (bwd,) = [p for key, p in ops._plan_cache().items() if key[0] == "bwd" and key[1] == x.shape]
     assert bwd.reduce.constexprs["MASK_ALIGNED"] is aligned
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_cl_tiles_halve_only_the_fused_channels_last_backward(training, residual, device, monkeypatch):
+    """``Tuning.fused_cl_tiles`` (an A/B option): the channels-last backward kernels of BN + ReLU (+ add)
+    take half-size tiles (reduce, dx); plain BN and NCHW keep theirs; the gradients still match the float64
+    reference."""
+    from tritonbn import ops
+
+    base = dict(reduce_tile=128, elementwise_tile=128, eval_tile=128, max_block_c=16)
+    shape = (2, 32, 4, 4)
+    blocks = {}
+    for flag in (False, True):
+        monkeypatch.setattr(ops, "TUNING", ops.Tuning(fused_cl_tiles=flag, **base))
+        for layout, act in (("channels_last", "relu"), ("channels_last", None), ("contiguous", "relu")):
+            x, z, w, b = _inputs(shape, layout, device, seed=5)
+            z = z if residual and act else None
+            rm, rv = torch.rand(32, device=device), torch.rand(32, device=device) + 0.5
+            y = tritonbn.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training, residual=z,
+                                    activation=act)
+            dy = torch.randn_like(y)
+            expect = ref.bn_forward(x, rm, rv, w, b, training, 0.1, 1e-5, residual=z, activation=act)
+            positive = y.detach() > 0 if act else None
+            want = ref.bn_backward(dy, x, w, expect.mean, expect.invstd, training, positive)
+            for got, exp in zip(torch.autograd.grad(y, (x, w, b), dy), want):
+                assert rel_err(got, exp) < 1e-5
+            (plan,) = [p for key, p in ops._plan_cache().items() if key[0] == "bwd" and key[1] == x.shape
+                       and key[2] == x.stride() and key[7][2] == (1 if act else 0)]
+            blocks[flag, layout, act] = (plan.reduce.constexprs["BLOCK_S"] if plan.reduce else None,
+                                         plan.dx.constexprs["BLOCK_S"] * plan.dx.constexprs["BLOCK_C"])
+            ops._plan_cache().clear()
+    on, off = blocks[True, "channels_last", "relu"], blocks[False, "channels_last", "relu"]
+    assert on[1] * 2 == off[1] and (on[0] is None or on[0] * 2 == off[0])
+    for key in (("channels_last", None), ("contiguous", "relu")):
+        assert blocks[(True, *key)] == blocks[(False, *key)]

@@ -76,6 +76,10 @@ class Tuning:
                                    # can hold), "tiled" (TILED but for that bitmask) or "always" (FLAT for
                                    # every dense input)
     fast_launch: bool = True       # CompiledKernel.run on triton 3.6–3.9 (GPU); False: kernel[grid](...)
+    fused_cl_tiles: bool = False   # channels-last backward kernels with a ReLU take half-size tiles (to
+                                   # measure: benchmarks/ab.py --preset fused_cl): fewer rows per thread,
+                                   # fewer registers (sm_90, triton 3.6, bf16 add+ReLU: reduce 100 -> 48,
+                                   # dx 74 -> 48 per thread), more programs per SM
     pointer_ints: bool = True      # cached launches pass data_ptr() ints: the launcher then skips its own
                                    # data_ptr() call and cuPointerGetAttribute per pointer (H200 host,
                                    # benchmarks/host_overhead.py: 9.6 -> 7.7 µs for a launch with 6 of
@@ -861,6 +865,10 @@ class BackwardPlan:
         (has_weight, has_bias, act, has_mask, need_dx, need_dw, need_db, need_dz, need_sums) = flags
         k = _kernels()
         tuning = TUNING
+        if act != 0 and tuning.fused_cl_tiles and view.stride_c == 1 and view.stride_s != 1:
+            tuning = dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // 2,
+                                         elementwise_tile=tuning.elementwise_tile // 2,
+                                         eval_tile=tuning.eval_tile // 2)
         acc = _acc_dtype(dtype)
         self.acc = acc
         c = view.c
