@@ -19,7 +19,9 @@ blocks, one dependent DRAM round trip after the other, then the last program of 
 * ``waves=2``: half the programs, twice the row blocks each (288 programs of 6), fewer partials to merge;
 * ``waves=8``: more programs in flight per SM (800 of 2 row blocks);
 * ``reduce_tile=4096``: tiles of 64 rows, not 32: twice the bytes in flight per load (416 programs of 2);
-* ``reduce_stages=2``: the next row block's loads issued before this one is reduced (cp.async).
+* ``reduce_stages=2``: the next row block's loads issued before this one is reduced (cp.async);
+* ``elementwise_tile=8192``: the other pass, for the large bandwidth-bound rows (64×112×112, 3-D: 76% of
+  copy bandwidth against cuDNN's 80%): twice the elements per normalize / dx program.
 
 Reductions run only in training, so the rows are fp32 channels_last training forward and forward+backward;
 256×56×56 is the control that is fine today. A variant that wins there must then be checked on bf16 and
@@ -29,7 +31,7 @@ NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a 
 the fused ReLU / add+ReLU is 28-78% slower than NCHW (see ``PRESETS``), whose variants cut the registers per
 thread of the channels_last backward kernels by using smaller tiles.
 
-First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 211
+First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 241
 specializations for the default variants, shapes and dtype, both layouts), so that no variant spends its
 share compiling. Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past
 its share and keeps what it measured. ``--smoke`` runs the same on a CPU (Triton interpreter): timings mean
@@ -47,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("", "waves=2", "waves=8", "reduce_tile=4096", "reduce_stages=2")
+VARIANTS = ("", "waves=2", "waves=8", "reduce_tile=4096", "reduce_stages=2", "elementwise_tile=8192")
 # the fp32 channels-last rows under 1.0x eager in the 2026-11-28 H200 run, and one that is fine (256x56x56)
 SHAPES = "rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7,bn3d_b8_64x16x56x56"
 PRESETS = {
