@@ -25,7 +25,7 @@ Why ``torch.library.Library`` (a schema, one Python kernel per device, ``registe
 ``torch.library.custom_op`` + ``register_autograd``: a compiled graph calls its ops through the
 dispatcher on every step, and custom_op puts several Python layers in that call (its autograd kernel,
 which runs even under no_grad, a redispatch, the version bump of mutated arguments, a Dynamo-disabled
-wrapper, aliasing checks): 37-61 µs per call on a CPU core against 14-26 µs here, where the kernels'
+wrapper, aliasing checks): 37-61 µs per call on a CPU core against 13-32 µs here, where the kernels'
 own launchers take 4-10 µs. (AOTAutograd bumps the versions of the inputs a compiled graph mutates
 itself.) And not ``triton_op`` + ``wrap_triton``: under the CPU interpreter ``triton_op`` hands fake
 tensors to the kernel launch inside ``torch.compile``, while an opaque op compiles with every backend on
