@@ -361,3 +361,60 @@ def test_torch_func_transforms_run_torchs_module_exactly(device):
         torch.testing.assert_close(f(ours), f(theirs), rtol=0, atol=0)
     torch.testing.assert_close(grad(lambda z: act(x, z).square().sum())(z),
                                grad(lambda z: F.relu(theirs(x) + z).square().sum())(z), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False, "track_running_stats": False}])
+def test_torch_jit_script_compiles_torchs_module_code(kwargs):
+    """``torch.jit.script`` of a model with tritonbn layers (plain, and BatchNormAct with and without a
+    residual) compiles torch's own batch norm code: the scripted model trains and evaluates exactly as the
+    scripted torch model does (outputs, gradients, running stats, num_batches_tracked), shares the eager
+    model's parameters and buffers, and leaves the eager model tritonbn's."""
+
+    class Net(nn.Module):
+        def __init__(self, bn, act):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn, self.act = bn, act
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.act(self.bn(y), y)
+
+    torch.manual_seed(0)
+    theirs = Net(nn.BatchNorm2d(4, **kwargs), nn.BatchNorm2d(4, **kwargs))
+    if theirs.bn.affine:
+        with torch.no_grad():
+            for p in (theirs.bn.weight, theirs.bn.bias, theirs.act.weight, theirs.act.bias):
+                p.uniform_(0.5, 1.5)
+
+    class TorchAct(nn.Module):   # what BatchNormAct2d computes, in torch modules
+        def __init__(self, bn):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, x, z):
+            return torch.relu(self.bn(x) + z)
+
+    ours = copy.deepcopy(theirs)
+    ours.bn.__class__ = tritonbn.BatchNorm2d
+    act = tritonbn.BatchNormAct2d(4, **kwargs)
+    act.load_state_dict(ours.act.state_dict())
+    ours.act = act
+    theirs.act = TorchAct(theirs.act)
+    scripted_ours, scripted_theirs = torch.jit.script(ours), torch.jit.script(theirs)
+    assert type(ours.bn) is tritonbn.BatchNorm2d and type(ours.act) is tritonbn.BatchNormAct2d
+    for step in range(3):
+        x = make_input((2, 3, 4, 4), "contiguous", shift=step)
+        y_o, y_t = scripted_ours(x), scripted_theirs(x)
+        assert torch.equal(y_o, y_t)
+        y_o.square().sum().backward()
+        y_t.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    # The eager modules' own state moved with the scripted steps: the scripted model shares it.
+    for key, v in ours.state_dict().items():
+        assert torch.equal(v, theirs.state_dict()[key.replace("act.", "act.bn.")]), key
+    scripted_ours.eval()
+    scripted_theirs.eval()
+    x = make_input((2, 3, 4, 4), "contiguous")
+    assert torch.equal(scripted_ours(x), scripted_theirs(x))

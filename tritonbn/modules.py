@@ -16,9 +16,38 @@ class _TritonBatchNormMixin:
     """Replaces ``_BatchNorm.forward``; everything else (state, ``reset_*``, ``extra_repr``) is torch's."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, None, False)
         return self._bn_forward(input, None, 0)
 
-    def _bn_forward(self, input, residual, activation: int):
+    def _scripted_forward(self, input: torch.Tensor, residual: torch.Tensor | None, relu: bool
+                          ) -> torch.Tensor:
+        """What ``torch.jit.script`` compiles: torch's own ``_BatchNorm.forward`` (TorchScript cannot call a
+        parent class's method, nor run tritonbn's Python dispatch), then the residual add and ReLU."""
+        self._check_input_dim(input)
+        momentum = self.momentum
+        factor = 0.0
+        if momentum is not None:
+            factor = momentum
+        if self.training and self.track_running_stats:
+            num_batches = self.num_batches_tracked
+            if num_batches is not None:
+                num_batches.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(num_batches)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        y = F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                         self.weight, self.bias, bn_training, factor, self.eps)
+        if residual is not None:
+            y = y + residual
+        if relu:
+            y = torch.relu(y)
+        return y
+
+    @torch.jit.unused
+    def _bn_forward(self, input: torch.Tensor, residual: torch.Tensor | None, activation: int
+                    ) -> torch.Tensor:
         self._check_input_dim(input)
         # Parameters and buffers straight from their dicts: nn.Module.__getattr__ is slow, and this runs
         # once per layer per step.
@@ -48,6 +77,7 @@ class _TritonBatchNormMixin:
         return self._torch_forward(input, running_mean, running_var, bn_training, num_batches is not None,
                                    residual, activation)
 
+    @torch.jit.unused
     def _torch_forward(self, input, running_mean, running_var, bn_training, tracking, residual, activation):
         """torch's own ``_BatchNorm.forward``, except that ``num_batches_tracked`` is incremented only once
         ``F.batch_norm`` has succeeded (torch increments it first, so a call that raises changes state)."""
@@ -86,6 +116,12 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
         self.activation = activation
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual, self.activation is not None)
+        return self._act_forward(input, residual)
+
+    @torch.jit.unused
+    def _act_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         act = activation_code(self.activation)
         if residual is not None and (torch.jit.is_tracing() or not fusable_residual(input, residual)):
             # Not fusable (broadcasting, type promotion): the unfused ops, with torch's semantics, so a model
