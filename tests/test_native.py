@@ -168,6 +168,33 @@ def test_native_fallbacks_to_the_python_backward(hooked, monkeypatch):
         assert type(bn(x).grad_fn).__name__ == "CppFunction"
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_native_path_under_activation_checkpointing(use_reentrant, hooked, monkeypatch):
+    """torch.utils.checkpoint from a plan's first call on: the original forward takes the Python path and
+    its recomputation the native one, so the C++ node must save exactly the tensors BatchNormFunction
+    saves (a non-reentrant checkpoint compares them one by one). Gradients and running stats equal the
+    Python path's, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(native, "ENABLED", on)
+        monkeypatch.setattr(ops, "_plans", {})
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), tritonbn.BatchNormAct2d(4),
+                                    torch.nn.Conv2d(4, 4, 1), tritonbn.BatchNorm2d(4))
+        out = []
+        for _ in range(3):
+            x = torch.randn(2, 3, 6, 6, requires_grad=True)
+            model.zero_grad(set_to_none=True)
+            y = checkpoint(model, x, use_reentrant=use_reentrant)
+            y.square().sum().backward()    # the reentrant checkpoint takes no autograd.grad
+            out += [y, x.grad, *(p.grad for p in model.parameters())]
+        results.append(out + [t.clone() for t in model.state_dict().values()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_native_retain_graph_gives_each_backward_its_own_buffers(hooked, monkeypatch):
     """Two backwards through one native node: fresh workspaces, the first gradients untouched."""
     monkeypatch.setattr(native, "ENABLED", True)

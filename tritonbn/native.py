@@ -282,7 +282,7 @@ def _python_backward(handle, dy, saved, needs, eps):
     """The node's Python backward: missing programs (then the program is built for next time),
     create_graph (differentiable torch ops), a gradient not laid out as x."""
     plan = _plans[handle]
-    x, weight, bias, mean_src, var_src, mask, _ = saved
+    x, weight, bias, mean_src, var_src, mask = saved
     need_dx, need_dw, need_db, need_dz = (bool(needs & b) for b in (DX, DWEIGHT, DBIAS, DZ))
     dbias_dtype = bias.dtype if need_db and bias is not None else None
     activation = plan.flags[6]

@@ -250,11 +250,16 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
     if (ctx != nullptr) {
       Tensor stats = output(table, plan.forward.outputs[1]);
       Tensor mask = output(table, plan.forward.outputs[2]);
+      // Exactly the tensors BatchNormFunction (the Python path) saves, in its order: a plan's first call
+      // takes that path, and a non-reentrant checkpoint compares what its recomputation saves with what
+      // the original forward saved, tensor by tensor. The counters (a long-lived buffer of the stream) are
+      // kept outside the saved tensors.
       if (plan.training) {
-        ctx->save_for_backward({x, table[1], table[2], stats, stats, mask, counters});
+        ctx->save_for_backward({x, table[1], table[2], stats, stats, mask});
       } else {
-        ctx->save_for_backward({x, table[1], table[2], table[4], table[5], mask, counters});
+        ctx->save_for_backward({x, table[1], table[2], table[4], table[5], mask});
       }
+      ctx->saved_data["counters"] = counters;
       ctx->saved_data["handle"] = handle;
       ctx->saved_data["eps"] = eps;
       ctx->saved_data["stream"] = stream;
@@ -292,7 +297,8 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
       std::vector<Tensor> table(BACKWARD_SLOTS);
       table[0] = x;
       table[1] = dy;
-      for (int i = 2; i < 8; ++i) table[i] = saved[i - 1];
+      for (int i = 2; i < 7; ++i) table[i] = saved[i - 1];
+      table[7] = ctx->saved_data["counters"].toTensor();
       run_program(*program, table, 0.0, eps, stream);
       dx = output(table, program->outputs[0]);
       dw = output(table, program->outputs[1]);
