@@ -7,6 +7,7 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from reference import make_input, rel_err
 from torch import nn
 
@@ -418,3 +419,38 @@ def test_torch_jit_script_compiles_torchs_module_code(kwargs):
     scripted_theirs.eval()
     x = make_input((2, 3, 4, 4), "contiguous")
     assert torch.equal(scripted_ours(x), scripted_theirs(x))
+
+
+def _double_weight(m):
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    parametrize.register_parametrization(m, "weight", Double())
+
+
+@pytest.mark.parametrize("wrap", [
+    _double_weight,                                                            # torch.nn.utils.parametrize
+    lambda m: torch.nn.utils.weight_norm(m, "weight", dim=0),                  # a forward pre-hook
+    lambda m: prune.l1_unstructured(m, "bias", amount=0.5),                    # network-slimming style
+])
+def test_parametrized_or_hooked_parameters_are_used(wrap, device):
+    """A weight or bias that a parametrization or a forward pre-hook provides (it is then not in the
+    module's parameter dict): the layer uses it, as torch's does; outputs, running stats and the gradients
+    of the underlying parameters match torch's."""
+    theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 5, device)
+    for m in (theirs, ours):
+        wrap(m)
+    for step in range(2):
+        x = make_input((3, 5, 2, 3), "channels_last", device=device, shift=step)
+        dy = torch.randn_like(x)
+        y_t, y_o = theirs(x), ours(x)
+        torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-5)
+        (y_t * dy).sum().backward()
+        (y_o * dy).sum().backward()
+    for (name, p_o), p_t in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)

@@ -50,12 +50,15 @@ class _TritonBatchNormMixin:
                     ) -> torch.Tensor:
         self._check_input_dim(input)
         # Parameters and buffers straight from their dicts: nn.Module.__getattr__ is slow, and this runs
-        # once per layer per step.
+        # once per layer per step. Not there when a parametrization (torch.nn.utils.parametrize) or a
+        # forward pre-hook (weight_norm, spectral_norm, prune) provides them: then as attributes.
         params, buffers = self._parameters, self._buffers
-        weight, bias = params["weight"], params["bias"]
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
         training = self.training
         if not training or self.track_running_stats:
-            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
+            running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
         else:
             running_mean = running_var = None
         bn_training = training or (running_mean is None and running_var is None)
