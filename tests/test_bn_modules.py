@@ -454,3 +454,30 @@ def test_parametrized_or_hooked_parameters_are_used(wrap, device):
         torch.testing.assert_close(p_o.grad, p_t.grad, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_functional_call_uses_the_given_parameters_and_buffers(device):
+    """``torch.func.functional_call``: the layer computes with the tensors passed in and updates the
+    running stats passed in (not its own), as torch's layer does; gradients reach the passed parameters."""
+    from torch.func import functional_call
+
+    theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 3, device)
+    x = make_input((4, 3, 2, 2), "channels_last", device=device)
+    own = {k: v.clone() for k, v in ours.state_dict().items()}
+    results = []
+    for m in (theirs, ours):
+        torch.manual_seed(1)
+        params = {k: (torch.rand(3, device=device) + 0.5).requires_grad_(True) for k in ("weight", "bias")}
+        buffers = {"running_mean": torch.zeros(3, device=device), "running_var": torch.ones(3, device=device),
+                   "num_batches_tracked": torch.tensor(0, device=device)}
+        m.train()
+        y = functional_call(m, {**params, **buffers}, (x,))
+        grads = torch.autograd.grad(y.square().sum(), list(params.values()))
+        m.eval()
+        y_eval = functional_call(m, {**params, **buffers}, (x,))
+        results.append([y, *grads, *buffers.values(), y_eval])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert int(results[1][5]) == 1   # the passed num_batches_tracked moved
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, own[k]), k   # the module's own state did not
