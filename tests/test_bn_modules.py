@@ -481,3 +481,42 @@ def test_functional_call_uses_the_given_parameters_and_buffers(device):
     assert int(results[1][5]) == 1   # the passed num_batches_tracked moved
     for k, v in ours.state_dict().items():
         assert torch.equal(v, own[k]), k   # the module's own state did not
+
+
+def test_fx_symbolic_trace_keeps_the_layers_as_leaves():
+    """``torch.fx.symbolic_trace`` (feature extractors, FX quantization, model surgery): tritonbn's layers
+    are ``call_module`` leaves, as torch's BatchNorm is, so the traced module runs them, train/eval mode
+    included, and shares their state."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = tritonbn.BatchNorm2d(4)
+            self.act = tritonbn.BatchNormAct2d(4)
+            self.relu_only = tritonbn.BatchNormAct2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.relu_only(self.act(self.bn(y), y))
+
+    torch.manual_seed(0)
+    net = Net()
+    gm = torch.fx.symbolic_trace(net)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["conv", "bn", "act", "relu_only"]
+    twin = copy.deepcopy(net)
+    for step in range(2):
+        x = make_input((2, 3, 4, 4), "contiguous", shift=step)
+        y, y_twin = gm(x), twin(x)
+        assert torch.equal(y, y_twin)
+        y.square().sum().backward()
+        y_twin.square().sum().backward()
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(net.named_buffers(), twin.buffers()):
+        assert torch.equal(b, c), name   # the traced module updated the original's running stats
+    gm.eval()
+    twin.eval()
+    x = make_input((2, 3, 4, 4), "contiguous")
+    assert torch.equal(gm(x), twin(x))

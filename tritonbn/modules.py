@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import Proxy as _FxProxy
 
 from tritonbn.dispatch import functorch_active, uses_triton
 from tritonbn.functional import activation_code, batch_norm_impl, fusable_residual, supported
@@ -48,6 +49,8 @@ class _TritonBatchNormMixin:
     @torch.jit.unused
     def _bn_forward(self, input: torch.Tensor, residual: torch.Tensor | None, activation: int
                     ) -> torch.Tensor:
+        if isinstance(input, _FxProxy):
+            return _fx_leaf(self, input)
         self._check_input_dim(input)
         # Parameters and buffers straight from their dicts: nn.Module.__getattr__ is slow, and this runs
         # once per layer per step. Not there when a parametrization (torch.nn.utils.parametrize) or a
@@ -94,6 +97,15 @@ class _TritonBatchNormMixin:
         return epilogue(y, residual, activation)
 
 
+def _fx_leaf(module, *args):
+    """Under ``torch.fx.symbolic_trace``: the module as one ``call_module`` node, as FX keeps torch's own
+    BatchNorm (its default tracer takes only torch.nn's modules as leaves, and would trace into tritonbn's
+    dispatch, which branches on the input). The traced module then calls this module, kernels and
+    train/eval mode included."""
+    tracer = next(a for a in args if isinstance(a, _FxProxy)).tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
 class BatchNorm1d(_TritonBatchNormMixin, nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` on tritonbn kernels; input ``(N, C)`` or ``(N, C, L)``."""
 
@@ -125,6 +137,8 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
 
     @torch.jit.unused
     def _act_forward(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(input, _FxProxy) or isinstance(residual, _FxProxy):
+            return _fx_leaf(self, input) if residual is None else _fx_leaf(self, input, residual)
         act = activation_code(self.activation)
         if residual is not None and (torch.jit.is_tracing() or not fusable_residual(input, residual)):
             # Not fusable (broadcasting, type promotion): the unfused ops, with torch's semantics, so a model
