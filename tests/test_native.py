@@ -282,21 +282,17 @@ def test_native_path_stays_python_on_a_triton_whose_launches_it_does_not_know(ve
     import triton
 
     monkeypatch.setattr(triton, "__version__", version)
-    native._triton_unsupported.cache_clear()
     monkeypatch.setattr(native, "failures", [])
     monkeypatch.setattr(native, "ENABLED", True)
-    try:
-        m = tritonbn.BatchNorm2d(3)
-        x = make_input((2, 3, 4, 4), "contiguous").requires_grad_(True)
-        for _ in range(3):
-            y = m(x)
-            y.sum().backward()
-            assert type(y.grad_fn).__name__ == "BatchNormFunctionBackward"
-        assert native.failures == [f"forward: triton {version}: the native path packs launches as triton "
-                                   "3.6-3.9 do"]
-        assert hooked == []        # no launch went through the native path
-    finally:
-        native._triton_unsupported.cache_clear()
+    m = tritonbn.BatchNorm2d(3)
+    x = make_input((2, 3, 4, 4), "contiguous").requires_grad_(True)
+    for _ in range(3):
+        y = m(x)
+        y.sum().backward()
+        assert type(y.grad_fn).__name__ == "BatchNormFunctionBackward"
+    assert native.failures == [f"forward: triton {version}: the native path packs launches as triton "
+                               "3.6-3.9 do"]
+    assert hooked == []        # no launch went through the native path
 
 
 def test_native_is_off_by_default_and_a_failed_build_leaves_the_python_path(monkeypatch):

@@ -129,8 +129,8 @@ def _param_list(launch: ops._Launch, args: tuple) -> list:
         types.append(ty)
     compiled = launch.compiled
     if compiled is not None:
-        signature = getattr(getattr(compiled, "src", None), "signature", None)
-        if not isinstance(signature, dict):   # nothing to check the packing against: do not guess
+        signature = ops._compiled_signature(compiled)
+        if signature is None:   # nothing to check the packing against: do not guess
             raise NotNative(f"{kernel.fn.__name__}: the compiled kernel's signature is unknown")
         got = ["*" if str(t).startswith("*") else str(t) for t in signature.values() if t != "constexpr"]
         if got != types:
@@ -192,26 +192,12 @@ def _run_hooked(kid, args):
     _hook(_launches[kid], tuple(args))
 
 
-@functools.cache
-def _triton_unsupported() -> str | None:
-    """Why this Triton's launches cannot be packed here, or None. The packing (each parameter as Triton
-    types it, then the global and profile scratch pointers) follows the launchers of triton 3.6 to 3.9."""
-    import triton
-
-    try:
-        version = tuple(int(v) for v in triton.__version__.split(".")[:2])
-    except ValueError:
-        version = None
-    if version is None or not (3, 6) <= version <= (3, 9):
-        return f"triton {triton.__version__}: the native path packs launches as triton 3.6-3.9 do"
-    return None
-
-
 def build_forward(plan: ops.ForwardPlan, x: torch.Tensor) -> int:
     """The native handle of a forward ``plan`` whose kernels have run (compiled) on ``x``'s layout."""
-    unsupported = _triton_unsupported()
-    if unsupported:
-        raise NotNative(unsupported)
+    if not ops._known_launcher():   # the packing: parameters as Triton types them, then scratch pointers
+        import triton
+
+        raise NotNative(f"triton {triton.__version__}: the native path packs launches as triton 3.6-3.9 do")
     C = module()
     if C is None:
         raise NotNative(f"extension unavailable: {build_error}")

@@ -157,18 +157,24 @@ def interpreted() -> bool:
     return ours and triton_lib
 
 
-@functools.cache
-def _fast_launch_supported() -> bool:
-    """``CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
-    exit_hook, *all_params)`` is the launcher convention of triton 3.6 through 3.9 (read from their
-    sources); anything else takes the normal launch."""
+def _known_launcher() -> bool:
+    """Whether this Triton's launcher convention is one tritonbn's launch paths were written against
+    (triton 3.6 through 3.9, read from their sources): the cached launch here, the native path's packing."""
     import triton
 
     try:
         major, minor = (int(v) for v in triton.__version__.split(".")[:2])
     except ValueError:
         return False
-    return (3, 6) <= (major, minor) <= (3, 9) and not interpreted()
+    return (3, 6) <= (major, minor) <= (3, 9)
+
+
+@functools.cache
+def _fast_launch_supported() -> bool:
+    """``CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
+    exit_hook, *all_params)`` is the launcher convention of triton 3.6 through 3.9; anything else takes the
+    normal launch."""
+    return _known_launcher() and not interpreted()
 
 
 @functools.cache
@@ -264,10 +270,17 @@ class _Launch:
             self.n_ptr = _pointer_prefix(compiled) if TUNING.pointer_ints else 0
 
 
+def _compiled_signature(compiled) -> dict | None:
+    """A compiled kernel's parameter types by name (``"*bf16"``, ``"i32"``, ``"constexpr"``...), or None
+    where this Triton does not keep them."""
+    signature = getattr(getattr(compiled, "src", None), "signature", None)
+    return signature if isinstance(signature, dict) else None
+
+
 def _pointer_prefix(compiled) -> int:
     """How many leading parameters of ``compiled`` are pointers (tritonbn's kernels declare theirs first),
     or 0 where pointers are not all leading."""
-    types = list((getattr(getattr(compiled, "src", None), "signature", None) or {}).values())
+    types = list((_compiled_signature(compiled) or {}).values())
     n = next((i for i, t in enumerate(types) if not str(t).startswith("*")), len(types))
     return n if not any(str(t).startswith("*") for t in types[n:]) else 0
 
