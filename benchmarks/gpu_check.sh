@@ -142,7 +142,7 @@ env_to_file() {
 step env env_to_file
 
 # --- Triton cache, compiled in parallel ahead of the first launches ------------------------------------
-# The native call path's C++ extension (Tuning.native, its CUDA test) builds meanwhile, in the background:
+# The native call path's C++ extension (tritonbn.native: its CUDA tests, host_us and model_bench --native) builds meanwhile, in the background:
 # ~30-60 s on one core that would otherwise come out of the CUDA tests' cap.
 native_pid=
 if [ "$SMOKE" != 1 ]; then
