@@ -520,3 +520,128 @@ def test_fx_symbolic_trace_keeps_the_layers_as_leaves():
     twin.eval()
     x = make_input((2, 3, 4, 4), "contiguous")
     assert torch.equal(gm(x), twin(x))
+
+
+def _conv_bn_pair(device):
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 5, 3, device=device), nn.BatchNorm2d(5, device=device), nn.ReLU())
+    with torch.no_grad():
+        theirs[1].weight.uniform_(0.5, 1.5)
+        theirs[1].bias.uniform_(-1, 1)
+    return theirs, tritonbn.convert_model(copy.deepcopy(theirs))
+
+
+def _bn_ops(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes
+            if n.op == "call_function" and "batch_norm" in str(n.target)]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_make_fx_records_torchs_batch_norm(training, device):
+    """``make_fx`` (real tensors; its proxy mode records every ATen op): the layers run torch's batch norm
+    there, so the graph holds it and replays like the model. A Triton launch is invisible to the mode: the
+    graph would hold the output's allocation and nothing that fills it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    theirs, ours = _conv_bn_pair(device)
+    theirs.train(training)
+    ours.train(training)
+    x = make_input((2, 3, 6, 6), "channels_last", device=device)
+    gm = make_fx(ours)(x)
+    assert _bn_ops(gm), gm.graph
+    twin = copy.deepcopy(theirs)
+    torch.testing.assert_close(gm(x), twin(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fake_tensors_run_torchs_batch_norm_and_leave_tritonbn_usable(device):
+    """Under ``FakeTensorMode`` (shape inference, memory estimation, meta-init tools) the layers give
+    torch's fake outputs: shapes, dtypes and strides, train and eval, fused layers included; afterwards
+    real calls still match torch (no fake tensor was cached as tritonbn state)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = make_input((2, 3, 6, 6), "channels_last", device=device)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(x)
+        fz = mode.from_tensor(torch.randn(2, 5, 4, 4, device=device))
+        theirs = nn.Sequential(nn.Conv2d(3, 5, 3, device=device), nn.BatchNorm2d(5, device=device), nn.ReLU())
+        ours = tritonbn.convert_model(nn.Sequential(nn.Conv2d(3, 5, 3, device=device),
+                                                    nn.BatchNorm2d(5, device=device), nn.ReLU()))
+        act = tritonbn.BatchNormAct2d(5, device=device)
+        for training in (True, False):
+            theirs.train(training)
+            ours.train(training)
+            act.train(training)
+            y_o, y_t = ours(fx), theirs(fx)
+            y_a = act(ours[0](fx), fz)
+            for y in (y_o, y_a):
+                assert type(y) is type(y_t) and y.shape == y_t.shape and y.dtype == y_t.dtype
+                assert y.stride() == y_t.stride() and y.device == y_t.device
+    theirs, ours = _conv_bn_pair(device)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert_same_state(ours[1], theirs[1])
+
+
+def test_tensor_subclass_input_runs_torchs_batch_norm(device):
+    """A ``__torch_dispatch__`` tensor subclass (DTensor, TwoTensor...) has no memory the kernels can read:
+    torch's batch norm, which the subclass implements, runs it; the result is the subclass's, and the
+    running stats move as torch's do."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 3, device)
+    x = make_input((2, 3, 4, 4), "contiguous", device=device)
+    y = ours(TwoTensor(x, x.clone()))
+    assert isinstance(y, TwoTensor)
+    y_t = theirs(TwoTensor(x, x.clone()))
+    torch.testing.assert_close(y.a, y_t.a, rtol=0, atol=0)
+    torch.testing.assert_close(y.b, y_t.b, rtol=0, atol=0)
+    assert_same_state(ours, theirs, rtol=0, atol=0)
+
+
+def test_forward_mode_ad_runs_torchs_batch_norm(device):
+    """Forward-mode AD (``torch.autograd.forward_ad``; tritonbn's autograd layer has no jvp): torch's batch
+    norm computes the tangents, train and eval, plain and fused layers; running stats as torch's."""
+    import torch.autograd.forward_ad as fwad
+
+    x = make_input((4, 3, 2, 2), "channels_last", device=device)
+    tx, z, tz = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x)
+    theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 3, device)
+    act = tritonbn.BatchNormAct2d(3).to(device)
+    act.load_state_dict(theirs.state_dict())
+    twin = copy.deepcopy(theirs)
+    fused = {act: lambda m, a, b: m(a, b), twin: lambda m, a, b: F.relu(m(a) + b)}
+    for training in (True, False):
+        out = {}
+        for m, f in [(theirs, lambda m, a, b: m(a)), (ours, lambda m, a, b: m(a)), *fused.items()]:
+            m.train(training)
+            with fwad.dual_level():
+                y = f(m, fwad.make_dual(x, tx), fwad.make_dual(z, tz))
+                out[m] = fwad.unpack_dual(y)
+        for a, b in ((ours, theirs), (act, twin)):
+            torch.testing.assert_close(out[a].primal, out[b].primal, rtol=0, atol=0)
+            torch.testing.assert_close(out[a].tangent, out[b].tangent, rtol=0, atol=0)
+            assert_same_state(a, b, rtol=0, atol=0)
+
+
+def test_observing_dispatch_modes_see_tritonbn_own_path(monkeypatch):
+    """A mode that only observes ATen ops (op counters, loggers; benchmarks.harness counts tritonbn's
+    allocations with one) leaves the layers on their own kernels."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tritonbn import ops
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+    monkeypatch.setattr(ops, "_launch_hook", lambda kernel, *a: launches.append(kernel))
+    with Seen() as mode:
+        tritonbn.BatchNorm2d(3)(make_input((2, 3, 4, 4), "channels_last"))
+    assert len(launches) == 2
+    assert not [op for op in mode.ops if "batch_norm" in op]
