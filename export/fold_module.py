@@ -189,8 +189,11 @@ class _GraphFolder:
             if id(m) in self.ctx.bn_ranks:
                 self.ctx.bn_ranks[id(part)] = self.ctx.bn_ranks[id(m)]
             target = self.part_target(m, calls[0][0].target, part)
-            for node, (_, residual) in calls:
+            for node, _ in calls:
                 node.target = target
+                # Operands read now: an earlier split redirected the users of its call (this one among
+                # them, when the other's output is this call's residual) to its activation.
+                _, residual = fused_bn.call_operands(node)
                 fused_bn.split_call(self.gm.graph, node, m.activation, residual)
 
     def part_target(self, m: nn.Module, target: str, part: nn.Module) -> str:
