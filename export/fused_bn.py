@@ -24,7 +24,8 @@ _PLAIN_PART = {_tbn.BatchNormAct1d: _tbn.BatchNorm1d, _tbn.BatchNormAct2d: _tbn.
                _tbn.BatchNormAct3d: _tbn.BatchNorm3d}
 _ACT_FORWARD = _tbn.BatchNormAct2d.forward  # the mixin's: the same function object for every rank
 # activation name -> the torch function the split graph calls (what tritonbn's unfused epilogue calls)
-ACTIVATIONS = {None: None, "relu": torch.relu}
+ACTIVATIONS = {None: None, "relu": torch.relu, "relu6": torch.nn.functional.relu6,
+               "silu": torch.nn.functional.silu}
 
 
 def is_fused(m: nn.Module) -> bool:

@@ -4,8 +4,8 @@
 running ← (1 − f)·running + f·batch with the unbiased variance; and
 dx = γ·invstd/m · (m·dy − Σdy − x̂·Σ(dy·x̂)), dγ = Σ(dy·x̂), dβ = Σdy.
 
-Fused epilogue: out = act(y + z); with ReLU the backward runs the formulas above on g = dy·[out > 0], and
-dz = g (dy without an activation).
+Fused epilogue: out = act(u), u = y + z; the backward runs the formulas above on g = dy·act'(u) (ReLU:
+[u > 0], ReLU6: [0 < u < 6], SiLU: σ(u)·(1 + u·(1 − σ(u)))), and dz = g (dy without an activation).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class RefForward:
     invstd: torch.Tensor
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
+    pre: torch.Tensor | None = None   # the activation's input u (y + z)
 
 
 def _channel_shape(x):
@@ -35,7 +36,7 @@ def _reduce_dims(x):
 def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps, residual=None,
                activation=None) -> RefForward:
     """``factor`` is the running-average factor (momentum, or 1/num_batches_tracked). ``y`` is the output
-    after the optional residual add and activation ("relu")."""
+    after the optional residual add and activation ("relu", "relu6", "silu"); ``pre`` is before it."""
     x = x.double()
     shape = _channel_shape(x)
     rm = running_mean.double().clone() if running_mean is not None else None
@@ -58,18 +59,36 @@ def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps
         y = y + bias.double().view(shape)
     if residual is not None:
         y = y + residual.double()
+    pre = y
     if activation == "relu":
         y = y.clamp_min(0)
-    return RefForward(y, mean, invstd, rm, rv)
+    elif activation == "relu6":
+        y = y.clamp(0, 6)
+    elif activation == "silu":
+        y = y * torch.sigmoid(y)
+    return RefForward(y, mean, invstd, rm, rv, pre)
 
 
-def bn_backward(dy, x, weight, mean, invstd, training, positive=None):
+def act_grad(activation, pre):
+    """act'(u) in float64 (gates as torch's backward: closed at 0 and 6)."""
+    u = pre.double()
+    if activation == "relu":
+        return (u > 0).double()
+    if activation == "relu6":
+        return ((u > 0) & (u < 6)).double()
+    if activation == "silu":
+        s = torch.sigmoid(u)
+        return s * (1 + u * (1 - s))
+    return torch.ones_like(u)
+
+
+def bn_backward(dy, x, weight, mean, invstd, training, dact=None):
     """(dx, dγ, dβ) in float64 from the formulas; ``mean``/``invstd`` as returned by ``bn_forward``.
-    After a ReLU, ``positive`` is its mask (out > 0): the gradient entering batch norm is dy·mask (and that
-    is also the residual's gradient)."""
+    After an activation, ``dact`` is its derivative act'(u) (ReLU: the mask out > 0): the gradient entering
+    batch norm is dy·act'(u) (and that is also the residual's gradient)."""
     x, dy = x.double(), dy.double()
-    if positive is not None:
-        dy = dy * positive.double().to(dy.device)
+    if dact is not None:
+        dy = dy * dact.double().to(dy.device)
     shape = _channel_shape(x)
     dims = _reduce_dims(x)
     xhat = (x - mean.view(shape)) * invstd.view(shape)

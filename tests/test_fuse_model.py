@@ -288,6 +288,51 @@ def test_add_spellings_fuse(spelling):
     _check_same_as_torch(model, fused, x, z)
 
 
+class _ActPattern(nn.Module):
+    def __init__(self, body, act_cls):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.act = act_cls(inplace=True)
+        self.body = body
+
+    def forward(self, x, z):
+        return self.body(self, x, z)
+
+
+ACT_SPELLINGS = {   # spelling: (activation, module class, body, residual fused)
+    "nn.ReLU6": ("relu6", nn.ReLU6, lambda m, x, z: m.act(m.bn(x)), False),
+    "F.relu6": ("relu6", nn.ReLU6, lambda m, x, z: F.relu6(m.bn(x)), False),
+    "F.relu6 in place": ("relu6", nn.ReLU6, lambda m, x, z: F.relu6(m.bn(x), inplace=True), False),
+    "nn.ReLU6 after +=": ("relu6", nn.ReLU6, lambda m, x, z: m.act(m.bn(x).add_(z)), True),
+    "F.relu6 after +": ("relu6", nn.ReLU6, lambda m, x, z: F.relu6(z + m.bn(x)), True),
+    "nn.SiLU": ("silu", nn.SiLU, lambda m, x, z: m.act(m.bn(x)), False),
+    "F.silu": ("silu", nn.SiLU, lambda m, x, z: F.silu(m.bn(x)), False),
+    "F.silu in place": ("silu", nn.SiLU, lambda m, x, z: F.silu(m.bn(x), inplace=True), False),
+}
+
+
+@pytest.mark.parametrize("spelling", ACT_SPELLINGS)
+def test_relu6_and_silu_spellings_fuse(spelling):
+    """BN → ReLU6 (MobileNet's Conv-BN-ReLU6) and BN → SiLU (EfficientNet's, YOLO's Conv-BN-SiLU) fuse like
+    BN → ReLU, and BN → add → ReLU6 like BN → add → ReLU: same outputs, gradients and state as the model.
+    Weights scaled so that ReLU6 clips at 6 too."""
+    activation, cls, body, residual = ACT_SPELLINGS[spelling]
+    model = _ActPattern(body, cls)
+    with torch.no_grad():
+        model.bn.weight.mul_(4)
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2)) * 3
+    fused, report = tritonbn.fuse_model(model, (x, z))
+    pattern = ("bn_add_" if residual else "bn_") + activation
+    assert [(f.bn, f.pattern, f.activation) for f in report.fused] == [("bn", pattern, activation)], report
+    assert isinstance(fused.bn, tritonbn.BatchNormAct2d) and fused.bn.activation == activation
+    code = type(fused)._tritonbn_fused_code
+    assert activation not in code and "act" not in code
+    if activation == "relu6":
+        with torch.no_grad():
+            assert (copy.deepcopy(model)(x, z) == 6).any()
+    _check_same_as_torch(model, fused, x, z)
+
+
 def test_add_of_two_bn_outputs_fuses_the_first():
     class TwoBranches(nn.Module):
         def __init__(self):
@@ -372,7 +417,9 @@ UNSAFE = {  # case: (forward body, expected reason)
     "ReLU with hooks": (_bn_relu, "ReLU 'relu' has forward hooks"),
     "BN with hooks": (_bn_relu, "BN has forward hooks"),
     "BN called twice": (_two_calls, "BN is called 2 times"),
-    "BN feeds a LeakyReLU": (lambda m, x, z: F.leaky_relu(m.bn(x)), "feeds leaky_relu, not a ReLU or an add"),
+    "BN feeds a LeakyReLU": (lambda m, x, z: F.leaky_relu(m.bn(x)), "feeds leaky_relu, not an activation"),
+    "add feeds a SiLU": (lambda m, x, z: F.silu(m.bn(x) + z), "the add is fused only before a ReLU or ReLU6"),
+    "hardtanh(0, 6)": (lambda m, x, z: F.hardtanh(m.bn(x), 0.0, 6.0), "feeds hardtanh, not an activation"),
     "add feeds a sigmoid": (lambda m, x, z: torch.sigmoid(m.bn(x) + z), "add result feeds sigmoid"),
 }
 
@@ -470,11 +517,11 @@ def test_report_to_dict_json_and_text():
     d = report.to_dict()
     assert set(d) == {"fused", "skipped", "fallbacks", "rewritten", "warnings"}
     assert d["fused"][0] == {"bn": "bn1", "into": "BatchNormAct2d", "pattern": "bn_relu", "module": "",
-                             "relu": "nn.ReLU 'relu'", "add": None, "residual": None}
+                             "activation": "relu", "act": "nn.ReLU 'relu'", "add": None, "residual": None}
     assert set(d["skipped"][0]) == {"bn", "reason", "action"}
     assert isinstance(report.to_json(), str)
     text = str(report)
-    assert text.startswith("fused 3 BatchNorm (3 BN+ReLU, 0 BN+add+ReLU), 3 not fused")
+    assert text.startswith("fused 3 BatchNorm (3 BN+ReLU), 3 not fused")
     assert "needs example_inputs" in text
 
 
@@ -492,8 +539,19 @@ def test_bad_arguments_raise_clearly():
 
 # --- compile, DDP --------------------------------------------------------------------------------
 
-def test_compile_fullgraph_aot_eager_of_fused_model():
-    fused, _ = tritonbn.fuse_model(_model("basic", layers=(1, 1)), (_x(),))
+def _relu6_silu_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6(inplace=True),
+                         nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5), nn.SiLU())
+
+
+@pytest.mark.parametrize("build,patterns", [
+    (lambda: _model("basic", layers=(1, 1)), {"bn_relu", "bn_add_relu"}),
+    (_relu6_silu_model, {"bn_relu6", "bn_silu"}),   # the custom ops carry the activation code
+])
+def test_compile_fullgraph_aot_eager_of_fused_model(build, patterns):
+    fused, report = tritonbn.fuse_model(build(), (_x(),))
+    assert {f.pattern for f in report.fused} == patterns, report
     eager = copy.deepcopy(fused)
     torch._dynamo.reset()
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")

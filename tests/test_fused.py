@@ -12,12 +12,14 @@ from reference import CASES, make_input, rel_err
 
 import tritonbn
 
+_TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu}
+
 
 def _unfused(x, rm, rv, w, b, training, z, act):
     y = F.batch_norm(x, rm, rv, w, b, training=training)
     if z is not None:
         y = y + z
-    return torch.relu(y) if act == "relu" else y
+    return _TORCH_ACT[act](y)
 
 
 def _inputs(shape, layout, device, dtype=torch.float32, seed=0):
@@ -117,6 +119,77 @@ def test_fused_low_precision_no_worse_than_torch(dtype, layout, device):
         assert rel_err(got, exp) < 8 * ulp
 
 
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,layout", [CASES[0], CASES[3], CASES[4], CASES[5], CASES[10], CASES[12]])
+def test_fused_relu6_and_silu_match_reference_and_torch(shape, layout, with_residual, act, training, device):
+    """ReLU6 (a gated activation, like ReLU: its gate 0 < u < 6 is recomputed from x, or stored as the
+    bitmask with a residual) and SiLU (no gate: act'(u) recomputed from x; with a residual the add and the
+    SiLU run after the kernels): outputs, running stats and every gradient against the float64 reference
+    and torch's unfused ops. γ is scaled so that u crosses both of ReLU6's edges."""
+    x, z, w, b = _inputs(shape, layout, device, seed=7)
+    z = z * 3 if with_residual else None
+    w = (w.detach() * 4).requires_grad_(True)
+    c = shape[1]
+    rm, rv = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    expect = ref.bn_forward(x, rm, rv, w, b, training, 0.1, 1e-5, residual=z, activation=act)
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=training, residual=z, activation=act)
+    y_t = _unfused(x, rm_t, rv_t, w, b, training, z, act)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.stride() == y_t.stride()
+    assert rel_err(y, expect.y) < 1e-5
+    if training:
+        assert rel_err(rm, expect.running_mean) < 1e-6 and rel_err(rv, expect.running_var) < 1e-6
+    torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+    if act == "relu6" and x.numel() > 50:
+        assert (expect.pre < 0).any() and (expect.pre > 6).any()   # both edges of the gate are exercised
+
+    dy = torch.randn_like(y)
+    inputs = (x, w, b) + ((z,) if z is not None else ())
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_t = torch.autograd.grad(y_t, inputs, dy)
+    if act == "relu6":   # the gate of the output written (no ambiguity at rounding distance of an edge)
+        dact = ((y.detach() > 0) & (y.detach() < 6)).double()
+    else:
+        dact = ref.act_grad(act, expect.pre)
+    want = list(ref.bn_backward(dy, x, w, expect.mean, expect.invstd, training, dact))
+    if z is not None:
+        want.append(dy.double() * dact.to(dy.device))
+    for got, got_t, exp in zip(grads, grads_t, want):
+        assert rel_err(got, exp) < 1e-5
+        torch.testing.assert_close(got, got_t, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+def test_fused_relu6_and_silu_launches(act, device, monkeypatch):
+    """One launch per pass more than nothing: 2 in the training forward, 2 in its backward, 1 in eval; with
+    a residual ReLU6 stays fused (the bitmask), SiLU adds its residual after the kernels."""
+    from tritonbn import ops
+
+    x = make_input((2, 4, 3, 3), "channels_last", device=device).requires_grad_(True)
+    z = torch.randn_like(x).requires_grad_(True)
+    m = tritonbn.BatchNormAct2d(4, activation=act).to(device)
+    names = []
+    real = ops._Launch.__call__
+
+    def count(self, stream, *args):
+        names.append(self.kernel.fn.__name__)
+        return real(self, stream, *args)
+
+    monkeypatch.setattr(ops._Launch, "__call__", count)
+    y = m(x, z)
+    assert len(names) == 2
+    names.clear()
+    y.sum().backward()
+    assert len(names) == 2
+    m.eval()
+    names.clear()
+    with torch.no_grad():
+        m(x, z)
+    assert len(names) == 1
+
+
 def test_fused_float64_gradcheck_and_double_backward(device):
     torch.manual_seed(4)
     x = make_input((3, 2, 2, 3), "channels_last", dtype=torch.float64, device=device).requires_grad_(True)
@@ -126,11 +199,16 @@ def test_fused_float64_gradcheck_and_double_backward(device):
     for training in (True, False):
         rm = torch.randn(2, dtype=torch.float64, device=device)
         rv = torch.rand(2, dtype=torch.float64, device=device) + 0.5
-        fn = lambda x, w, b, z: tritonbn.batch_norm(x, rm, rv, w, b, training=training,  # noqa: B023, E731
-                                                    residual=z, activation="relu")
-        assert torch.autograd.gradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
-        assert torch.autograd.gradgradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-5, rtol=1e-4,
-                                            fast_mode=True)
+        for act in ("relu", "relu6", "silu"):
+            fn = lambda x, w, b, z: tritonbn.batch_norm(  # noqa: B023, E731
+                x, rm, rv, w, b, training=training, residual=z, activation=act)  # noqa: B023
+            assert torch.autograd.gradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+            assert torch.autograd.gradgradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                                fast_mode=True)
+            fn = lambda x, w, b: tritonbn.batch_norm(  # noqa: B023, E731
+                x, rm, rv, w, b, training=training, activation=act)  # noqa: B023
+            assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                                fast_mode=True)
 
 
 def test_batchnormact_module_matches_torch_over_steps(device):

@@ -70,10 +70,12 @@ def _record_launches():
                     rm = torch.zeros(c, dtype=pdtype) if track else None
                     rv = torch.ones(c, dtype=pdtype) if track else None
                     nbt = torch.zeros((), dtype=torch.long)
-                    for residual, act in ((False, 0), (False, 1), (True, 1), (True, 0)) if all_flags \
-                            else ((False, 0), (True, 1)):
+                    # Activations (ops.ACTIVATIONS): none, ReLU, ReLU6 (gated: with a residual too), SiLU.
+                    for residual, act in ((False, 0), (False, 1), (True, 1), (True, 0), (False, 2), (True, 2),
+                                          (False, 3)) if all_flags \
+                            else ((False, 0), (True, 1), (False, 3)):
                         z = torch.randn_like(x) if residual else None
-                        mask_flag = residual and act == 1
+                        mask_flag = residual and act in ops.GATED
                         for bump in ((False, True) if track else (False,)):
                             _, stats, mask, xr = ops.forward(x, w, b, rm, rv, nbt, True, momentum, 1e-5, z,
                                                              act, mask_flag, bump)

@@ -70,7 +70,7 @@ def _none0(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_numel(x, residual, activation) -> int:
-    return -(-x.numel() // 32) if residual is not None and activation else 0
+    return -(-x.numel() // 32) if residual is not None and activation in ops.GATED else 0
 
 
 def _like_fake(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -186,8 +186,8 @@ class Normalize(torch.autograd.Function):
         y, mask = torch.ops.tritonbn.bn_normalize(x, weight, bias, residual, mean_src, var_src, eps, training,
                                                   activation)
         ctx.mark_non_differentiable(mask)
-        # The mask exists (is not empty) exactly when there is a residual and an activation.
-        has_mask = residual is not None and activation != 0
+        # The mask exists (is not empty) exactly when there is a residual and a gated activation.
+        has_mask = residual is not None and activation in ops.GATED
         ctx.save_for_backward(x, weight, bias, mean_src, None if training else var_src,
                               mask if has_mask else None)
         ctx.cfg = (training, eps, activation, bias.dtype if bias is not None else None)
@@ -234,7 +234,7 @@ def _cumulative_batch_norm(input, running_mean, running_var, weight, bias, num_b
 def dispatch(input, running_mean, running_var, weight, bias, training, momentum, eps,
              num_batches_tracked=None, residual=None, activation=0):
     """Graph-capture path of ``batch_norm_impl`` (arguments already checked): exporters get
-    ``F.batch_norm`` + add + ReLU (standard, differentiable ATen, so ``torch.export``/ONNX emit
+    ``F.batch_norm`` + add + activation (standard, differentiable ATen, so ``torch.export``/ONNX emit
     ``batch_norm`` / ``BatchNormalization`` and an exported training graph trains; the cumulative average
     through ``_cumulative_batch_norm``; nothing runs a kernel while exporting), ``torch.compile`` gets the
     custom ops (tritonbn's kernels run in the compiled graph)."""

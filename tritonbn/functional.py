@@ -26,7 +26,7 @@ ACTIVATIONS = tuple(ops.ACTIVATIONS)
 
 
 def activation_code(activation) -> int:
-    """The kernels' constexpr for ``activation`` (None or "relu"), or a ValueError."""
+    """The kernels' constexpr for ``activation`` (None, "relu", "relu6" or "silu"), or a ValueError."""
     code = ops.ACTIVATIONS.get(activation) if isinstance(activation, (str, type(None))) else None
     if code is None:
         raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -141,6 +141,11 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     ``momentum=None`` with ``num_batches_tracked`` uses the cumulative average 1/num_batches_tracked, read
     on the device; ``bump`` increments ``num_batches_tracked`` first (the module's counter: done by the
     kernels in eager mode, by an ``add_`` while tracing)."""
+    if residual is not None and activation and activation not in ops.GATED:
+        # SiLU's gradient would need the residual again in the backward: the add and activation run unfused.
+        y = batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                            num_batches_tracked, bump)
+        return epilogue(y, residual, activation)
     if graph_capture():  # torch.compile / export / tracing: custom ops or aten (custom_ops.py)
         if bump:
             num_batches_tracked.add_(1)
@@ -153,7 +158,7 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     # that double backward sees the copy too.
     input, plan = ops.forward_plan(input, weight, bias, running_mean, running_var, num_batches_tracked,
                                    training, momentum, residual, activation,
-                                   needs_graph and residual is not None and activation != 0, bump)
+                                   needs_graph and residual is not None and activation in ops.GATED, bump)
     first = False
     if native.ENABLED:   # tritonbn.native: after a plan's first (Python) call, its C++ path
         y = native.call(plan, input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
@@ -179,8 +184,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     ``torch.nn.functional.batch_norm``; differentiable w.r.t. input, weight and bias.
 
     Fused epilogue (keyword-only): ``activation(batch_norm(...) + residual)``, with ``residual`` a tensor
-    of the input's shape, dtype and device (differentiable too) and ``activation`` None or ``"relu"``;
-    the same results and running-stat updates as ``F.relu(F.batch_norm(...) + residual)``."""
+    of the input's shape, dtype and device (differentiable too) and ``activation`` None, ``"relu"``,
+    ``"relu6"`` or ``"silu"``; the same results and running-stat updates as, e.g.,
+    ``F.relu(F.batch_norm(...) + residual)``. The add and a ReLU or ReLU6 run inside the kernels; with a
+    SiLU, a residual is added after them (SiLU's gradient would need it in the backward)."""
     act = check_fusion(input, residual, activation)
     if isinstance(input, torch.Tensor) and uses_triton(input) and type(momentum) in (float, int) and \
             supported(input, running_mean, running_var, weight, bias, training, eps):

@@ -1,5 +1,6 @@
-"""``tritonbn.fuse_model``: rewrite a model so that BatchNorm → ReLU and BatchNorm → add → ReLU run as one
-fused tritonbn op (``BatchNormAct1d/2d/3d``), and every other BatchNorm as a tritonbn ``BatchNorm*d``.
+"""``tritonbn.fuse_model``: rewrite a model so that BatchNorm → activation (ReLU, ReLU6, SiLU) and
+BatchNorm → add → ReLU / ReLU6 run as one fused tritonbn op (``BatchNormAct1d/2d/3d``), and every other
+BatchNorm as a tritonbn ``BatchNorm*d``.
 
 How (each choice avoids a known pitfall of existing tools):
 * The caller's model is deep-copied; the copy keeps every module, its class, name, hooks and custom
@@ -10,11 +11,11 @@ How (each choice avoids a known pitfall of existing tools):
 * Each module is traced on its own with every submodule a leaf, so a rewritten forward only calls the
   module's own children and no container's forward is bypassed. A pattern is fused only within one
   forward; a module that cannot be traced keeps its forward and its children are traced on their own.
-* The ReLU is matched per call site (``symbolic_trace`` gives one node per call of a shared
-  ``self.relu``); only that call is removed, the ReLU module stays (``fuse_modules`` replaces a shared
-  ReLU by Identity and breaks Bottleneck).
-* Exact classes only (as ``torch.fx.experimental.optimization.fuse``): subclasses of BatchNorm or ReLU
-  may compute something else.
+* The activation is matched per call site (``symbolic_trace`` gives one node per call of a shared
+  ``self.relu``); only that call is removed, the activation module stays (``fuse_modules`` replaces a
+  shared ReLU by Identity and breaks Bottleneck).
+* Exact classes only (as ``torch.fx.experimental.optimization.fuse``): subclasses of BatchNorm or of an
+  activation may compute something else.
 """
 
 from __future__ import annotations
@@ -40,8 +41,18 @@ _ACT_BN = (_tbn.BatchNormAct1d, _tbn.BatchNormAct2d, _tbn.BatchNormAct3d)
 _PLAIN = dict(zip(_TORCH_BN + _TRITON_BN, _TRITON_BN * 2))
 _ACT = dict(zip(_TORCH_BN + _TRITON_BN, _ACT_BN * 2))
 
-_RELU_FUNCTIONS = {F.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
-_RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
+# The activations fused (tritonbn.ops.ACTIVATIONS names), by module class, function and Tensor method:
+# name, spelling.
+_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu"}
+_ACT_FUNCTIONS = {F.relu: ("relu", "F.relu"), torch.relu: ("relu", "torch.relu"),
+                  torch.relu_: ("relu", "torch.relu_"), F.relu6: ("relu6", "F.relu6"),
+                  F.silu: ("silu", "F.silu")}
+_ACT_METHODS = {"relu": ("relu", "Tensor.relu"), "relu_": ("relu", "Tensor.relu_")}
+_IN_PLACE_ACT = {torch.relu_}
+_ACT_NAMES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "SiLU"}
+# Activations that take the fused add too (a gate, stored as a bitmask; SiLU's gradient would need the
+# residual again: tritonbn.ops.GATED).
+_WITH_ADD = ("relu", "relu6")
 _ADD_FUNCTIONS = {operator.add: "+", operator.iadd: "+=", torch.add: "torch.add"}
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
 
@@ -52,9 +63,10 @@ _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
 class Fused:
     bn: str  # qualified name of the BatchNorm; now a BatchNormAct*d under the same name
     into: str  # "BatchNormAct2d", ...
-    pattern: str  # "bn_relu" or "bn_add_relu"
+    pattern: str  # "bn_relu", "bn_add_relu", "bn_relu6", "bn_add_relu6" or "bn_silu"
     module: str  # the module whose forward was rewritten ("" = the model itself)
-    relu: str  # how the removed ReLU was spelled, e.g. "nn.ReLU 'relu'", "F.relu"
+    activation: str  # "relu", "relu6" or "silu": the fused module's ``activation``
+    act: str  # how the removed activation was spelled, e.g. "nn.ReLU 'relu'", "F.relu", "nn.ReLU6 '2'"
     add: str | None = None  # how the removed add was spelled: "+", "+=", "torch.add", "Tensor.add_"
     residual: str | None = None  # the add's other operand (its FX node in ``module``'s forward)
 
@@ -90,12 +102,14 @@ class FuseReport:
         return json.dumps(self.to_dict(), **kw)
 
     def format(self) -> str:
-        n_add = sum(f.pattern == "bn_add_relu" for f in self.fused)
-        lines = [f"fused {len(self.fused)} BatchNorm ({len(self.fused) - n_add} BN+ReLU, "
-                 f"{n_add} BN+add+ReLU), {len(self.skipped)} not fused; "
+        kinds = Counter(("BN+add+" if f.add is not None else "BN+") + _ACT_NAMES[f.activation]
+                        for f in self.fused)
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        lines = [f"fused {len(self.fused)} BatchNorm ({counts}), {len(self.skipped)} not fused; "
                  f"forward rewritten in {len(self.rewritten)} modules"]
         for f in self.fused:
-            how = f"ReLU {f.relu}" if f.add is None else f"add {f.add} with {f.residual}, ReLU {f.relu}"
+            act = f"{_ACT_NAMES[f.activation]} {f.act}"
+            how = act if f.add is None else f"add {f.add} with {f.residual}, {act}"
             lines.append(f"  fused     {_show(f.bn)} -> {f.into} in {_forward_of(f.module)} ({how})")
         for s in self.skipped:
             lines.append(f"  {s.action:9s} {_show(s.bn)}: {s.reason}")
@@ -126,31 +140,35 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
-def _relu(node: fx.Node, root: nn.Module):
-    """``(input, spelling, problem)`` when ``node`` is a ReLU, else None. ``problem`` says why this ReLU
-    call may not be removed (its hooks would no longer run, ...)."""
+def _activation(node: fx.Node, root: nn.Module):
+    """``(input, name, spelling, problem)`` when ``node`` is a fused kind of activation, else None.
+    ``problem`` says why this call may not be removed (its hooks would no longer run, ...)."""
     if node.op == "call_module":
         m = root.get_submodule(node.target)
-        if not isinstance(m, nn.ReLU):
+        base = next((cls for cls in _ACT_MODULES if isinstance(m, cls)), None)
+        if base is None:
             return None
-        spelling, problem = f"nn.ReLU '{node.target}'", None
-        if type(m) is not nn.ReLU:
-            problem = f"'{node.target}' is a {type(m).__name__}, a ReLU subclass (its forward may differ)"
+        name, what = _ACT_MODULES[base], base.__name__
+        spelling, problem = f"nn.{what} '{node.target}'", None
+        if type(m) is not base:
+            problem = f"'{node.target}' is a {type(m).__name__}, a {what} subclass (its forward may differ)"
         elif _hooks(m):
-            problem = f"ReLU '{node.target}' has {_hooks(m)}, which would no longer run"
+            problem = f"{what} '{node.target}' has {_hooks(m)}, which would no longer run"
         elif "forward" in m.__dict__:
-            problem = f"ReLU '{node.target}' has its forward overridden on the instance"
+            problem = f"{what} '{node.target}' has its forward overridden on the instance"
         elif node.kwargs or len(node.args) != 1:
-            problem = f"ReLU '{node.target}' is called with extra arguments"
-        return (node.args[0] if node.args else None), spelling, problem
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+            problem = f"{what} '{node.target}' is called with extra arguments"
+        return (node.args[0] if node.args else None), name, spelling, problem
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        name, spelling = _ACT_FUNCTIONS[node.target]
         extra = set(node.kwargs) - {"input", "inplace"} or len(node.args) > 2
-        return _arg(node, 0, "input"), _RELU_FUNCTIONS[node.target], (
-            "the ReLU is called with extra arguments" if extra else None)
-    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return _arg(node, 0, "input"), name, spelling, (
+            f"the {_ACT_NAMES[name]} is called with extra arguments" if extra else None)
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        name, spelling = _ACT_METHODS[node.target]
         extra = node.kwargs or len(node.args) != 1
-        return node.args[0], _RELU_METHODS[node.target], (
-            "the ReLU is called with extra arguments" if extra else None)
+        return node.args[0], name, spelling, (
+            f"the {_ACT_NAMES[name]} is called with extra arguments" if extra else None)
     return None
 
 
@@ -183,18 +201,18 @@ def _add(node: fx.Node):
 
 def _mutated_input(node: fx.Node, root: nn.Module):
     """The input that ``node`` updates in place and returns (``a += b``, ``a.add_(b)``, ``a.relu_()``,
-    an in-place ReLU), or None."""
+    an in-place activation), or None."""
     add = _add(node)
     if add is not None:
         return add[0] if add[3] else None
-    relu = _relu(node, root)
-    if relu is None or relu[2] is not None:
+    act = _activation(node, root)
+    if act is None or act[3] is not None:
         return None
     if node.op == "call_module":
-        return relu[0] if root.get_submodule(node.target).inplace else None
+        return act[0] if root.get_submodule(node.target).inplace else None
     if node.op == "call_method":
-        return relu[0] if node.target == "relu_" else None
-    return relu[0] if node.target is torch.relu_ or _arg(node, 1, "inplace", False) is True else None
+        return act[0] if node.target == "relu_" else None
+    return act[0] if node.target in _IN_PLACE_ACT or _arg(node, 1, "inplace", False) is True else None
 
 
 def _follow_in_place(graph: fx.Graph, root: nn.Module) -> None:
@@ -300,8 +318,9 @@ class _MetaRecorder(fx.Interpreter):
 @dataclass
 class _Plan:
     bn: fx.Node
-    relu: fx.Node
-    relu_spelling: str
+    act: fx.Node
+    activation: str
+    act_spelling: str
     add: fx.Node | None = None
     add_spelling: str | None = None
     other: fx.Node | None = None
@@ -324,13 +343,14 @@ def _plan(b: fx.Node, root: nn.Module):
     user = next(iter(b.users))
     if user.op == "output":
         return "BN output is the return value (fusion stays within one module's forward)"
-    relu = _relu(user, root)
-    if relu is not None:
-        inp, spelling, problem = relu
-        return problem or (_Plan(b, user, spelling) if inp is b else "BN output is not the ReLU's input")
+    act = _activation(user, root)
+    if act is not None:
+        inp, name, spelling, problem = act
+        return problem or (_Plan(b, user, name, spelling) if inp is b else
+                           f"BN output is not the {_ACT_NAMES[name]}'s input")
     add = _add(user)
     if add is None:
-        return f"BN output feeds {_describe(user, root)}, not a ReLU or an add"
+        return f"BN output feeds {_describe(user, root)}, not an activation (ReLU, ReLU6, SiLU) or an add"
     a, other, add_spelling, in_place, problem = add
     if problem:
         return problem
@@ -345,14 +365,17 @@ def _plan(b: fx.Node, root: nn.Module):
     if len(user.users) != 1:
         return f"add result has {len(user.users)} users" if user.users else "add result is unused"
     r = next(iter(user.users))
-    relu = _relu(r, root)
-    if relu is None:
-        return f"add result feeds {_describe(r, root)}, not a ReLU"
-    inp, spelling, problem = relu
+    act = _activation(r, root)
+    if act is None:
+        return f"add result feeds {_describe(r, root)}, not a ReLU or ReLU6"
+    inp, name, spelling, problem = act
     if problem:
         return problem
+    if name not in _WITH_ADD:
+        return (f"add result feeds a {_ACT_NAMES[name]}: the add is fused only before a ReLU or ReLU6 (the "
+                f"{_ACT_NAMES[name]}'s gradient would need the residual again)")
     if inp is not user:
-        return "add result is not the ReLU's input"
+        return f"add result is not the {_ACT_NAMES[name]}'s input"
     # The fused call moves to the add (where the other operand exists): nothing in between may update a
     # tensor in place, which could be the BN input or a view of it.
     n = b.next
@@ -360,7 +383,7 @@ def _plan(b: fx.Node, root: nn.Module):
         if _may_mutate(n, root):
             return f"'{n.name}', between the BN and the add, updates a tensor in place"
         n = n.next
-    return _Plan(b, r, spelling, user, add_spelling, other)
+    return _Plan(b, r, name, spelling, user, add_spelling, other)
 
 
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -393,12 +416,12 @@ def _bn_problem(bn: nn.Module) -> str | None:
 def _rewrite(t: _Traced, plans: list[_Plan]) -> None:
     graph = t.graph
     for p in plans:
-        # The BN node becomes the fused call, with the ReLU's users; with an add it moves to the add, where
-        # the residual exists.
+        # The BN node becomes the fused call, with the activation's users; with an add it moves to the add,
+        # where the residual exists.
         if p.add is not None:
             p.add.prepend(p.bn)
-        p.relu.replace_all_uses_with(p.bn)
-        graph.erase_node(p.relu)
+        p.act.replace_all_uses_with(p.bn)
+        graph.erase_node(p.act)
         if p.add is not None:
             graph.erase_node(p.add)
             p.bn.args = (p.bn.args[0], p.other)
@@ -492,23 +515,26 @@ def _add_problem(p: _Plan, metas: dict, have_examples: bool, module: nn.Module) 
 
 
 def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseReport]:
-    """Return ``(fused_model, report)``: a new model in which every BatchNorm followed only by a ReLU, or
-    only by an add whose result feeds only a ReLU, is one fused tritonbn op, and every other BatchNorm is
-    a tritonbn ``BatchNorm*d``. ``model`` is never modified. Call it before building the optimizer (the
-    fused model has its own parameters) and before ``torch.compile`` / DDP.
+    """Return ``(fused_model, report)``: a new model in which every BatchNorm followed only by an activation
+    (ReLU, ReLU6, SiLU), or only by an add whose result feeds only a ReLU or ReLU6, is one fused tritonbn
+    op, and every other BatchNorm is a tritonbn ``BatchNorm*d``. ``model`` is never modified. Call it
+    before building the optimizer (the fused model has its own parameters) and before ``torch.compile`` /
+    DDP.
 
     What is fused: an exact torch or tritonbn ``BatchNorm1d/2d/3d`` module call whose output's only user
-    is a ReLU (``nn.ReLU`` shared or not, in place or not, ``F.relu``, ``torch.relu``/``relu_``,
-    ``.relu()``/``.relu_()``), or an add (``+``, ``+=``, ``torch.add`` without alpha/out, ``.add``/
-    ``.add_``, either operand order) whose result's only user is such a ReLU, all in the same module's
-    forward. The BN becomes a ``BatchNormAct*d`` under its own name (state_dict keys and values are the
-    model's, so checkpoints load both ways), the add's other operand is passed as its ``residual``, and
-    the ReLU call (not the ReLU module) is removed from that forward.
+    is an activation: a ReLU (``nn.ReLU`` shared or not, in place or not, ``F.relu``,
+    ``torch.relu``/``relu_``, ``.relu()``/``.relu_()``), a ReLU6 (``nn.ReLU6``, ``F.relu6``: MobileNet)
+    or a SiLU (``nn.SiLU``, ``F.silu``: EfficientNet, YOLO); or an add (``+``, ``+=``, ``torch.add``
+    without alpha/out, ``.add``/``.add_``, either operand order) whose result's only user is a ReLU or
+    ReLU6 (a SiLU's gradient would need the residual again), all in the same module's forward. The BN
+    becomes a ``BatchNormAct*d`` with that ``activation`` under its own name (state_dict keys and values
+    are the model's, so checkpoints load both ways), the add's other operand is passed as its
+    ``residual``, and the activation call (not the activation module) is removed from that forward.
 
     When it is not: a BN whose output leaves its module's forward (the last BN of an ``nn.Sequential``
     followed by a ReLU in the parent: each module's forward is rewritten on its own, so no container is
     bypassed); an intermediate with another user; an add that would broadcast, promote dtype or mix
-    devices; a BN or ReLU module with hooks (they would no longer run, or see other values), a
+    devices; a BN or activation module with hooks (they would no longer run, or see other values), a
     BN called from several places or registered under several names; subclasses (SyncBatchNorm,
     user classes: left unchanged); a module whose forward cannot be traced, changes grad mode or autocast
     inside, or depends on ``self.training`` (its forward is kept, its children are handled on their own:
@@ -518,14 +544,14 @@ def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseRe
     model runs on them once, under no_grad and the caller's autocast state, and an add is fused only if
     its operands had the same shape, dtype and device in every call. Without them, an add is fused only
     when that is provable from the graph alone (``bn(x) + x``); the others are reported as needing
-    example_inputs; BN+ReLU needs no proof. The proof holds for inputs like the examples: a later input
+    example_inputs; BN+activation needs no proof. The proof holds for inputs like the examples: a later input
     that makes the operands differ (another dtype under autocast, broadcasting shapes) makes the fused
     op raise, never silently broadcast. Fuse under the autocast you train with, or with inputs of the
     training dtype.
 
     The rewritten forwards are the FX-traced ones: Python values they read (other than
     ``self.training``, which is checked) are fixed at fuse time, and another method that calls a fused
-    BN module directly gets ``relu(bn(x))``. Rewritten modules are instances of a subclass of their
+    BN module directly gets ``act(bn(x))``. Rewritten modules are instances of a subclass of their
     class (``isinstance`` and custom methods work; ``copy.deepcopy`` works, pickling the whole module
     does not: save the ``state_dict``).
     """
@@ -634,21 +660,21 @@ class _Pass:
         return f"called from {where}, which is kept ({self.opaque[id(parent)]})"
 
     def decide(self, metas: dict, have_examples: bool) -> None:
-        claimed = {}  # add/ReLU node -> the BN fused with it
+        claimed = {}  # add / activation node -> the BN fused with it
         for t, bn, plan in self.accepted:
             problem = _add_problem(plan, metas, have_examples, t.module) if plan.add is not None else None
-            owner = claimed.get(plan.add) or claimed.get(plan.relu)
+            owner = claimed.get(plan.add) or claimed.get(plan.act)
             if problem is None and owner is not None:
                 problem = f"its add is fused with '{owner}'"
             if problem:
                 self.reasons[id(bn)] = f"in {_forward_of(t.name)}: {problem}"
                 continue
-            claimed.update({n: self.name_of[id(bn)] for n in (plan.add, plan.relu) if n is not None})
+            claimed.update({n: self.name_of[id(bn)] for n in (plan.add, plan.act) if n is not None})
             self.chosen.setdefault(id(t), []).append(plan)
-            pattern = "bn_relu" if plan.add is None else "bn_add_relu"
+            pattern = ("bn_" if plan.add is None else "bn_add_") + plan.activation
             residual = None if plan.other is None else plan.other.name
             self.report.fused.append(Fused(self.name_of[id(bn)], _ACT[type(bn)].__name__, pattern, t.name,
-                                           plan.relu_spelling, plan.add_spelling, residual))
+                                           plan.activation, plan.act_spelling, plan.add_spelling, residual))
 
     def apply(self) -> None:
         """Rewrite the forwards and swap the BatchNorm classes."""
@@ -659,12 +685,12 @@ class _Pass:
                 for attr in t.new_attrs:
                     delattr(t.module, attr)
                 continue
-            bn_modules = [t.module.get_submodule(plan.bn.target) for plan in plans]
+            bn_modules = [(t.module.get_submodule(plan.bn.target), plan.activation) for plan in plans]
             _rewrite(t, plans)
             self.report.rewritten.append(t.name)
-            for bn in bn_modules:
+            for bn, activation in bn_modules:
                 bn.__class__ = _ACT[type(bn)]  # adds no state: the same parameters and buffers
-                bn.activation = "relu"
+                bn.activation = activation
                 fused_ids.add(id(bn))
         for name, bn in self.bns:
             if id(bn) in fused_ids:
@@ -684,7 +710,7 @@ class _Pass:
         hooks = ("_global_forward_hooks", "_global_forward_pre_hooks")
         if any(getattr(nn.modules.module, h, None) for h in hooks):
             self.report.warnings.append("global module hooks are registered: they no longer see the removed "
-                                        "ReLU calls")
+                                        "activation calls")
 
     def _unfused_reason(self, bn: nn.Module) -> str:
         if id(bn) in self.reasons:

@@ -33,10 +33,13 @@ program of each channel tile to finish (a ticket from an ``acq_rel`` atomic coun
 so the counters are zero again for the next launch on the stream) merges the partials in a fixed order:
 one launch per reduction, and results bit-identical from run to run whichever program finishes last.
 
-The fused epilogue is ``y = act(γ·(x − μ)·invstd + β [+ z])`` with ``act`` None or ReLU. The ReLU's
-backward needs ``y > 0``: without a residual it is recomputed from x with the forward's arithmetic
-(``_bn_affine`` + ``_bn_output``, shared by every kernel, so the masks agree bit for bit); with a residual
-the forward writes it as a bitmask (bit ``i`` of word ``i // 32`` is element ``i`` in memory order).
+The fused epilogue is ``y = act(u)``, ``u = γ·(x − μ)·invstd + β [+ z]``, with ``act`` None, ReLU,
+ReLU6 or SiLU (``_activation``). The backward needs act'(u): without a residual u is recomputed from x with
+the forward's arithmetic (``_bn_affine`` + ``_bn_output``, shared by every kernel, so ReLU masks agree bit
+for bit). The gated activations (ReLU: 0 < u, ReLU6: 0 < u < 6; act' is 1 there and 0 elsewhere) also
+take a residual: the forward then writes the gate as a bitmask (bit ``i`` of word ``i // 32`` is element
+``i`` in memory order). SiLU takes none (its act' would need z in the backward: the launchers run that
+case unfused).
 """
 
 import triton
@@ -53,6 +56,8 @@ MASK_S: tl.constexpr = tl.constexpr(2)      # TILED planar tile (stride_xs == 1,
 MASK_C: tl.constexpr = tl.constexpr(3)      # TILED channels-last tile (stride_xc == 1, C % 32 == 0): along C
 ACT_NONE: tl.constexpr = tl.constexpr(0)
 ACT_RELU: tl.constexpr = tl.constexpr(1)
+ACT_RELU6: tl.constexpr = tl.constexpr(2)
+ACT_SILU: tl.constexpr = tl.constexpr(3)
 
 
 def _jit(**kwargs):
@@ -119,6 +124,41 @@ def _bn_output(x, mean, scale, shift, OUT_DTYPE: tl.constexpr):
     one explicit FMA so that every kernel recomputing it (the ReLU mask) gets the same bits. Subtracting μ
     first keeps precision when |μ| ≫ σ. Comparisons then run in fp32/fp64, never on 16-bit values."""
     return tl.fma(x - mean, scale, shift).to(OUT_DTYPE).to(x.dtype)
+
+
+@triton.jit
+def _activation(u, ACTIVATION: tl.constexpr):
+    """act(u) in u's (accumulation) dtype, as torch computes it: ReLU and ReLU6 (hardtanh) keep NaN, SiLU
+    is u / (1 + e^−u)."""
+    if ACTIVATION == ACT_RELU:
+        u = tl.where(u < 0, 0.0, u)
+    elif ACTIVATION == ACT_RELU6:
+        u = tl.where(u < 0, 0.0, tl.where(u > 6.0, 6.0, u))
+    elif ACTIVATION == ACT_SILU:
+        u = u / (1.0 + tl.exp(-u))
+    return u
+
+
+@triton.jit
+def _act_gate(u, ACTIVATION: tl.constexpr):
+    """Where a gated activation passes the gradient, as torch's threshold / hardtanh backward: 0 < u
+    (ReLU), 0 < u < 6 (ReLU6); NaN passes nothing. The forward's bitmask stores it."""
+    gate = u > 0
+    if ACTIVATION == ACT_RELU6:
+        gate = gate & (u < 6.0)
+    return gate
+
+
+@triton.jit
+def _act_backward(g, u, ACTIVATION: tl.constexpr):
+    """g·act'(u), u recomputed as the forward computed it: gated (ReLU, ReLU6) g where the gate is open,
+    else 0; SiLU g·σ(u)·(1 + u·(1 − σ(u))), as torch's silu_backward."""
+    if ACTIVATION == ACT_SILU:
+        sig = 1.0 / (1.0 + tl.exp(-u))
+        g = g * (sig * (1.0 + u * (1.0 - sig)))
+    else:
+        g = tl.where(_act_gate(u, ACTIVATION), g, 0.0)
+    return g
 
 
 @triton.jit
@@ -532,9 +572,10 @@ def _bn_forward_kernel(
 
     Training passes the batch statistics (``mean_ptr[c]``, ``var_ptr[var_off + c]`` = invstd: the stats
     kernel's workspace); inference (FROM_VAR) passes running_mean/running_var and invstd is computed per
-    channel here. With WRITE_MASK the ReLU mask y > 0 is written as a bitmask, one bit per element in
-    memory order (``_store_mask_words``). With BUMP_BATCHES program 0 increments num_batches_tracked (the
-    stats kernel of the same call, which ran before, used its value plus one).
+    channel here. With WRITE_MASK the gate of a gated activation (``_act_gate``: ReLU, ReLU6) is written
+    as a bitmask, one bit per element in memory order (``_store_mask_words``). With BUMP_BATCHES program 0
+    increments num_batches_tracked (the stats kernel of the same call, which ran before, used its value
+    plus one).
 
     Grid: ``(N * cdiv(S, BLOCK_S) * cdiv(C, BLOCK_C),)`` when TILED, ``(cdiv(numel, BLOCK_S * BLOCK_C),)``
     when FLAT.
@@ -553,9 +594,9 @@ def _bn_forward_kernel(
         y = (tl.fma(x - mean, scale, shift) + z).to(y_ptr.dtype.element_ty).to(ACC_DTYPE)
     else:
         y = _bn_output(x, mean, scale, shift, y_ptr.dtype.element_ty)
-    if ACTIVATION == ACT_RELU:
-        positive = y > 0
-        y = tl.where(y < 0, 0.0, y)   # NaN stays NaN, as in torch.relu
+    if WRITE_MASK != MASK_NONE:
+        positive = _act_gate(y, ACTIVATION)
+    y = _activation(y, ACTIVATION)
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_MASK != MASK_NONE:
         _store_mask_words(mask_ptr, positive, mask, base, C, S, numel, num_sblocks, num_cblocks, stride_xs,
@@ -577,10 +618,11 @@ def _bn_backward_reduce_kernel(
     DIV_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """Σg and Σ(g·x̂), x̂ = (x − μ)·invstd, g = dy (no activation) or dy·[y > 0] (ReLU: the bitmask when
-    HAS_MASK, else y recomputed from x exactly as the forward did), from the saved statistics (never
-    recomputed) or, FROM_VAR, the running ones. MASK_ALIGNED: every row block starts at a multiple of 32
-    elements (the launcher checked the view's strides and tiles), so the bitmask is indexed in two parts.
+    """Σg and Σ(g·x̂), x̂ = (x − μ)·invstd, g = dy (no activation) or dy·act'(u) (the gate from the
+    bitmask when HAS_MASK, else u recomputed from x exactly as the forward did: ``_act_backward``), from the
+    saved statistics (never recomputed) or, FROM_VAR, the running ones. MASK_ALIGNED: every row block
+    starts at a multiple of 32 elements (the launcher checked the view's strides and tiles), so the bitmask
+    is indexed in two parts.
 
     Same view, tiling, split and counters as ``_bn_stats_kernel``. Workspace ``ws`` (ACC_DTYPE):
     ``[sums (2, C) | partials (2, splits, C) | group partials (2, groups, C) when GROUPED]``. The last program
@@ -603,7 +645,7 @@ def _bn_backward_reduce_kernel(
     for _ in tl.range(b_start, b_end, num_stages=STAGES):
         mask = _row_mask(sb, S, offs_s, mask_c, BLOCK_S)
         off = row + tile
-        if ACTIVATION == ACT_RELU and HAS_MASK:
+        if ACTIVATION != ACT_NONE and HAS_MASK:
             # First, as in the dx kernel: the gather gets its own layout, and converting the predicate to
             # the tile's is cheaper than converting x and g there and back through shared memory.
             if MASK_ALIGNED:
@@ -612,11 +654,14 @@ def _bn_backward_reduce_kernel(
                 positive = _mask_bit(mask_ptr, off, mask)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
         g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC_DTYPE)
-        if ACTIVATION == ACT_RELU:
-            if not HAS_MASK:
-                positive = _bn_output(x, mean[None, :], scale[None, :], shift[None, :],
-                                      x_ptr.dtype.element_ty) > 0
-            g = tl.where(positive, g, 0.0)
+        if ACTIVATION != ACT_NONE:
+            if HAS_MASK:
+                g = tl.where(positive, g, 0.0)
+            else:
+                u = _bn_output(x, mean[None, :], scale[None, :], shift[None, :], x_ptr.dtype.element_ty)
+                g = _act_backward(g, u, ACTIVATION)
+                if ACTIVATION == ACT_SILU:
+                    g = tl.where(mask, g, 0.0)   # masked lanes: act'(u) of x = 0 may be inf or NaN
         sum_g += g
         sum_g_xc += g * (x - mean[None, :])   # masked lanes: g = 0 and x − μ finite
         sb, row = _next_row_block(sb, row, num_sblocks, step_s, step_n)
@@ -667,15 +712,15 @@ def _bn_backward_dx_kernel(
     BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dx = γ·invstd · (g − Σg/m − x̂·Σ(g·x̂)/m), m = ``count`` = N·S (TRAINING: batch statistics), or
-    dx = γ·invstd · g when the statistics were constants (eval); g = dy, or dy·[y > 0] after a ReLU (as in
-    ``_bn_backward_reduce_kernel``); with WRITE_DZ also dz = g, the residual's gradient.
+    dx = γ·invstd · g when the statistics were constants (eval); g = dy, or dy·act'(u) after an activation
+    (as in ``_bn_backward_reduce_kernel``); with WRITE_DZ also dz = g, the residual's gradient.
 
     Grid: as ``_bn_forward_kernel``.
     """
     C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
     base, offs, mask, chan, cmask, chan_b, second = _element_block(
         C, S, numel, num_sblocks, num_cblocks, stride_xn, stride_xc, stride_xs, LAYOUT, BLOCK_S, BLOCK_C)
-    if ACTIVATION == ACT_RELU and HAS_MASK:
+    if ACTIVATION != ACT_NONE and HAS_MASK:
         # Before anything else: Triton gives this gather (no contiguity) its own layout, and converting the
         # predicate to the tile's layout is cheaper than converting g there and back through shared memory.
         positive = _mask_bit(mask_ptr, base + offs, mask)
@@ -683,12 +728,13 @@ def _bn_backward_dx_kernel(
                                                cmask, var_off, eps, HAS_WEIGHT, HAS_BIAS, FROM_VAR, ACC_DTYPE,
                                                LAYOUT)
     g = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-    if TRAINING or (ACTIVATION == ACT_RELU and not HAS_MASK):
+    if TRAINING or (ACTIVATION != ACT_NONE and not HAS_MASK):
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-    if ACTIVATION == ACT_RELU:
-        if not HAS_MASK:
-            positive = _bn_output(x, mean, scale, shift, x_ptr.dtype.element_ty) > 0
-        g = tl.where(positive, g, 0.0)
+    if ACTIVATION != ACT_NONE:
+        if HAS_MASK:
+            g = tl.where(positive, g, 0.0)
+        else:
+            g = _act_backward(g, _bn_output(x, mean, scale, shift, x_ptr.dtype.element_ty), ACTIVATION)
     if WRITE_DZ:
         tl.store(dz_ptr + base + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
     if WRITE_DX:

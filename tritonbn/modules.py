@@ -122,7 +122,8 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
     """BatchNorm followed by an optional residual add and an activation, in one fused op:
     ``activation(bn(input) + residual)``. State (parameters, buffers, ``state_dict`` keys) is exactly that
     of ``nn.BatchNorm*d``, so checkpoints load both ways; ``activation`` is a constructor argument
-    (``"relu"`` or None), not state."""
+    (``"relu"``, ``"relu6"``, ``"silu"`` or None), not state. With SiLU a residual is added after the
+    kernels (SiLU's gradient would need it again)."""
 
     def __init__(self, num_features, *args, activation="relu", **kwargs):
         # Every other argument is the torch class's own (its set varies across torch versions).

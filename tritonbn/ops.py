@@ -99,7 +99,10 @@ TUNING = Tuning()
 # not change with a Triton upgrade (the ReLU mask's recomputation uses explicit FMAs either way).
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
-ACTIVATIONS = {None: 0, "relu": 1}
+# The fused activations: name -> the kernels' ACTIVATION constexpr (kernels.py, ACT_*). GATED ones (act' is
+# 0 or 1) take a residual too: their gate is stored as a bitmask; SiLU's act' would need the residual again.
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3}
+GATED = frozenset({1, 2})
 TILED, FLAT_CL, FLAT_PLANAR, FLAT_RUNS = 0, 1, 2, 3
 MASK_NONE, MASK_FLAT, MASK_S, MASK_C = 0, 1, 2, 3   # kernels.py: how the forward packs the ReLU bitmask
 
@@ -691,6 +694,10 @@ class ForwardPlan:
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
                 GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
                 BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
+        if write_mask and not training and act not in (0, ACTIVATIONS["relu"]):
+            # ReLU6's gate (one comparison more than ReLU's) in an eval-mode FLAT_RUNS block that computes
+            # 1/√(var+ε) per run: full blocks spill registers on sm_80 (compile gate).
+            tuning = dataclasses.replace(tuning, run_block=tuning.run_block // 2)
         e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training, dev)
         flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
@@ -716,6 +723,9 @@ def forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked
     cache = _plans if TUNING is _plans_tuning else _plan_cache()
     plan = cache.get(key)
     if plan is None:
+        if residual is not None and activation and activation not in GATED:
+            raise ValueError(f"tritonbn.ops: activation {activation} takes no fused residual (its gradient "
+                             "would need it again); add it after the kernels")
         view = _dense_view(tuple(x.shape), x.stride())
         if view is None or (write_mask and view.flat_layout == TILED):
             # Not readable in place, or the bitmask needs memory order: contiguous (planar) copy.
@@ -820,8 +830,9 @@ def forward(x, weight, bias, running_mean, running_var, num_batches_tracked, tra
     ``num_batches_tracked`` is given, the cumulative factor 1/num_batches_tracked read on the device;
     ``bump`` increments ``num_batches_tracked`` on the device first (the module's counter). Eval: from the
     running statistics, ``stats`` is None. ``residual`` (x's shape and dtype) is added before
-    ``activation`` (0: none, 1: ReLU); ``write_mask`` also returns the ReLU mask as a bitmask (int32
-    words, bit i = element i of ``x`` in memory order), else ``mask`` is None. Returns ``(y, stats, mask,
+    ``activation`` (an ``ACTIVATIONS`` code; with a residual, 0 or a GATED one); ``write_mask`` also returns
+    the gate of a GATED activation as a bitmask (int32 words, bit i = element i of ``x`` in memory order),
+    else ``mask`` is None. Returns ``(y, stats, mask,
     x)``, x being the tensor the kernels read (a dense copy when the input was not readable in place)."""
     x, plan = forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, training,
                            momentum, residual, activation, write_mask, bump)
@@ -882,6 +893,12 @@ class BackwardPlan:
             tuning = dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // 2,
                                          elementwise_tile=tuning.elementwise_tile // 2,
                                          eval_tile=tuning.eval_tile // 2)
+        elif act != 0 and act not in GATED:
+            # SiLU's act'(u) (an exponential and a division per element) in the reduction's loop: full
+            # tiles spill registers on sm_80 (fp32) and sm_90 (fp64), half fp64 tiles still need a stack
+            # frame on sm_80 (libdevice's exp) (compile gate).
+            div = 4 if dtype == torch.float64 else 2
+            tuning = dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // div)
         acc = _acc_dtype(dtype)
         self.acc = acc
         c = view.c

@@ -41,13 +41,20 @@ def unpack_mask(words: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(like.shape, mem.stride())
 
 
+# ACTIVATIONS codes (tritonbn.ops) -> torch's function.
+_ACT_FN = {1: torch.relu, 2: F.relu6, 3: F.silu}
+_GATE = {1: lambda u: u > 0, 2: lambda u: (u > 0) & (u < 6)}
+
+
+def activate(y, activation: int):
+    return _ACT_FN[activation](y) if activation else y
+
+
 def epilogue(y, residual, activation: int):
     """``activation(y + residual)`` (the unfused path)."""
     if residual is not None:
         y = y + residual
-    if activation:
-        y = torch.relu(y)
-    return y
+    return activate(y, activation)
 
 
 def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps):
@@ -63,15 +70,14 @@ def batch_stats(x, running_mean, running_var, num_batches_tracked, momentum, eps
 
 def normalize(x, weight, bias, mean, invstd, residual, activation):
     """``(y, mask)``: ``activation((x − mean)·invstd·γ + β [+ residual])`` from given statistics, computed
-    in the accumulation dtype as the kernels do; ``mask`` (residual + ReLU) is the packed y > 0."""
-    y = _affine(x, weight, bias, mean, invstd)
+    in the accumulation dtype as the kernels do (the pre-activation rounded to x's dtype first); ``mask``
+    (residual + gated activation) is the packed gate."""
+    u = _affine(x, weight, bias, mean, invstd)
     if residual is not None:
-        y = y + residual.to(y.dtype)
-    if activation:
-        y = torch.relu(y)
-    y = y.to(x.dtype)
-    mask = pack_mask(y > 0) if activation and residual is not None else None
-    return y, mask
+        u = u + residual.to(u.dtype)
+    u = u.to(x.dtype).to(u.dtype)
+    mask = pack_mask(_GATE[activation](u)) if activation in _GATE and residual is not None else None
+    return activate(u, activation).to(x.dtype), mask
 
 
 def _affine(x, weight, bias, mean, invstd):
@@ -84,11 +90,17 @@ def _affine(x, weight, bias, mean, invstd):
     return y
 
 
-def relu_mask(x, weight, bias, mean, invstd, mask):
-    """y > 0 of the forward: from the bitmask when there is one, else recomputed from x (no residual)."""
+def _act_grad(dy, x, weight, bias, mean, invstd, mask, activation):
+    """dy·act'(u): a gated activation's gate from the bitmask when there is one, else u recomputed from x
+    (no residual) as the forward computed it. Differentiable in u for SiLU (double backward)."""
     if mask is not None:
-        return unpack_mask(mask, x)
-    return _affine(x, weight, bias, mean, invstd).to(x.dtype) > 0
+        return torch.where(unpack_mask(mask, x), dy, torch.zeros_like(dy))
+    u = _affine(x, weight, bias, mean, invstd).to(x.dtype)
+    if activation in _GATE:
+        return torch.where(_GATE[activation](u), dy, torch.zeros_like(dy))
+    u = u.to(acc_dtype(x))
+    sig = torch.sigmoid(u)
+    return dy.to(u.dtype) * (sig * (1 + u * (1 - sig)))   # in the accumulation dtype, as the kernels
 
 
 def backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation, need_dx, need_dweight,
@@ -97,11 +109,7 @@ def backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation,
     weight and bias: with ``training`` the statistics are recomputed from x so that second derivatives
     see their dependence on x (``mean``/``invstd`` are then only used for the ReLU mask)."""
     acc = acc_dtype(x)
-    g = dy
-    if activation:
-        g = torch.where(relu_mask(x, weight, bias, mean, invstd, mask), dy, torch.zeros_like(dy))
-    dz = g if need_dz else None
-    xa, ga = x.to(acc), g.to(acc)
+    xa = x.to(acc)
     dims = _dims(x)
     if training:
         m = max(x.numel() // max(x.shape[1], 1), 1)
@@ -109,6 +117,14 @@ def backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation,
         istd = torch.rsqrt(((xa - _channel(mu, x)) ** 2).mean(dims) + eps)
     else:
         mu, istd = mean, invstd
+    g = dy
+    if activation:
+        # A gate from the forward's statistics (bit-exact masks); SiLU's act'(u) from the recomputed ones,
+        # so that second derivatives see u's dependence on x.
+        g = _act_grad(dy, x, weight, bias, *((mean, invstd) if activation in _GATE else (mu, istd)), mask,
+                      activation)
+    dz = g if need_dz else None
+    ga = g.to(acc)
     xhat = (xa - _channel(mu, x)) * _channel(istd, x)
     sum_g = ga.sum(dims)
     sum_g_xhat = (ga * xhat).sum(dims)
