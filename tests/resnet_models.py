@@ -1,5 +1,6 @@
 """ResNets with the structure of torchvision's ``torchvision/models/resnet.py`` (BasicBlock, Bottleneck,
-ResNet), at tiny widths for the CPU tests (torchvision itself is not a test dependency).
+ResNet), and MobileNetV2 with that of ``mobilenetv2.py`` (at the end), at tiny widths for the CPU tests
+(torchvision itself is not a test dependency).
 
 What ``fuse_model`` depends on is kept as torchvision writes it: one ``self.relu = nn.ReLU(inplace=True)``
 per block called two or three times, ``out += identity``, ``downsample`` as ``nn.Sequential(conv1x1,
@@ -162,3 +163,60 @@ def resnet18_like(width=4, layers=(2, 1), **kw):
 def resnet50_like(width=2, layers=(2, 1), **kw):
     """ResNet-50's structure (Bottleneck; torchvision: layers (3, 4, 6, 3), width 64)."""
     return ResNet(Bottleneck, list(layers), width=width, **kw)
+
+
+# --- MobileNetV2, with the structure of torchvision/models/mobilenetv2.py ------------------------------
+
+class Conv2dNormActivation(nn.Sequential):
+    """torchvision.ops.misc.Conv2dNormActivation: conv, BatchNorm2d, activation (ReLU6 in MobileNetV2,
+    SiLU in EfficientNet) in place, or no activation (the linear bottleneck)."""
+
+    def __init__(self, in_planes, out_planes, kernel_size=3, stride=1, groups=1, activation_layer=nn.ReLU6):
+        layers = [nn.Conv2d(in_planes, out_planes, kernel_size, stride, (kernel_size - 1) // 2, groups=groups,
+                            bias=False), nn.BatchNorm2d(out_planes)]
+        if activation_layer is not None:
+            layers.append(activation_layer(inplace=True))
+        super().__init__(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, inp, oup, stride, expand_ratio, activation_layer=nn.ReLU6):
+        super().__init__()
+        hidden = inp * expand_ratio
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = []
+        if expand_ratio != 1:
+            layers.append(Conv2dNormActivation(inp, hidden, kernel_size=1, activation_layer=activation_layer))
+        layers += [Conv2dNormActivation(hidden, hidden, stride=stride, groups=hidden,
+                                        activation_layer=activation_layer),
+                   nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (``activation_layer=nn.ReLU6``), or its EfficientNet-style SiLU variant, at tiny
+    widths: stem, inverted residuals with and without the residual connection, last 1x1 conv, classifier."""
+
+    def __init__(self, width=4, setting=((1, 4, 1, 1), (4, 6, 2, 2), (4, 6, 1, 1)), num_classes=5,
+                 activation_layer=nn.ReLU6):
+        super().__init__()
+        features = [Conv2dNormActivation(3, width, stride=2, activation_layer=activation_layer)]
+        inp = width
+        for t, c, n, s in setting:
+            for i in range(n):
+                features.append(InvertedResidual(inp, c, s if i == 0 else 1, t, activation_layer))
+                inp = c
+        features.append(Conv2dNormActivation(inp, 4 * width, kernel_size=1,
+                                             activation_layer=activation_layer))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.0), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        return self.classifier(torch.flatten(x, 1))

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from resnet_models import BasicBlock, resnet18_like, resnet50_like
+from resnet_models import BasicBlock, MobileNetV2, resnet18_like, resnet50_like
 from torch import nn
 
 import tritonbn
@@ -125,6 +125,50 @@ def test_resnet_fused_trains_like_torch_and_float64(kind):
         y, y_t, y64 = (m(_x(9).to(next(m.parameters()).dtype)) for m in models)
     torch.testing.assert_close(y, y_t, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y, y64.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_cls,activation", [(nn.ReLU6, "relu6"), (nn.SiLU, "silu")])
+def test_mobilenet_v2_fused_trains_like_torch(act_cls, activation):
+    """torchvision's MobileNetV2 structure (Conv2dNormActivation = Sequential(conv, BN, ReLU6(inplace));
+    inverted residuals ``x + self.conv(x)`` whose last BN has no activation), and its SiLU variant
+    (EfficientNet's blocks): every BN followed by its activation is fused, the linear bottlenecks' BNs
+    are not (their output leaves the Sequential); same outputs, gradients and state as the model over
+    three SGD steps and in eval."""
+    torch.manual_seed(0)
+    model = MobileNetV2(activation_layer=act_cls)
+    x = _x(0, (2, 3, 16, 16))
+    fused, report = tritonbn.fuse_model(model, (x,))
+    n_act = sum(isinstance(m, act_cls) for m in model.modules())
+    assert len(report.fused) == n_act and {f.pattern for f in report.fused} == {f"bn_{activation}"}, report
+    assert all("BN output is the return value" in s.reason for s in report.skipped), report
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(report.fused) + len(report.skipped) == n_bn
+    calls = [0]
+    for m in fused.modules():
+        if isinstance(m, act_cls):
+            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    torch_model = copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (fused, torch_model)]
+    for step in range(3):
+        xs = _x(step + 1, (2, 3, 16, 16))
+        outs = []
+        for m, opt in zip((fused, torch_model), opts):
+            opt.zero_grad()
+            y = m(xs)
+            y.square().sum().backward()
+            outs.append(y)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+        for (name, p), q in zip(fused.named_parameters(), torch_model.parameters()):
+            _assert_rel(p.grad, q.grad, 5e-4, name)
+        _assert_same_state(fused, torch_model, rtol=1e-4, atol=1e-5)
+        for opt in opts:
+            opt.step()
+    assert calls[0] == 0   # no activation module ran: every one was fused
+    fused.eval()
+    torch_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(_x(9, (2, 3, 16, 16))), torch_model(_x(9, (2, 3, 16, 16))),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_input_model_untouched_and_checkpoints_load_both_ways():
