@@ -55,6 +55,9 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
                  for dtype in (torch.float32, torch.float16, torch.bfloat16)
                  for layout in _layouts(shape, 4)]
         cases += [(c.shape, "channels_last", torch.bfloat16) for b in (32, 128) for c in _rn50(b)]
+        # model_bench's MobileNetV2 (plain, and fuse_model's BN+ReLU6), bf16 autocast, channels_last
+        cases += [(shape, "channels_last", torch.bfloat16, (0, act)) for b in (32, 128)
+                  for shape, act in _mobilenet_v2_bns(b)]
         if quick_shapes:
             cases += [(c.shape, layout, dtype) for c in QUICK for dtype in (torch.bfloat16, torch.float32)
                       for layout in _layouts(c.shape)]
@@ -77,10 +80,31 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
     return list(records.values())
 
 
+def _mobilenet_v2_bns(batch: int) -> list:
+    """``(shape, activation code)`` of torchvision's mobilenet_v2 BatchNorms on 224×224 inputs: ReLU6 (2,
+    what ``fuse_model`` fuses) after every one but the inverted residuals' projections (0); 52 BNs, 35
+    with ReLU6."""
+    out, inp, res = [((batch, 32, 112, 112), 2)], 32, 112
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1)):
+        for i in range(n):
+            hidden = inp * t
+            if t != 1:
+                out.append(((batch, hidden, res, res), 2))
+            res //= s if i == 0 else 1
+            out += [((batch, hidden, res, res), 2), ((batch, c, res, res), 0)]
+            inp = c
+    return out + [((batch, 1280, res, res), 2)]
+
+
 def _record_cases(ops, cases) -> None:
+    """Each case ``(shape, layout, dtype[, activations])``: training forward and backward (the module's,
+    and the custom ops'), plain, with ReLU and with add + ReLU, or with the given activation codes only;
+    and the eval forward."""
     import torch
 
-    for shape, layout, dtype in cases:
+    for shape, layout, dtype, *acts in cases:
+        epilogues = ((None, 0), (None, 1), ("z", 1)) if not acts else tuple((None, a) for a in acts[0])
         # Empty CPU tensors of the real shapes: the launchers only read shapes, strides and alignment.
         x = torch.empty(shape, dtype=dtype)
         if layout == "channels_last" and x.dim() in (4, 5):
@@ -89,7 +113,8 @@ def _record_cases(ops, cases) -> None:
         c = shape[1]
         w, b = torch.ones(c), torch.zeros(c)       # fp32 parameters (autocast / AMP, and fp32 input)
         rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
-        for residual, act in ((None, 0), (None, 1), (torch.empty_like(x), 1)):
+        for z, act in epilogues:
+            residual = torch.empty_like(x) if z else None
             mask = residual is not None
             _, stats, bits, xr = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5, residual, act, mask,
                                              True)

@@ -897,7 +897,8 @@ def test_summary_without_any_piece(tmp_path):
 
 def test_warm_cache_records_the_gpu_checks_specializations():
     """The cache warmer records, without a GPU, the launches ResNet-50's BN layers make (plain, BN+ReLU,
-    BN+add+ReLU, forward and backward, eval) as Triton would specialize them."""
+    BN+add+ReLU, forward and backward, eval) and MobileNetV2's (plain, BN+ReLU6) as Triton would
+    specialize them."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "benchmarks.warm_cache", "--dry-run", "--no-quick"],
                          capture_output=True, text=True, env=env, timeout=300,
@@ -905,8 +906,8 @@ def test_warm_cache_records_the_gpu_checks_specializations():
     assert res.returncode == 0, res.stderr[-2000:]
     n = int(res.stdout.split("warm_cache: ")[1].split()[0])
     # 553 on 2026-11-28 (the eager backward's and the custom ops' reductions differ in HAS_DWEIGHT):
-    # TILED planes specialize per block shape
-    assert 20 <= n <= 640, res.stdout
+    # TILED planes specialize per block shape; 605 with MobileNetV2's on 2026-11-29
+    assert 20 <= n <= 700, res.stdout
 
 
 def test_sass_stats_counts_instructions_per_element():
