@@ -6,7 +6,7 @@ Marked ``cuda``: skipped on CPU-only machines; run with ``python -m pytest -m cu
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import bn_backward, bn_forward, make_input, rel_err
+from reference import act_grad, bn_backward, bn_forward, make_input, rel_err
 
 import tritonbn
 
@@ -154,6 +154,46 @@ def test_cuda_fused_relu_and_add_relu_match_reference(shape, layout, dtype, resi
     if residual:
         want_t.append(dy.double() * positive_t.double())
     for got, got_t, exp, exp_t in zip(grads, grads_t, want, want_t):
+        assert rel_err(got, exp) <= 2 * rel_err(got_t, exp_t) + 4 * ulp
+
+
+@pytest.mark.parametrize("act,residual", [("relu6", True), ("silu", False)])
+@pytest.mark.parametrize("shape,layout,dtype", FUSED_SHAPES[:3:2] + FUSED_SHAPES[3:4])
+def test_cuda_fused_relu6_and_silu_match_reference(shape, layout, dtype, act, residual):
+    """BN + [add +] ReLU6 (gate and bitmask) and BN + SiLU (the GPU's exp) on realistic shapes, no worse
+    than torch's unfused ops against the float64 reference: outputs, running stats, dx, dγ, dβ, dz. γ is
+    scaled so that ReLU6 clips at 6 too."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = make_input(shape, layout, dtype=dtype, device="cuda").requires_grad_(True)
+    z = torch.empty_like(x).copy_(torch.randn(shape, device="cuda") * 1.5).requires_grad_(True) \
+        if residual else None
+    w = (torch.rand(c, device="cuda") * 4 + 2).requires_grad_(True)
+    b = torch.randn(c, device="cuda").requires_grad_(True)
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    rm_t, rv_t = rm.clone(), rv.clone()
+    expect = bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5, residual=z, activation=act)
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, residual=z, activation=act)
+    fn = F.relu6 if act == "relu6" else F.silu
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True)
+    y_t = fn(y_t + z if z is not None else y_t)
+    ulp = torch.finfo(dtype).eps
+    assert y.stride() == x.stride()
+    assert rel_err(y, expect.y) <= 2 * rel_err(y_t, expect.y) + ulp
+    assert rel_err(rm, expect.running_mean) < 1e-5 and rel_err(rv, expect.running_var) < 1e-5
+    dy = torch.randn_like(y)
+    inputs = (x, w, b) + ((z,) if residual else ())
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_t = torch.autograd.grad(y_t, inputs, dy)
+    wants = []
+    for out in (y, y_t):   # each judged with the gate of its own output (ReLU6), or act'(u) (SiLU)
+        o = out.detach()
+        dact = ((o > 0) & (o < 6)).double() if act == "relu6" else act_grad(act, expect.pre)
+        want = list(bn_backward(dy, x, w, expect.mean, expect.invstd, True, dact))
+        if residual:
+            want.append(dy.double() * dact)
+        wants.append(want)
+    for got, got_t, exp, exp_t in zip(grads, grads_t, *wants):
         assert rel_err(got, exp) <= 2 * rel_err(got_t, exp_t) + 4 * ulp
 
 
