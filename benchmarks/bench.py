@@ -15,7 +15,8 @@ Providers: tritonbn.BatchNormNd, torch.nn.BatchNormNd (cuDNN or ATen), torch.com
 
 Fused modes (`--fused`, issue 9): relu_{train_fwd,fwd_bwd,eval_fwd} time y = relu(BN(x)) and
 add_relu_{train_fwd,fwd_bwd,eval_fwd} time y = relu(BN(x) + z), z a second input of x's shape and layout
-(its gradient is computed too). Providers there: tritonbn = the fused op (tritonbn.BatchNormActNd with
+(its gradient is computed too); relu6_*, add_relu6_* and silu_* (through --modes only) the same with
+ReLU6 or SiLU. Providers there: tritonbn = the fused op (tritonbn.BatchNormActNd with
 activation="relu", i.e. batch_norm(..., residual=z, activation="relu")), tritonbn_unfused = tritonbn's
 BatchNormNd then a separate in-place add and ReLU, eager = torch's BatchNormNd then the same add and ReLU
 (torchvision's BasicBlock tail), compile = torch.compile of that torch composition. The fused rows run
@@ -113,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", type=Path, help="output dir (default benchmarks/results/<card>-<date>; smoke: a tmp dir)"
     )
     p.add_argument(
-        "--modes", default=",".join(H.MODES), help="comma list of " + ",".join(H.MODES + H.FUSED_MODES)
+        "--modes", default=",".join(H.MODES), help="comma list of " + ",".join(H.MODES + H.ALL_FUSED_MODES)
     )
     p.add_argument("--fused", action="store_true", help="add the fused modes " + ",".join(H.FUSED_MODES))
     p.add_argument(
@@ -170,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.tuning = _tuning_overrides(a.tuning, p)
     for name, allowed in (
-        ("modes", H.MODES + H.FUSED_MODES),
+        ("modes", H.MODES + H.ALL_FUSED_MODES),
         ("layouts", LAYOUTS),
         ("providers", ALL_PROVIDERS),
     ):
@@ -178,7 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.fused:
         a.modes += [m for m in H.FUSED_MODES if m not in a.modes]
     if a.fused_budget is None:
-        a.fused_budget = 0.4 * a.time_budget if a.time_budget and set(a.modes) & set(H.FUSED_MODES) else 0.0
+        fused = set(a.modes) & set(H.ALL_FUSED_MODES)
+        a.fused_budget = 0.4 * a.time_budget if a.time_budget and fused else 0.0
     default_dtypes = "fp32" if a.smoke else "bf16,fp32" if a.quick else ",".join(DTYPES)
     a.dtypes = _csv(a.dtypes or default_dtypes, DTYPES, p, "dtypes")
     a.warmup = a.warmup or (5 if a.quick else 25)
@@ -196,9 +198,27 @@ def _csv(s, allowed, parser, name):
     return vals
 
 
+EPILOGUES = ("relu", "add_relu", *H.EXTRA_EPILOGUES)
+
+
 def epilogue(mode: str) -> str | None:
-    """None for plain BN modes, "relu" or "add_relu" for the fused ones."""
-    return next((e for e in ("add_relu", "relu") if mode.startswith(e + "_")), None)
+    """None for plain BN modes, the epilogue ("relu", "add_relu", "relu6", "add_relu6", "silu") for the
+    fused ones."""
+    return next((e for e in EPILOGUES if mode.startswith(e + "_")), None)
+
+
+def activation(epi: str | None) -> str | None:
+    """The activation of an epilogue: "add_relu6" -> "relu6"."""
+    return None if epi is None else epi.removeprefix("add_")
+
+
+def _act_fn(torch, act: str, in_place: bool = False):
+    F = torch.nn.functional
+    if act == "relu":
+        return torch.relu_ if in_place else torch.relu
+    if act == "relu6":
+        return lambda y: F.relu6(y, inplace=in_place)
+    return lambda y: F.silu(y, inplace=in_place)
 
 
 def base_mode(mode: str) -> str:
@@ -215,11 +235,11 @@ def plan(args) -> list[tuple[Case, str, str, list[str]]]:
     modes of one item share one epilogue (one set of providers and one correctness pass)."""
     pool = SMOKE if args.smoke else (QUICK if args.quick else FULL)
     plain = [m for m in args.modes if epilogue(m) is None]
-    fused = {e: [m for m in args.modes if epilogue(m) == e] for e in ("relu", "add_relu")}
+    fused = {e: [m for m in args.modes if epilogue(m) == e] for e in EPILOGUES}
     cl_first = sorted(args.layouts, key=lambda lay: lay != "channels_last")
     phases = [(select(pool, args.shapes), [plain], cl_first)]
     phases.append(
-        (select(pool, args.fused_shapes or args.shapes), [fused["relu"], fused["add_relu"]], cl_first)
+        (select(pool, args.fused_shapes or args.shapes), [fused[e] for e in EPILOGUES], cl_first)
     )
     out = []
     for cases, groups, layouts in phases:
@@ -290,27 +310,29 @@ def make_modules(torch, providers, tb, nd, C, pdtype, device, state, backend, ep
             continue
         fused = epi is not None and p in ("tritonbn", "tritonbn_compile")
         if fused:
-            bn = getattr(tb, f"BatchNormAct{nd}d")(C, device=device, dtype=pdtype, activation="relu")
+            bn = getattr(tb, f"BatchNormAct{nd}d")(C, device=device, dtype=pdtype,
+                                                   activation=activation(epi))
         else:
             lib = tb if p.startswith("tritonbn") else torch.nn
             bn = getattr(lib, f"BatchNorm{nd}d")(C, device=device, dtype=pdtype)
         bn.load_state_dict(state)
-        call = bn if epi is None or fused else _chain(torch, bn)
+        call = bn if epi is None or fused else _chain(torch, bn, activation(epi))
         if p.endswith("compile"):
             call = torch.compile(call, dynamic=False, backend=backend)
         mods[p] = (call, bn, [bn.weight, bn.bias])
     return mods
 
 
-def _chain(torch, bn):
-    """BN, then the residual added in place and an in-place ReLU: torchvision's BasicBlock tail
+def _chain(torch, bn, act="relu"):
+    """BN, then the residual added in place and an in-place activation: torchvision's BasicBlock tail
     (`out = bn2(out); out += identity; out = relu(out)`, ReLU(inplace=True)), each op a separate pass."""
+    act_ = _act_fn(torch, act, in_place=True)
 
     def chain(x, z=None):
         y = bn(x)
         if z is not None:
             y += z
-        return torch.relu_(y)
+        return act_(y)
 
     return chain
 
@@ -356,10 +378,12 @@ def _outputs(torch, F, prov, x_base, dy, z_base=None, ref_state=None):
         z = None if z_base is None else z_base.detach().double().requires_grad_(True)
         epi = ref_state.get("epilogue")
 
+        act = activation(epi)
+
         def ref(xx, zz, training):
             y = F.batch_norm(xx, rm, rv, w, b, training, 0.1, 1e-5)
             y = y if zz is None else y + zz
-            return torch.relu(y) if epi else y
+            return _act_fn(torch, act)(y) if act else y
 
         y = ref(x, z, True)
         grads = torch.autograd.grad(y, [x, w, b, *([z] if z is not None else [])], dy.double())
@@ -367,10 +391,11 @@ def _outputs(torch, F, prov, x_base, dy, z_base=None, ref_state=None):
             ye = ref(x_base.double(), None if z_base is None else z_base.double(), False)
             pre = (
                 (F.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, 1e-5) + (0 if z is None else z))
-                if epi
+                if act in ("relu", "relu6")   # gated: its gate is ambiguous near its edges
                 else None
             )
-        return dict(zip(("dx", "dw", "db", "dz"), grads), y=y, rm=rm, rv=rv, y_eval=ye, pre=pre)
+        edges = (0.0, 6.0) if act == "relu6" else (0.0,)
+        return dict(zip(("dx", "dw", "db", "dz"), grads), y=y, rm=rm, rv=rv, y_eval=ye, pre=pre, edges=edges)
     bn.train()
     y = _call(call, x, z)
     grads = torch.autograd.grad(y, [x, *params, *([z] if z is not None else [])], dy)
@@ -388,13 +413,15 @@ def _outputs(torch, F, prov, x_base, dy, z_base=None, ref_state=None):
 
 
 def mode_errors(torch, out, ref, dt="fp32") -> dict:
-    """Errors of one provider's outputs against the fp64 reference, per mode. With a ReLU, dx and dz are
-    compared where the mask is unambiguous (|pre-activation| above MASK_BAND roundings of dtype `dt`)."""
+    """Errors of one provider's outputs against the fp64 reference, per mode. With a ReLU or ReLU6, dx and
+    dz are compared where the gate is unambiguous (the pre-activation farther than MASK_BAND roundings of
+    dtype `dt` from the gate's edges: 0, and 6 for ReLU6)."""
     keys = [k for k in ("y", "dx", "dw", "db", "dz", "rm", "rv", "y_eval") if k in ref]
     keep = None
     if ref.get("pre") is not None:
-        pre = ref["pre"].detach().abs()
-        keep = (pre > MASK_BAND * _EPS[dt] * pre.max()).double()
+        pre = ref["pre"].detach()
+        band = MASK_BAND * _EPS[dt] * pre.abs().max()
+        keep = torch.stack([(pre - e).abs() > band for e in ref["edges"]]).all(0).double()
     e = {k: _err(torch, out[k], ref[k], keep if k in ("dx", "dz") else None) for k in keys}
     fwd = max(e["y"], e["rm"], e["rv"])
     bwd = max(e[k] for k in ("dx", "dw", "db", "dz") if k in e)
@@ -467,7 +494,7 @@ def summarize(rows, providers) -> dict:
             for p in mode_providers(list(providers), mode)
         }
         out.append(g)
-    order = {m: i for i, m in enumerate(H.MODES + H.FUSED_MODES)}
+    order = {m: i for i, m in enumerate(H.MODES + H.ALL_FUSED_MODES)}
     out.sort(key=lambda s: (order[s["mode"]], s["dtype"] == "all", s["dtype"], s["layout"]))
     # Whole-network BN time: sum over ResNet-50's 53 layers, only where every one of its shapes was timed.
     rn = []
@@ -884,7 +911,8 @@ def run_case(torch, F, tb, args, case: Case, dt, lay, device, timer, copy_bw, se
     torch._dynamo.reset()  # per-shape graphs only: keeps guard lists (host overhead) short
     x = make_input(torch, case.shape, dtype, lay, device, 1000 + seed)
     dy = make_input(torch, case.shape, dtype, lay, device, 2000 + seed)
-    z = make_input(torch, case.shape, dtype, lay, device, 3000 + seed) if epi == "add_relu" else None
+    z = make_input(torch, case.shape, dtype, lay, device, 3000 + seed) if epi and epi.startswith("add_") \
+        else None
     state = bn_state(torch, nd, C, pdtype, device, seed)
     mods = make_modules(torch, providers, tb, nd, C, pdtype, device, state, args.compile_backend, epi)
     errs, errors = {}, {}

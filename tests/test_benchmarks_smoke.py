@@ -24,8 +24,13 @@ def test_byte_model():
     assert harness.model_bytes("eval_fwd", 1000, 2) == 2 * E
     assert harness.model_bytes("bwd", 1000, 2) == 5 * E
     assert harness.model_bytes("fwd_bwd", 1000, 2) == 8 * E
-    modes = set(harness.MODES) | set(harness.FUSED_MODES)
+    modes = set(harness.MODES) | set(harness.ALL_FUSED_MODES)
     assert set(harness.BYTE_MODEL_TEXT) == modes == set(harness.BYTES_PER_ELEMENT_PASS)
+    # ReLU6 and SiLU move what ReLU moves (same passes)
+    for m in harness.EXTRA_FUSED_MODES:
+        as_relu = m.replace("relu6", "relu").replace("silu", "relu")
+        assert harness.BYTES_PER_ELEMENT_PASS[m] == harness.BYTES_PER_ELEMENT_PASS[as_relu]
+        assert harness.UNFUSED_BYTES_PER_ELEMENT_PASS[m] == harness.UNFUSED_BYTES_PER_ELEMENT_PASS[as_relu]
     # issue 9's byte model: fused BN+ReLU 3E fwd / 5E bwd, BN+Add+ReLU 4E / 6E; unfused 5E/8E and 8E/8E
     per_e = {m: harness.model_bytes(m, 1000, 2) // E for m in harness.FUSED_MODES}
     assert per_e == {
@@ -40,6 +45,26 @@ def test_byte_model():
     assert unf["relu_train_fwd"] == 5 and unf["relu_fwd_bwd"] == 5 + 8
     assert unf["add_relu_train_fwd"] == 8 and unf["add_relu_fwd_bwd"] == 8 + 8
     assert all(unf[m] > harness.BYTES_PER_ELEMENT_PASS[m] for m in harness.FUSED_MODES)
+
+
+def test_bench_smoke_relu6_and_silu_modes(tmp_path):
+    """The opt-in fused modes (ReLU6, add + ReLU6, SiLU): fused module, tritonbn's unfused chain, eager and
+    compile providers, each checked against the fp64 reference (ReLU6's gate compared away from both
+    edges); rows in the JSON with their epilogue, none flagged. CPU, interpreter, one tiny shape."""
+    from benchmarks import bench
+
+    modes = "relu6_fwd_bwd,add_relu6_fwd_bwd,silu_fwd_bwd,silu_eval_fwd"
+    rc = bench.main(["--smoke", "--modes", modes, "--shapes", "smoke_2d", "--layouts", "channels_last",
+                     "--out", str(tmp_path), "--no-png"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["mode"]: r for r in doc["rows"]}
+    assert set(rows) == set(modes.split(","))
+    assert {r["epilogue"] for r in rows.values()} == {"relu6", "add_relu6", "silu"}
+    for mode, r in rows.items():
+        assert not r["flagged"] and r["err_tritonbn"] < 1e-5, (mode, r["err_parts"])
+        assert set(r["providers"]) == {"tritonbn", "tritonbn_unfused", "eager", "compile"}, mode
+    assert rows["add_relu6_fwd_bwd"]["err_parts"]["tritonbn"]["dz"] < 1e-5
 
 
 def test_geomean():
