@@ -171,6 +171,27 @@ def test_mobilenet_v2_fused_trains_like_torch(act_cls, activation):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_sync_batchnorm_conversion_of_a_fused_model_fails_loudly_and_the_right_order_works():
+    """SyncBatchNorm has no fused activation: torch's converter, which swaps every _BatchNorm, makes the
+    fused call raise (fuse_model passes the residual even when there is none) instead of silently dropping
+    the activation; tritonbn's converter refuses with the right order, which works: convert, then fuse
+    (SyncBatchNorm layers stay unfused)."""
+    torch.manual_seed(0)
+    model = MobileNetV2().eval()
+    x = _x(0, (2, 3, 16, 16))
+    fused, _ = tritonbn.fuse_model(model, (x,))
+    swapped = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
+    with pytest.raises(TypeError, match="positional argument"):
+        swapped(x)
+    with pytest.raises(TypeError, match="convert the unfused model first, then call fuse_model"):
+        tritonbn.convert_sync_batchnorm(copy.deepcopy(fused))
+    synced = tritonbn.convert_sync_batchnorm(copy.deepcopy(model))
+    fused_synced, report = tritonbn.fuse_model(synced, (x,))
+    assert not report.fused and all(s.action == "unchanged" for s in report.skipped), report
+    with torch.no_grad():
+        torch.testing.assert_close(fused_synced.eval()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_input_model_untouched_and_checkpoints_load_both_ways():
     model = _model("bottleneck")
     model.layer1[0].register_forward_hook(lambda *_: None)  # a hook on a rewritten module

@@ -424,7 +424,10 @@ def _rewrite(t: _Traced, plans: list[_Plan]) -> None:
         graph.erase_node(p.act)
         if p.add is not None:
             graph.erase_node(p.add)
-            p.bn.args = (p.bn.args[0], p.other)
+        # The residual is passed even when there is none: a plain BatchNorm put in the fused module's place
+        # (nn.SyncBatchNorm.convert_sync_batchnorm knows no activation) then raises instead of silently
+        # dropping the activation.
+        p.bn.args = (p.bn.args[0], p.other)
     graph.lint()
     m = t.module
     if isinstance(m, fx.GraphModule):  # its class is its own: regenerate its code in place

@@ -25,7 +25,7 @@ from torch import nn
 from tritonbn import ops
 from tritonbn.dispatch import uses_triton
 from tritonbn.functional import _param, check_inputs
-from tritonbn.modules import _TritonBatchNormMixin
+from tritonbn.modules import _BatchNormActMixin, _TritonBatchNormMixin
 
 
 def local_stats(x: torch.Tensor, view: ops.View) -> torch.Tensor:
@@ -128,6 +128,11 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     in ``module`` by ``tritonbn.SyncBatchNorm``, sharing its parameters and buffers, like
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``. Returns the converted module."""
     out = module
+    if isinstance(module, _BatchNormActMixin):
+        raise TypeError(f"convert_sync_batchnorm: got a fused {type(module).__name__} (activation="
+                        f"{module.activation!r}), which SyncBatchNorm cannot replace without losing its "
+                        "activation and residual: convert the unfused model first, then call fuse_model (it "
+                        "leaves SyncBatchNorm layers unfused)")
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group)
