@@ -2,7 +2,8 @@
 
 Used where the Triton kernels do not run (the custom ops on a device tritonbn does not handle) and for
 double backward (these are differentiable). Same conventions as ``tritonbn.ops``: statistics in the
-accumulation dtype (fp32, fp64 for fp64 input), the ReLU mask as int32 words in the input's memory order.
+accumulation dtype (fp32, fp64 for fp64 input), the gate of a ReLU or ReLU6 as int32 words in the input's
+memory order.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation,
              dbias_dtype, need_dz):
     """``(dx, dweight, dbias, dz)`` from the formulas (None where not asked for). Differentiable in dy, x,
     weight and bias: with ``training`` the statistics are recomputed from x so that second derivatives
-    see their dependence on x (``mean``/``invstd`` are then only used for the ReLU mask)."""
+    see their dependence on x (``mean``/``invstd`` are then only used for a ReLU or ReLU6 gate)."""
     acc = acc_dtype(x)
     xa = x.to(acc)
     dims = _dims(x)
