@@ -365,11 +365,13 @@ def test_torch_func_transforms_run_torchs_module_exactly(device):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False, "track_running_stats": False}])
-def test_torch_jit_script_compiles_torchs_module_code(kwargs):
-    """``torch.jit.script`` of a model with tritonbn layers (plain, and BatchNormAct with and without a
-    residual) compiles torch's own batch norm code: the scripted model trains and evaluates exactly as the
-    scripted torch model does (outputs, gradients, running stats, num_batches_tracked), shares the eager
-    model's parameters and buffers, and leaves the eager model tritonbn's."""
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu"])
+def test_torch_jit_script_compiles_torchs_module_code(kwargs, activation):
+    """``torch.jit.script`` of a model with tritonbn layers (plain, and BatchNormAct, with each activation,
+    with and without a residual) compiles torch's own batch norm code: the scripted model trains and
+    evaluates exactly as the scripted torch model does (outputs, gradients, running stats,
+    num_batches_tracked), shares the eager model's parameters and buffers, and leaves the eager model
+    tritonbn's."""
 
     class Net(nn.Module):
         def __init__(self, bn, act):
@@ -387,18 +389,25 @@ def test_torch_jit_script_compiles_torchs_module_code(kwargs):
         with torch.no_grad():
             for p in (theirs.bn.weight, theirs.bn.bias, theirs.act.weight, theirs.act.bias):
                 p.uniform_(0.5, 1.5)
+            theirs.act.weight.mul_(6)   # ReLU6 clips at 6 too
 
     class TorchAct(nn.Module):   # what BatchNormAct2d computes, in torch modules
         def __init__(self, bn):
             super().__init__()
             self.bn = bn
+            self.activation = activation
 
         def forward(self, x, z):
-            return torch.relu(self.bn(x) + z)
+            y = self.bn(x) + z
+            if self.activation == "relu":
+                return torch.relu(y)
+            if self.activation == "relu6":
+                return F.relu6(y)
+            return F.silu(y)
 
     ours = copy.deepcopy(theirs)
     ours.bn.__class__ = tritonbn.BatchNorm2d
-    act = tritonbn.BatchNormAct2d(4, **kwargs)
+    act = tritonbn.BatchNormAct2d(4, activation=activation, **kwargs)
     act.load_state_dict(ours.act.state_dict())
     ours.act = act
     theirs.act = TorchAct(theirs.act)

@@ -18,13 +18,13 @@ class _TritonBatchNormMixin:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input, None, False)
+            return self._scripted_forward(input, None, None)
         return self._bn_forward(input, None, 0)
 
-    def _scripted_forward(self, input: torch.Tensor, residual: torch.Tensor | None, relu: bool
+    def _scripted_forward(self, input: torch.Tensor, residual: torch.Tensor | None, activation: str | None
                           ) -> torch.Tensor:
         """What ``torch.jit.script`` compiles: torch's own ``_BatchNorm.forward`` (TorchScript cannot call a
-        parent class's method, nor run tritonbn's Python dispatch), then the residual add and ReLU."""
+        parent class's method, nor run tritonbn's Python dispatch), then the residual add and activation."""
         self._check_input_dim(input)
         momentum = self.momentum
         factor = 0.0
@@ -42,8 +42,13 @@ class _TritonBatchNormMixin:
                          self.weight, self.bias, bn_training, factor, self.eps)
         if residual is not None:
             y = y + residual
-        if relu:
-            y = torch.relu(y)
+        if activation is not None:   # (TorchScript compares only a refined str)
+            if activation == "relu":
+                y = torch.relu(y)
+            elif activation == "relu6":
+                y = F.relu6(y)
+            elif activation == "silu":
+                y = F.silu(y)
         return y
 
     @torch.jit.unused
@@ -133,7 +138,7 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input, residual, self.activation is not None)
+            return self._scripted_forward(input, residual, self.activation)
         return self._act_forward(input, residual)
 
     @torch.jit.unused
