@@ -18,14 +18,15 @@ import torch
 from torch import fx, nn
 
 from tritonbn import modules as _tbn
+from tritonbn import ops as _ops
+from tritonbn import torch_math as _torch_math
 
 FUSED = (_tbn.BatchNormAct1d, _tbn.BatchNormAct2d, _tbn.BatchNormAct3d)
 _PLAIN_PART = {_tbn.BatchNormAct1d: _tbn.BatchNorm1d, _tbn.BatchNormAct2d: _tbn.BatchNorm2d,
                _tbn.BatchNormAct3d: _tbn.BatchNorm3d}
 _ACT_FORWARD = _tbn.BatchNormAct2d.forward  # the mixin's: the same function object for every rank
 # activation name -> the torch function the split graph calls (what tritonbn's unfused epilogue calls)
-ACTIVATIONS = {None: None, "relu": torch.relu, "relu6": torch.nn.functional.relu6,
-               "silu": torch.nn.functional.silu}
+ACTIVATIONS = {name: _torch_math.ACT_FN.get(code) for name, code in _ops.ACTIVATIONS.items()}
 
 
 def is_fused(m: nn.Module) -> bool:
@@ -92,11 +93,8 @@ def split_call(graph: fx.Graph, node: fx.Node, activation, residual) -> fx.Node:
 
 
 def epilogue(y: torch.Tensor, residual, activation) -> torch.Tensor:
-    """``activation(y + residual)`` with standard torch ops."""
-    if residual is not None:
-        y = y + residual
-    fn = ACTIVATIONS[activation]
-    return y if fn is None else fn(y)
+    """``activation(y + residual)`` with standard torch ops (``activation`` by name)."""
+    return _torch_math.epilogue(y, residual, _ops.ACTIVATIONS[activation])
 
 
 class _TorchActMixin:

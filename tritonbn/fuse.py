@@ -33,6 +33,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tritonbn import modules as _tbn
+from tritonbn import ops as _ops
 
 # Exact classes only: a subclass may compute something else.
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,8 +52,8 @@ _ACT_METHODS = {"relu": ("relu", "Tensor.relu"), "relu_": ("relu", "Tensor.relu_
 _IN_PLACE_ACT = {torch.relu_}
 _ACT_NAMES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "SiLU"}
 # Activations that take the fused add too (a gate, stored as a bitmask; SiLU's gradient would need the
-# residual again: tritonbn.ops.GATED).
-_WITH_ADD = ("relu", "relu6")
+# residual again).
+_WITH_ADD = {name for name, code in _ops.ACTIVATIONS.items() if code in _ops.GATED}
 _ADD_FUNCTIONS = {operator.add: "+", operator.iadd: "+=", torch.add: "torch.add"}
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
 

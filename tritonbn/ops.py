@@ -694,7 +694,7 @@ class ForwardPlan:
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
                 GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
                 BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
-        if write_mask and not training and act not in (0, ACTIVATIONS["relu"]):
+        if write_mask and not training and act == ACTIVATIONS["relu6"]:
             # ReLU6's gate (one comparison more than ReLU's) in an eval-mode FLAT_RUNS block that computes
             # 1/√(var+ε) per run: full blocks spill registers on sm_80 (compile gate).
             tuning = dataclasses.replace(tuning, run_block=tuning.run_block // 2)

@@ -42,13 +42,13 @@ def unpack_mask(words: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(like.shape, mem.stride())
 
 
-# ACTIVATIONS codes (tritonbn.ops) -> torch's function.
-_ACT_FN = {1: torch.relu, 2: F.relu6, 3: F.silu}
+# ACTIVATIONS codes (tritonbn.ops) -> torch's function (also what the export tool's split graphs call).
+ACT_FN = {1: torch.relu, 2: F.relu6, 3: F.silu}
 _GATE = {1: lambda u: u > 0, 2: lambda u: (u > 0) & (u < 6)}
 
 
 def activate(y, activation: int):
-    return _ACT_FN[activation](y) if activation else y
+    return ACT_FN[activation](y) if activation else y
 
 
 def epilogue(y, residual, activation: int):
