@@ -117,64 +117,31 @@ FUSED_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("shape,layout,dtype", FUSED_SHAPES)
-def test_cuda_fused_relu_and_add_relu_match_reference(shape, layout, dtype, residual):
-    """BN + [add +] ReLU fused, on realistic shapes (FLAT and TILED addressing, bitmask), against the
-    float64 reference and torch's unfused ops: outputs, running stats, dx, dγ, dβ, dz."""
+# ReLU with and without the residual on every shape; ReLU6 (gate and bitmask) and SiLU (the GPU's exp) on
+# three of them.
+FUSED_CASES = [(*s, "relu", r) for s in FUSED_SHAPES for r in (False, True)] + [
+    (*s, act, r) for s in FUSED_SHAPES[:3:2] + FUSED_SHAPES[3:4]
+    for act, r in (("relu6", True), ("silu", False))]
+
+
+@pytest.mark.parametrize("shape,layout,dtype,act,residual", FUSED_CASES)
+def test_cuda_fused_activations_match_reference(shape, layout, dtype, act, residual):
+    """BN + [add +] activation fused, on realistic shapes (FLAT and TILED addressing, bitmask), no worse
+    than torch's unfused ops against the float64 reference: outputs, running stats, dx, dγ, dβ, dz. For
+    ReLU6 γ is scaled so that it clips at 6 too."""
     torch.manual_seed(0)
     c = shape[1]
     x = make_input(shape, layout, dtype=dtype, device="cuda").requires_grad_(True)
     z = torch.empty_like(x).copy_(torch.randn(shape, device="cuda") * 1.5).requires_grad_(True) \
         if residual else None
-    w = (torch.rand(c, device="cuda") + 0.5).requires_grad_(True)
-    b = torch.randn(c, device="cuda").requires_grad_(True)
-    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
-    rm_t, rv_t = rm.clone(), rv.clone()
-    expect = bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5, residual=z, activation="relu")
-    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, residual=z, activation="relu")
-    y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True)
-    y_t = torch.relu(y_t + z if z is not None else y_t)
-    ulp = torch.finfo(dtype).eps
-    assert y.stride() == x.stride()
-    assert rel_err(y, expect.y) <= 2 * rel_err(y_t, expect.y) + ulp
-    assert rel_err(rm, expect.running_mean) < 1e-5 and rel_err(rv, expect.running_var) < 1e-5
-    dy = torch.randn_like(y)
-    inputs = (x, w, b) + ((z,) if residual else ())
-    grads = torch.autograd.grad(y, inputs, dy)
-    grads_t = torch.autograd.grad(y_t, inputs, dy)
-    # The reference takes the mask of the output judged (the kernels' own y > 0): a value rounding to
-    # either side of 0 is not an error of the backward.
-    positive = y.detach() > 0
-    want = list(bn_backward(dy, x, w, expect.mean, expect.invstd, True, positive))
-    if residual:
-        want.append(dy.double() * positive.double())
-    positive_t = y_t.detach() > 0
-    want_t = list(bn_backward(dy, x, w, expect.mean, expect.invstd, True, positive_t))
-    if residual:
-        want_t.append(dy.double() * positive_t.double())
-    for got, got_t, exp, exp_t in zip(grads, grads_t, want, want_t):
-        assert rel_err(got, exp) <= 2 * rel_err(got_t, exp_t) + 4 * ulp
-
-
-@pytest.mark.parametrize("act,residual", [("relu6", True), ("silu", False)])
-@pytest.mark.parametrize("shape,layout,dtype", FUSED_SHAPES[:3:2] + FUSED_SHAPES[3:4])
-def test_cuda_fused_relu6_and_silu_match_reference(shape, layout, dtype, act, residual):
-    """BN + [add +] ReLU6 (gate and bitmask) and BN + SiLU (the GPU's exp) on realistic shapes, no worse
-    than torch's unfused ops against the float64 reference: outputs, running stats, dx, dγ, dβ, dz. γ is
-    scaled so that ReLU6 clips at 6 too."""
-    torch.manual_seed(0)
-    c = shape[1]
-    x = make_input(shape, layout, dtype=dtype, device="cuda").requires_grad_(True)
-    z = torch.empty_like(x).copy_(torch.randn(shape, device="cuda") * 1.5).requires_grad_(True) \
-        if residual else None
-    w = (torch.rand(c, device="cuda") * 4 + 2).requires_grad_(True)
+    scale, shift = (1, 0.5) if act == "relu" else (4, 2)
+    w = (torch.rand(c, device="cuda") * scale + shift).requires_grad_(True)
     b = torch.randn(c, device="cuda").requires_grad_(True)
     rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
     rm_t, rv_t = rm.clone(), rv.clone()
     expect = bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5, residual=z, activation=act)
     y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, residual=z, activation=act)
-    fn = F.relu6 if act == "relu6" else F.silu
+    fn = {"relu": torch.relu, "relu6": F.relu6, "silu": F.silu}[act]
     y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True)
     y_t = fn(y_t + z if z is not None else y_t)
     ulp = torch.finfo(dtype).eps
@@ -185,13 +152,18 @@ def test_cuda_fused_relu6_and_silu_match_reference(shape, layout, dtype, act, re
     inputs = (x, w, b) + ((z,) if residual else ())
     grads = torch.autograd.grad(y, inputs, dy)
     grads_t = torch.autograd.grad(y_t, inputs, dy)
+    # A gated activation's reference takes the gate of the output judged (the kernels' own y > 0): a value
+    # rounding to either side of an edge is not an error of the backward. SiLU's act'(u) is the reference's.
     wants = []
-    for out in (y, y_t):   # each judged with the gate of its own output (ReLU6), or act'(u) (SiLU)
+    for out in (y, y_t):
         o = out.detach()
-        dact = ((o > 0) & (o < 6)).double() if act == "relu6" else act_grad(act, expect.pre)
+        if act == "silu":
+            dact = act_grad(act, expect.pre)
+        else:
+            dact = ((o > 0) & (o < (6 if act == "relu6" else float("inf")))).double()
         want = list(bn_backward(dy, x, w, expect.mean, expect.invstd, True, dact))
         if residual:
-            want.append(dy.double() * dact)
+            want.append(dy.double() * dact.to(dy.device))
         wants.append(want)
     for got, got_t, exp, exp_t in zip(grads, grads_t, *wants):
         assert rel_err(got, exp) <= 2 * rel_err(got_t, exp_t) + 4 * ulp
