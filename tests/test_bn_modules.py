@@ -133,6 +133,74 @@ def test_convert_model_keeps_parameters_buffers_and_flags():
     assert type(single) is tritonbn.BatchNorm3d
 
 
+@pytest.mark.parametrize("torch_lazy,ours_lazy,ours_cls,shape", [
+    (nn.LazyBatchNorm1d, tritonbn.LazyBatchNorm1d, tritonbn.BatchNorm1d, (3, 5, 4)),
+    (nn.LazyBatchNorm2d, tritonbn.LazyBatchNorm2d, tritonbn.BatchNorm2d, (2, 3, 4, 5)),
+    (nn.LazyBatchNorm3d, tritonbn.LazyBatchNorm3d, tritonbn.BatchNorm3d, (2, 3, 2, 3, 2)),
+])
+@pytest.mark.parametrize("converted", [False, True])
+def test_lazy_batchnorm_runs_tritonbn_from_its_first_call(torch_lazy, ours_lazy, ours_cls, shape, converted,
+                                                          monkeypatch):
+    """tritonbn's LazyBatchNorm*d (built, or from convert_model of torch's) infers num_features, runs the
+    kernels on its first call and becomes tritonbn's BatchNorm*d, where torch's would become torch's."""
+    from tritonbn import ops
+
+    launched = []
+
+    def record_and_run(kernel, grid, args, constexprs, num_warps):
+        launched.append(kernel.fn.__name__)
+        kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+    kw = {"momentum": None, "dtype": torch.float64}
+    theirs = torch_lazy(**kw)
+    ours = tritonbn.convert_model(torch_lazy(**kw)) if converted else ours_lazy(**kw)
+    assert type(ours) is ours_lazy
+    monkeypatch.setattr(ops, "_launch_hook", record_and_run)
+    x = make_input(shape, "contiguous", dtype=torch.float64)
+    for step in range(2):
+        xs = (x + step).requires_grad_(True), (x + step).requires_grad_(True)
+        y_t, y_o = theirs(xs[0]), ours(xs[1])
+        assert type(ours) is ours_cls and type(theirs) is not ours_cls
+        torch.testing.assert_close(y_o, y_t)
+        (y_t * x).sum().backward()
+        (y_o * x).sum().backward()
+        torch.testing.assert_close(xs[1].grad, xs[0].grad)
+        assert_same_state(ours, theirs)
+    assert launched.count("_bn_stats_kernel") == 2 and launched.count("_bn_backward_dx_kernel") == 2
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+
+
+def test_revert_model_undoes_convert_model_and_refuses_fused_modules():
+    """revert_model puts torch's classes back (torch.ao's fuse_modules matches exact classes, and fails on
+    tritonbn's), keeps every object and state, and refuses a fused model before changing anything."""
+    from torch.ao.quantization import fuse_modules
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.LazyBatchNorm1d(),
+                          nn.SyncBatchNorm(4)).eval()
+    model[4] = tritonbn.convert_sync_batchnorm(model[4])
+    tritonbn.convert_model(model)
+    assert [type(m) for m in model[1::2]] == [tritonbn.BatchNorm2d, tritonbn.LazyBatchNorm1d]
+    assert type(model[4]) is tritonbn.SyncBatchNorm
+    ids = {n: id(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        fuse_modules(copy.deepcopy(model[:3]), [["0", "1", "2"]])
+    assert tritonbn.revert_model(model) is model
+    assert [type(m) for m in model[1::2]] == [nn.BatchNorm2d, nn.LazyBatchNorm1d]
+    assert type(model[4]) is nn.SyncBatchNorm
+    assert {n: id(t) for n, t in list(model.named_parameters()) + list(model.named_buffers())} == ids
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        expected = model[:3](x)
+    fused = fuse_modules(copy.deepcopy(model[:3]), [["0", "1", "2"]])
+    torch.testing.assert_close(fused(x), expected)
+    fused_model, _ = tritonbn.fuse_model(tritonbn.convert_model(model[:3]))
+    before = [type(m) for m in fused_model.modules()]
+    with pytest.raises(TypeError, match="'1' is a fused BatchNormAct2d"):
+        tritonbn.revert_model(fused_model)
+    assert [type(m) for m in fused_model.modules()] == before
+
+
 def test_small_convnet_trains_like_torch(device):
     """Several SGD steps of a small convnet (both layouts): same losses, parameters and running stats."""
     torch.manual_seed(0)

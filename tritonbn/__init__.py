@@ -16,11 +16,16 @@ from tritonbn.modules import (
     BatchNormAct1d,
     BatchNormAct2d,
     BatchNormAct3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
     convert_model,
+    revert_model,
 )
 from tritonbn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
-           "FuseReport", "SyncBatchNorm", "batch_norm", "convert_model", "convert_sync_batchnorm",
-           "fuse_model", "uses_triton"]
+           "FuseReport", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "SyncBatchNorm",
+           "batch_norm", "convert_model", "convert_sync_batchnorm", "fuse_model", "revert_model",
+           "uses_triton"]
 __version__ = "0.1.0"

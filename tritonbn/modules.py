@@ -168,7 +168,30 @@ class BatchNormAct3d(_BatchNormActMixin, nn.BatchNorm3d):
     """``BatchNorm3d`` + optional residual add + activation, fused; input ``(N, C, D, H, W)``."""
 
 
-_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+class LazyBatchNorm1d(_TritonBatchNormMixin, nn.LazyBatchNorm1d):
+    """``torch.nn.LazyBatchNorm1d`` on tritonbn kernels: ``num_features`` is inferred on the first call,
+    which turns the module into a tritonbn ``BatchNorm1d`` (torch's lazy class would become torch's)."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_TritonBatchNormMixin, nn.LazyBatchNorm2d):
+    """``torch.nn.LazyBatchNorm2d`` on tritonbn kernels; becomes a tritonbn ``BatchNorm2d`` on its first
+    call."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_TritonBatchNormMixin, nn.LazyBatchNorm3d):
+    """``torch.nn.LazyBatchNorm3d`` on tritonbn kernels; becomes a tritonbn ``BatchNorm3d`` on its first
+    call."""
+
+    cls_to_become = BatchNorm3d
+
+
+_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+                 nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
+                 nn.LazyBatchNorm3d: LazyBatchNorm3d}
 
 
 def convert_model(module: nn.Module) -> nn.Module:
@@ -177,10 +200,38 @@ def convert_model(module: nn.Module) -> nn.Module:
 
     The objects are kept and only their class changes (tritonbn's classes add no state), so parameters,
     buffers, device, dtype, training flag, hooks and optimizer references all stay valid. Exact torch
-    classes only: subclasses (SyncBatchNorm, user classes) are left alone.
+    classes only: subclasses (SyncBatchNorm, user classes) are left alone. ``LazyBatchNorm*d`` modules not
+    yet called become tritonbn's lazy classes, which turn into tritonbn ``BatchNorm*d`` on their first call.
+    ``revert_model`` undoes it.
     """
     for m in module.modules():
         new_cls = _REPLACEMENTS.get(type(m))
         if new_cls is not None:
             m.__class__ = new_cls
+    return module
+
+
+def revert_model(module: nn.Module) -> nn.Module:
+    """Undo ``convert_model``: swap every tritonbn ``BatchNorm1d/2d/3d``, ``LazyBatchNorm*d`` and
+    ``SyncBatchNorm`` in ``module`` back to torch's class, in place, and return the module. For tools that
+    match torch's exact classes (``torch.ao.quantization.fuse_modules``, eager-mode quantization).
+
+    A fused ``BatchNormAct*d`` (from ``fuse_model``) has no torch class: it raises ``TypeError`` naming it,
+    and nothing is changed. ``fuse_model`` leaves the model it is given as it was; revert that one.
+    """
+    from tritonbn.sync_batchnorm import SyncBatchNorm  # (imports this module)
+
+    back = {new: old for old, new in _REPLACEMENTS.items()}
+    back[SyncBatchNorm] = nn.SyncBatchNorm
+    swaps = []
+    for name, m in module.named_modules():
+        if isinstance(m, _BatchNormActMixin):
+            raise TypeError(f"revert_model: {name or 'the module'!r} is a fused {type(m).__name__} "
+                            f"(activation={m.activation!r}), which no torch class replaces without losing "
+                            "its activation and residual; fuse_model left the model it was given unchanged: "
+                            "revert that one")
+        if type(m) in back:
+            swaps.append(m)
+    for m in swaps:
+        m.__class__ = back[type(m)]
     return module
