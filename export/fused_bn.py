@@ -70,13 +70,15 @@ def plain_part(m: nn.Module) -> nn.Module:
     new = copy.deepcopy(m)
     new.__class__ = _PLAIN_PART[next(c for c in FUSED if isinstance(m, c))]
     del new.activation
+    new.__dict__.pop("_residual_in_place", None)
     return new
 
 
 def split_call(graph: fx.Graph, node: fx.Node, activation, residual) -> fx.Node:
     """Rewrite the call ``node`` (now to the BN part) as ``act(node(input) + residual)`` in place: every
     former user of ``node`` reads the last new node instead.  ``bn(x) + residual`` keeps the fused op's
-    operand order (its unfused fallback computes exactly that, broadcasting included)."""
+    operand order (its unfused fallback computes that, broadcasting included; where the model's code added
+    in place, the fallback keeps the BN output's dtype, which differs only for operands of other dtypes)."""
     users = list(node.users)
     node.args, node.kwargs = (node.args[0] if node.args else node.kwargs["input"],), {}
     last = node

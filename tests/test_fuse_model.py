@@ -353,6 +353,40 @@ def test_add_spellings_fuse(spelling):
     _check_same_as_torch(model, fused, x, z)
 
 
+@pytest.mark.parametrize("spelling", ADD_SPELLINGS)
+def test_a_later_residual_unlike_the_examples_runs_unfused_as_the_code_was_written(spelling):
+    """Fused on same-dtype examples, then called with a residual of another dtype, or one that
+    broadcasts: the fused module computes that call as the model's own code did. ``+`` promotes,
+    ``.add_`` keeps the BN output's dtype (and refuses to broadcast it), with the same values and grads.
+    ``y += z`` is traced by FX as ``y = y + z`` (tensor proxies have no ``__iadd__``), so a rewritten
+    forward promotes there (README, "Limits"); the unfused model keeps y's dtype."""
+    model = _Pattern(ADD_SPELLINGS[spelling])
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
+    fused, report = tritonbn.fuse_model(model, (x, z))
+    assert [f.pattern for f in report.fused] == ["bn_add_relu"]
+    in_place = spelling.startswith(".add_")
+    assert report.fused[0].add == ("Tensor.add_" if in_place else "+" if spelling == "+=" else
+                                   report.fused[0].add)
+    assert fused.bn._residual_in_place is in_place
+    if spelling == "+=":
+        model = _Pattern(ADD_SPELLINGS["bn + z"])   # what FX recorded (same values for same-dtype operands)
+    _check_same_as_torch(model, copy.deepcopy(fused), x, z.double())   # (each from the same state)
+    with torch.no_grad():
+        y, y_torch = copy.deepcopy(fused)(x, z.double()), copy.deepcopy(model)(x, z.double())
+    assert y.dtype == y_torch.dtype == (torch.float32 if in_place else torch.float64)
+    _check_same_as_torch(model, copy.deepcopy(fused), x, z[:1, :, :1])   # z broadcasts
+    small = x[:, :, :1, :1].contiguous()                                # the BN output would broadcast
+    if in_place:
+        for m in (model, fused):
+            with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+                m(small, z)
+    else:
+        _check_same_as_torch(model, copy.deepcopy(fused), small, z)
+    scripted = torch.jit.script(copy.deepcopy(fused).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x, z.double()), model.eval()(x, z.double()), rtol=1e-5, atol=1e-6)
+
+
 class _ActPattern(nn.Module):
     def __init__(self, body, act_cls):
         super().__init__()

@@ -56,6 +56,7 @@ _ACT_NAMES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "SiLU"}
 _WITH_ADD = {name for name, code in _ops.ACTIVATIONS.items() if code in _ops.GATED}
 _ADD_FUNCTIONS = {operator.add: "+", operator.iadd: "+=", torch.add: "torch.add"}
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
+_IN_PLACE_ADDS = {_ADD_FUNCTIONS[operator.iadd], _ADD_METHODS["add_"]}
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -548,10 +549,10 @@ def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseRe
     model runs on them once, under no_grad and the caller's autocast state, and an add is fused only if
     its operands had the same shape, dtype and device in every call. Without them, an add is fused only
     when that is provable from the graph alone (``bn(x) + x``); the others are reported as needing
-    example_inputs; BN+activation needs no proof. The proof holds for inputs like the examples: a later input
-    that makes the operands differ (another dtype under autocast, broadcasting shapes) makes the fused
-    op raise, never silently broadcast. Fuse under the autocast you train with, or with inputs of the
-    training dtype.
+    example_inputs; BN+activation needs no proof. The proof holds for inputs like the examples: where a later
+    call's operands differ (another dtype under autocast, broadcasting shapes), the fused module computes
+    that call unfused, as the original code did (``+`` broadcasting and promoting, ``+=`` keeping the BN
+    output's dtype). Fuse under the autocast you train with, or with inputs of the training dtype.
 
     The rewritten forwards are the FX-traced ones: Python values they read (other than
     ``self.training``, which is checked) are fixed at fuse time, and another method that calls a fused
@@ -689,12 +690,14 @@ class _Pass:
                 for attr in t.new_attrs:
                     delattr(t.module, attr)
                 continue
-            bn_modules = [(t.module.get_submodule(plan.bn.target), plan.activation) for plan in plans]
+            bn_modules = [(t.module.get_submodule(plan.bn.target), plan) for plan in plans]
             _rewrite(t, plans)
             self.report.rewritten.append(t.name)
-            for bn, activation in bn_modules:
+            for bn, plan in bn_modules:
                 bn.__class__ = _ACT[type(bn)]  # adds no state: the same parameters and buffers
-                bn.activation = activation
+                bn.activation = plan.activation
+                # (_plan refuses an in-place add that updates the other operand)
+                bn._residual_in_place = plan.add_spelling in _IN_PLACE_ADDS
                 fused_ids.add(id(bn))
         for name, bn in self.bns:
             if id(bn) in fused_ids:

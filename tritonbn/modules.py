@@ -18,11 +18,11 @@ class _TritonBatchNormMixin:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input, None, None)
+            return self._scripted_forward(input, None, None, False)
         return self._bn_forward(input, None, 0)
 
-    def _scripted_forward(self, input: torch.Tensor, residual: torch.Tensor | None, activation: str | None
-                          ) -> torch.Tensor:
+    def _scripted_forward(self, input: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
+                          residual_in_place: bool) -> torch.Tensor:
         """What ``torch.jit.script`` compiles: torch's own ``_BatchNorm.forward`` (TorchScript cannot call a
         parent class's method, nor run tritonbn's Python dispatch), then the residual add and activation."""
         self._check_input_dim(input)
@@ -41,7 +41,10 @@ class _TritonBatchNormMixin:
         y = F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
                          self.weight, self.bias, bn_training, factor, self.eps)
         if residual is not None:
-            y = y + residual
+            if residual_in_place:
+                y = y.add_(residual)
+            else:
+                y = y + residual
         if activation is not None:   # (TorchScript compares only a refined str)
             if activation == "relu":
                 y = torch.relu(y)
@@ -135,10 +138,13 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
         activation_code(activation)   # validates it
         super().__init__(num_features, *args, **kwargs)
         self.activation = activation
+        # Set by fuse_model where the model's code was ``out += residual`` on the BN output: the unfused
+        # path then adds in place too (the BN output's dtype kept, as the original code computed).
+        self._residual_in_place = False
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input, residual, self.activation)
+            return self._scripted_forward(input, residual, self.activation, self._residual_in_place)
         return self._act_forward(input, residual)
 
     @torch.jit.unused
@@ -149,7 +155,8 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
         if residual is not None and (torch.jit.is_tracing() or not fusable_residual(input, residual)):
             # Not fusable (broadcasting, type promotion): the unfused ops, with torch's semantics, so a model
             # that tritonbn.fuse_model rewrote computes what the original did for any input.
-            return epilogue(self._bn_forward(input, None, 0), residual, act)
+            return epilogue(self._bn_forward(input, None, 0), residual, act,
+                            getattr(self, "_residual_in_place", False))
         return self._bn_forward(input, residual, act)
 
     def extra_repr(self) -> str:

@@ -51,10 +51,11 @@ def activate(y, activation: int):
     return ACT_FN[activation](y) if activation else y
 
 
-def epilogue(y, residual, activation: int):
-    """``activation(y + residual)`` (the unfused path)."""
+def epilogue(y, residual, activation: int, in_place: bool = False):
+    """``activation(y + residual)`` (the unfused path); ``in_place``: as ``y += residual`` (y's dtype kept,
+    y never broadcast), for a fused model whose original code updated the BN output in place."""
     if residual is not None:
-        y = y + residual
+        y = y.add_(residual) if in_place else y + residual
     return activate(y, activation)
 
 
