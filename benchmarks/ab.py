@@ -27,6 +27,9 @@ Reductions run only in training, so the rows are fp32 channels_last training for
 256×56×56 is the control that is fine today. A variant that wins there must then be checked on bf16 and
 NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a default.
 
+``--preset persistent`` measures the one-launch training forward (``Tuning.persistent``, opt-in until it
+does) against the default two launches.
+
 ``--preset fused_cl`` asks the other open question of that run: bf16 channels_last forward+backward with
 the fused ReLU / add+ReLU is 28-78% slower than NCHW (see ``PRESETS``), whose variants cut the registers per
 thread of the channels_last backward kernels by using smaller tiles.
@@ -66,6 +69,15 @@ PRESETS = {
     "fused_cl": dict(variants=";fused_cl_tiles=true;reduce_tile=1024;reduce_tile=1024,elementwise_tile=2048",
                      shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
                      layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
+    # The one-launch training forward (Tuning.persistent, _bn_persistent_forward_kernel): x read once and
+    # held in registers across a grid barrier, one launch instead of two. Where the grid fits on the GPU
+    # at once (ResNet-50 b32's 7x7, 14x14 and 28x28 layers; 256x56x56 does not, the control), against the
+    # two-launch default, at three tile sizes (more rows per program: more registers, fewer programs).
+    "persistent": dict(variants=";persistent=auto;persistent=auto,persistent_tile=8192;"
+                                "persistent=auto,persistent_tile=2048",
+                       shapes="rn50_b32_2048x7x7,rn50_b32_512x7x7,rn50_b32_256x14x14,rn50_b32_128x28x28,"
+                              "rn50_b32_256x56x56",
+                       dtypes="fp32,bf16", layouts="channels_last,contiguous", modes="train_fwd,fwd_bwd"),
 }
 
 

@@ -66,11 +66,17 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
         # The CUDA tests that compare Tuning variants (tests/test_bn_cuda.py TUNING_VARIANTS), fp32 and bf16.
         jobs += [(overrides, [(tuple(shape), layout, dtype) for dtype in (torch.float32, torch.bfloat16)])
                  for shape, layout, overrides in _cuda_test_list("TUNING_VARIANTS")]
+        # Its one-launch forward cases (PERSISTENT_CASES), which decide on the GPU whether the grid fits.
+        dtypes_by_name = {"bf16": torch.bfloat16, "fp32": torch.float32}
+        jobs += [({"persistent": "always"}, [(tuple(shape), layout, dtypes_by_name[name])])
+                 for shape, layout, name, _ in _cuda_test_list("PERSISTENT_CASES")]
     real_target, real_tuning = ops._target_programs, ops.TUNING
     ops._target_programs = lambda dev: ops.TUNING.waves * sm_count
     ops._launch_hook = hook
     try:
         for overrides, job_cases in jobs:
+            if overrides.get("persistent") == "auto":   # decided on the GPU per call: compile them all
+                overrides = {**overrides, "persistent": "always"}
             ops.TUNING = dataclasses.replace(real_tuning, **overrides)
             _record_cases(ops, job_cases)
     finally:

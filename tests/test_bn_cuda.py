@@ -224,3 +224,90 @@ def test_cuda_addressing_and_tiles_give_identical_bits(shape, layout, variant, d
         results.append(out)
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+# (shape, layout, dtype, whether the one-launch forward's grid fits an H200: 132 SMs). A literal list:
+# benchmarks/warm_cache.py reads it to compile these kernels before the GPU check's test step.
+PERSISTENT_CASES = [
+    ((32, 256, 14, 14), "channels_last", "bf16", True),    # 392 programs, ~64 registers: 4 per SM
+    ((32, 512, 7, 7), "contiguous", "fp32", True),
+    ((8, 64, 28, 28), "channels_last", "fp32", True),
+    ((32, 2048, 7, 7), "channels_last", "fp32", False),     # 800 programs: two launches
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype_name,fits", PERSISTENT_CASES)
+def test_cuda_persistent_forward(shape, layout, dtype_name, fits, monkeypatch):
+    """Tuning.persistent="auto": the one-launch training forward where its grid fits (one cooperative launch,
+    the grid barrier across every program), two launches where it does not. Same results as the default
+    two launches (to rounding: its partials are per tile), bit-identical from run to run, its barrier
+    counter back at zero, and under CUDA-graph capture and replay."""
+    from tritonbn import ops
+
+    if torch.cuda.get_device_properties(0).multi_processor_count < 132 and fits:
+        pytest.skip("sized for an H200's 132 SMs")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    torch.manual_seed(0)
+    c = shape[1]
+    x = make_input(shape, layout, dtype=dtype, device="cuda")
+    w = torch.rand(c, device="cuda") + 0.5
+    b = torch.randn(c, device="cuda")
+    dy = torch.randn_like(x)
+
+    def step(m):
+        xg = x.clone().requires_grad_(True)
+        y = m(xg)
+        y.backward(dy)
+        return [y, xg.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var, m.num_batches_tracked]
+
+    def module():
+        m = tritonbn.BatchNorm2d(c, momentum=None).cuda()
+        with torch.no_grad():
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+        return m
+
+    two = step(module())
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(persistent="auto"))
+    names = []
+
+    def record_and_run(kernel, grid, args, constexprs, num_warps):
+        names.append(kernel.fn.__name__)
+        kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+    monkeypatch.setattr(ops, "_launch_hook", record_and_run)
+    one = step(module())
+    monkeypatch.setattr(ops, "_launch_hook", None)
+    forward = names[:1] if fits else names[:2]
+    two_launches = ["_bn_stats_kernel", "_bn_forward_kernel"]
+    assert forward == (["_bn_persistent_forward_kernel"] if fits else two_launches)
+    expect = bn_forward(x, torch.zeros(c, device="cuda"), torch.ones(c, device="cuda"), w, b, True, 1.0, 1e-5)
+    ulp = torch.finfo(dtype).eps
+    assert rel_err(one[0], expect.y) <= 2 * rel_err(two[0], expect.y) + ulp
+    grads = bn_backward(dy, x, w, expect.mean, expect.invstd, True)
+    for got, got_two, want in zip(one[1:4], two[1:4], grads):
+        assert rel_err(got, want) <= 2 * rel_err(got_two, want) + 4 * ulp
+    for got, want in zip(one[4:6], (expect.running_mean, expect.running_var)):
+        assert rel_err(got, want) < 1e-5
+    assert one[6].item() == 1
+    again = step(module())   # the fast launch path now (cached), same bits
+    for got, want in zip(again, one):
+        assert torch.equal(got, want)
+    assert int(ops._counters(x, 0, torch.cuda.current_stream().cuda_stream, 1).abs().sum()) == 0
+
+    m = module()
+    xs = x.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):   # warm up on the capture stream (plans, counters)
+            m(xs).backward(dy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    m.weight.grad = m.bias.grad = xs.grad = None
+    with torch.cuda.graph(graph):
+        y_g = m(xs)
+        y_g.backward(dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y_g, one[0])   # the same kernels on the same input

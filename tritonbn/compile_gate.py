@@ -119,6 +119,9 @@ def _record_launches():
         # planar FLAT of the ReLU bitmask (planes under 8 elements, and tensors past int32 offsets).
         ops.TUNING = dataclasses.replace(tuning, flat_run=1)
         matrix(shapes[2:3])
+        # The one-launch training forward (Tuning.persistent, opt-in): every shape and flag set it takes.
+        ops.TUNING = dataclasses.replace(tuning, persistent="always")
+        matrix(shapes)
     finally:
         ops._launch_hook = None
         ops.TUNING = tuning
@@ -126,7 +129,9 @@ def _record_launches():
 
 
 def _specialize(kernel, args, constexprs):
-    """(signature, constexprs, attrs) exactly as Triton's launcher derives them from real arguments."""
+    """(signature, constexprs, attrs, options) exactly as Triton's launcher derives them from real
+    arguments; options: the launch's compile options beyond ``ops.LAUNCH_OPTIONS`` (the keyword arguments
+    that are not parameters: ``launch_cooperative_grid``), part of the runtime's cache key."""
     from triton.backends.compiler import BaseBackend
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import native_specialize_impl
@@ -152,7 +157,7 @@ def _specialize(kernel, args, constexprs):
             consts[name] = attr
         elif isinstance(attr, str) and attr:
             attrs[(i,)] = CUDABackend.parse_attr(attr)
-    return signature, consts, attrs
+    return signature, consts, attrs, {k: v for k, v in constexprs.items() if k not in params}
 
 
 def compile_kernel(kernel, spec, num_warps: int, arch: int):
@@ -163,10 +168,10 @@ def compile_kernel(kernel, spec, num_warps: int, arch: int):
 
     from tritonbn import ops
 
-    signature, consts, attrs = spec
+    signature, consts, attrs, options = spec
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS})
+                          options={"num_warps": num_warps, **ops.LAUNCH_OPTIONS, **options})
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -199,7 +204,7 @@ def _compile_one(job):
 
 
 def _describe(name, spec, num_warps):
-    signature, consts, _ = spec
+    signature, consts = spec[:2]
     ptrs = ",".join(v[1:] for k, v in signature.items() if v.startswith("*"))
     flags = ",".join(f"{k}={getattr(v, '__name__', None) or str(v).replace('triton.language.', '')}"
                      for k, v in consts.items() if k.isupper())

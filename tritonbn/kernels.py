@@ -747,3 +747,132 @@ def _bn_backward_dx_kernel(
         else:
             dx = g * scale
         tl.store(dx_ptr + base + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --- one-launch training forward (Tuning.persistent) -------------------------------------------------
+# Appended after the other kernels: Triton's cache key of a kernel includes its line number, so code added
+# above them would recompile every cached specialization.
+
+@triton.jit
+def _grid_arrive(cnt_ptr):
+    """Count this program in at the grid barrier (its partial stores released to the others)."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _grid_wait(cnt_ptr, total):
+    """Wait until all ``total`` programs have arrived (their stores acquired). Only for grids whose
+    programs are all resident at once (a cooperative launch); never under the interpreter, which runs
+    programs one after another (there the launcher splits the kernel at the barrier: PHASE 1, then 2)."""
+    arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    while arrived < total:
+        arrived = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _grid_depart(cnt_ptr, total):
+    """Count this program out; whether it is the last of the grid to leave (every program has then passed
+    the barrier and read what it needed: the last one resets the counter to zero for the next launch)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == 2 * total - 1
+
+
+@_jit(do_not_specialize_on_alignment=_SMALL)
+def _bn_persistent_forward_kernel(
+    x_ptr, y_ptr, z_ptr, ws_ptr, cnt_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, weight_ptr,
+    bias_ptr,
+    C, S, num_sblocks, momentum: tl.float64, eps: tl.float64,
+    stride_xn, stride_xc, stride_xs,
+    HAS_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, BUMP_BATCHES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, PHASE: tl.constexpr,
+    DIV_S: tl.constexpr, DIV_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The whole training forward in one launch: y = act(γ·(x − μ)·invstd + β [+ z]) with the batch
+    statistics, x read once (1 read + 1 write, against 2 + 1 for ``_bn_stats_kernel`` then
+    ``_bn_forward_kernel``).
+
+    Program ``(j, b)`` loads row block ``b`` of channel tile ``j`` (a ``[BLOCK_S, BLOCK_C]`` tile of the
+    ``[N, C, S]`` view) into registers and keeps it there. It writes the tile's partial ``(mean − K, M2,
+    count)`` (exact two-pass over the registers, shifted by K_c = x[0, c, 0] as in ``_bn_stats_kernel``)
+    to the workspace, waits at a grid barrier (counter ``cnt_ptr[0]``) for every program's partial, merges
+    its channels' partials in a fixed order (``_merge_welford``: every program of a channel tile computes
+    the same μ and invstd, bit for bit, and so does the backward, which reads them from the workspace), and
+    normalizes its tile from registers. Programs ``(j, 0)`` store μ and invstd and update the running
+    statistics (``_finish_stats``); the last program to leave resets the counter and, with BUMP_BATCHES,
+    increments num_batches_tracked (after every program has read it for the cumulative factor).
+
+    Workspace: ``_bn_stats_kernel``'s layout, ``[mean (C) | invstd (C) | partials (3, N·num_sblocks, C)]``.
+    The barrier needs every program resident at once: the launcher launches cooperatively (the driver
+    refuses a grid that does not fit, rather than let it deadlock) and only grids that fit the compiled
+    kernel's occupancy (``ops._persistent_fits``). PHASE: 0 the whole kernel (GPU); 1 up to and including
+    the arrival, 2 the rest (the interpreter: two launches in a row, as it runs programs one at a time).
+    No ReLU bitmask (residual + gated activation: two launches).
+
+    Grid: ``(cdiv(C, BLOCK_C), N * cdiv(S, BLOCK_S))``.
+    """
+    C, S, stride_xn, stride_xc, stride_xs = _view_hints(C, S, stride_xn, stride_xc, stride_xs, DIV_S, DIV_C)
+    c0 = tl.program_id(0) * BLOCK_C
+    b = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    chan = c0 + offs_c
+    mask_c = chan < C
+    n = b // num_sblocks
+    sb = b - n * num_sblocks
+    c_base = c0.to(tl.int64) * stride_xc
+    base = c_base + n.to(tl.int64) * stride_xn + (sb * BLOCK_S).to(tl.int64) * stride_xs
+    tile = offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc
+    mask = _row_mask(sb, S, offs_s, mask_c, BLOCK_S)
+    x = tl.load(x_ptr + base + tile, mask=mask, other=0.0)   # x's dtype: half the registers for 16-bit
+    num_splits = tl.num_programs(1)
+    total = tl.num_programs(0) * num_splits
+    part = ws_ptr + 2 * C
+    plane = num_splits * C
+    if PHASE != 2:
+        k_c = tl.load(x_ptr + c_base + offs_c * stride_xc, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        rows = tl.minimum(S - sb * BLOCK_S, BLOCK_S)
+        xs = tl.where(mask, x.to(ACC_DTYPE) - k_c[None, :], 0.0)
+        mean_p = tl.sum(xs, axis=0) / rows.to(ACC_DTYPE)
+        d = tl.where(mask, xs - mean_p[None, :], 0.0)
+        out = part + b * C + chan
+        tl.store(out, mean_p, mask=mask_c)
+        tl.store(out + plane, tl.sum(d * d, axis=0), mask=mask_c)
+        tl.store(out + 2 * plane, tl.zeros_like(mean_p) + rows.to(ACC_DTYPE), mask=mask_c)
+        _grid_arrive(cnt_ptr)
+    if PHASE != 1:
+        _grid_wait(cnt_ptr, total)
+        mean_t, m2_t, count_t = _merge_welford(part, plane, C, 0, num_splits, chan, mask_c, BLOCK_K, BLOCK_C,
+                                               ACC_DTYPE)
+        k_c = tl.load(x_ptr + c_base + offs_c * stride_xc, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        if b == 0:
+            _finish_stats(ws_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, C, chan, mask_c, k_c,
+                          mean_t, m2_t, count_t, momentum, eps, HAS_RUNNING, CUMULATIVE, BUMP_BATCHES,
+                          BLOCK_C, ACC_DTYPE)
+        # μ and invstd exactly as _finish_stats stores them, and the scale as _bn_affine computes it from
+        # there: the backward recomputes this u (a gated activation's gate) from the workspace, bit for bit.
+        mean = mean_t + k_c
+        invstd = _invstd(m2_t / tl.maximum(count_t, 1.0), eps)
+        scale = invstd
+        if HAS_WEIGHT:
+            scale = scale * tl.load(weight_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        if HAS_BIAS:
+            shift = tl.load(bias_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        else:
+            shift = tl.zeros_like(mean)
+        xa = x.to(ACC_DTYPE)
+        if HAS_RESIDUAL:
+            z = tl.load(z_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
+            u = (tl.fma(xa - mean[None, :], scale[None, :], shift[None, :]) + z).to(
+                y_ptr.dtype.element_ty).to(ACC_DTYPE)
+        else:
+            u = _bn_output(xa, mean[None, :], scale[None, :], shift[None, :], y_ptr.dtype.element_ty)
+        y = _activation(u, ACTIVATION)
+        tl.store(y_ptr + base + tile, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if _grid_depart(cnt_ptr, total):
+            _reset_counter(cnt_ptr)
+            if BUMP_BATCHES:
+                tl.store(num_batches_ptr, tl.load(num_batches_ptr) + 1)

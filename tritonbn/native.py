@@ -203,6 +203,8 @@ def build_forward(plan: ops.ForwardPlan, x: torch.Tensor) -> int:
         raise NotNative(f"extension unavailable: {build_error}")
     if plan.numel == 0:
         raise NotNative("empty input")
+    if plan.persistent is not None and plan.persistent_ok:
+        raise NotNative("one-launch forward (Tuning.persistent): a cooperative launch")
     has_weight, has_bias, _, _, _, has_residual, _, _ = plan.flags
     s = [_Slot(i) for i in range(11)]
     momentum, eps = _CallScalar(MOMENTUM), _CallScalar(EPS)

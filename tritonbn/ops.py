@@ -80,6 +80,13 @@ class Tuning:
                                    # measure: benchmarks/ab.py --preset fused_cl): fewer rows per thread,
                                    # fewer registers (sm_90, triton 3.6, bf16 add+ReLU: reduce 100 -> 48,
                                    # dx 74 -> 48 per thread), more programs per SM
+    persistent: str = "off"        # the one-launch training forward (_bn_persistent_forward_kernel: x read
+                                   # once, held in registers across a grid barrier; no ReLU bitmask):
+                                   # "off"; "auto": on a GPU, where the grid fits the compiled kernel's
+                                   # occupancy (cooperative launch); "always": wherever it can run (the
+                                   # interpreter in two launches; the compile gate). To measure before it
+                                   # becomes a default: benchmarks/ab.py --preset persistent
+    persistent_tile: int = 4096    # elements per program of the one-launch forward
     pointer_ints: bool = True      # cached launches pass data_ptr() ints: the launcher then skips its own
                                    # data_ptr() call and cuPointerGetAttribute per pointer (H200 host,
                                    # benchmarks/host_overhead.py: 9.6 -> 7.7 µs for a launch with 6 of
@@ -90,6 +97,8 @@ class Tuning:
             raise ValueError(f"Tuning.flat must be 'auto', 'tiled' or 'always', got {self.flat!r}")
         if self.flat_run < 1 or self.flat_run & (self.flat_run - 1):
             raise ValueError(f"Tuning.flat_run must be a power of two, got {self.flat_run}")
+        if self.persistent not in ("off", "auto", "always"):
+            raise ValueError(f"Tuning.persistent must be 'off', 'auto' or 'always', got {self.persistent!r}")
 
 
 TUNING = Tuning()
@@ -708,6 +717,36 @@ class ForwardPlan:
             ACTIVATION=act, WRITE_MASK=e.mask, BUMP_BATCHES=bump, LAYOUT=e.layout,
             DIV_S=1 if flat else div_s, DIV_C=1 if flat else div_c, BLOCK_S=e.block_s, BLOCK_C=e.block_c,
             ACC_DTYPE=tl_acc))
+        self.persistent = None     # the one-launch forward's launches (Tuning.persistent), where it applies
+        self.persistent_ok = None  # whether they run; None ("auto"): decided at the first call (_fits)
+        # Not for fp64 (a test dtype, not a speed target): on sm_90 some of its specializations spill.
+        if training and not write_mask and acc != torch.float64 and (tuning.persistent == "always" or (
+                tuning.persistent == "auto" and dev >= 0 and not interpreted() and _cooperative_supported())):
+            self._plan_persistent(view, tuning, div_s, div_c, tl_acc)
+
+    def _plan_persistent(self, view: View, tuning: Tuning, div_s: int, div_c: int, tl_acc) -> None:
+        """The one-launch forward's launches (``_bn_persistent_forward_kernel``), grid ``(channel tiles,
+        row blocks)``: one tile per program, all resident at once where it runs."""
+        has_weight, has_bias, has_running, cumulative, bump, has_residual, act, _ = self.flags
+        block_s, block_c = _tiles(view, tuning.persistent_tile, tuning)
+        num_sblocks = _cdiv(view.s, block_s)
+        splits = view.n * num_sblocks
+        self.persistent_ws = 2 * self.c + 3 * splits * self.c
+        self.persistent_ints = (self.c, view.s, num_sblocks)
+        consts = dict(HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump,
+                      HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ACTIVATION=act,
+                      DIV_S=div_s, DIV_C=div_c, BLOCK_S=block_s, BLOCK_C=block_c,
+                      BLOCK_K=min(_next_pow2(splits), max(1, _PERSISTENT_MERGE_TILE // block_c)),
+                      ACC_DTYPE=tl_acc)
+        kernel, grid, warps = _kernels()._bn_persistent_forward_kernel, (_cdiv(view.c, block_c), splits), \
+            tuning.elementwise_warps
+        if interpreted():   # programs run one at a time: the kernel in two launches, split at its barrier
+            self.persistent = tuple(_Launch(kernel, grid, warps, dict(consts, PHASE=p)) for p in (1, 2))
+        else:
+            if _cooperative_supported():
+                consts["launch_cooperative_grid"] = True
+            self.persistent = (_Launch(kernel, grid, warps, dict(consts, PHASE=0)),)
+        self.persistent_ok = True if tuning.persistent == "always" else None
 
 
 def forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, training: bool, momentum,
@@ -746,6 +785,11 @@ def run_forward(plan: ForwardPlan, x, weight, bias, running_mean, running_var, n
     if plan.numel == 0:
         return torch.empty_like(x), _empty_stats(x, plan.c) if plan.training else None, None
     dev, stream = _device(x)
+    if plan.persistent is not None and plan.persistent_ok is not False:
+        out = _run_persistent(plan, x, dev, stream, weight, bias, running_mean, running_var,
+                              num_batches_tracked, momentum, eps, residual)
+        if out is not None:
+            return out
     if plan.training:
         ws = _run_stats(plan, x, dev, stream, running_mean, running_var, num_batches_tracked, momentum, eps)
         mean_src = var_src = ws
@@ -765,6 +809,79 @@ def _run_stats(plan: ForwardPlan, x, dev, stream, running_mean, running_var, num
     plan.stats(stream, *stats_args(plan, x, ws, cnt, running_mean, running_var, num_batches_tracked,
                                    0.0 if momentum is None else float(momentum), float(eps)))
     return ws
+
+
+# Partials the one-launch forward merges per step: its merge accumulators count against the registers that
+# decide how many programs fit at once (sm_90, triton 3.9, fp32 channels-last 4096-element tiles: 76
+# registers with 1024, 3 programs per SM; 63 with 256, 4).
+_PERSISTENT_MERGE_TILE = 256
+
+
+def _run_persistent(plan: ForwardPlan, x, dev, stream, weight, bias, running_mean, running_var,
+                    num_batches_tracked, momentum, eps, residual):
+    """The one-launch training forward: ``(y, ws, None)``, or None where its grid turns out not to fit
+    (then the plan keeps to two launches)."""
+    ws = torch.empty(plan.persistent_ws, dtype=plan.acc, device=x.device)
+    y = torch.empty_like(x)
+    z = _residual_operand(x, residual)
+    args = persistent_args(plan, x, y, z, ws, _counters(x, dev, stream, 1), running_mean, running_var,
+                           num_batches_tracked, weight, bias, 0.0 if momentum is None else float(momentum),
+                           float(eps))
+    if plan.persistent_ok is None:
+        plan.persistent_ok = _fits(plan.persistent[0], args, dev)
+        if not plan.persistent_ok:
+            return None
+    for launch in plan.persistent:
+        launch(stream, *args)
+    return y, ws, None
+
+
+@functools.cache
+def _cooperative_supported() -> bool:
+    """Whether this Triton launches cooperatively on request (``launch_cooperative_grid``)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def _fits(launch: _Launch, args: tuple, dev: int) -> bool:
+    """Whether every program of ``launch``'s grid can be resident at once on device ``dev``, by the
+    compiled kernel's registers and shared memory (compiled here, not launched)."""
+    compiled = launch.kernel.warmup(*args, grid=launch.grid, num_warps=launch.num_warps, **LAUNCH_OPTIONS,
+                                    **launch.constexprs)
+    if hasattr(compiled, "result"):   # triton's async compile mode hands back a future
+        compiled = compiled.result()
+    init = getattr(compiled, "_init_handles", None)
+    if init is not None:
+        init()
+    blocks = blocks_per_sm(getattr(compiled, "n_regs", 0) or 0, compiled.metadata.shared, launch.num_warps,
+                           torch.cuda.get_device_properties(dev))
+    return math.prod(launch.grid) <= blocks * _sm_count(dev)
+
+
+def blocks_per_sm(n_regs: int, shared: int, num_warps: int, props) -> int:
+    """Programs of a kernel (``n_regs`` registers per thread, ``shared`` bytes of shared memory,
+    ``num_warps`` warps) one SM holds at once: registers go to warps in 256s from each of the SM's 4
+    partitions; each program also takes 1 KiB of shared memory for the system. 0 when unknown."""
+    if n_regs <= 0 or num_warps <= 0:
+        return 0
+    per_warp = -(-n_regs * 32 // 256) * 256
+    by_regs = 4 * ((getattr(props, "regs_per_multiprocessor", 65536) // 4) // per_warp) // num_warps
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0) or 0
+    by_smem = smem // (shared + 1024) if smem else 0
+    return max(0, min(by_regs, by_threads, by_smem, 32))
+
+
+def persistent_args(plan: ForwardPlan, x, y, z, ws, cnt, running_mean, running_var, num_batches_tracked,
+                    weight, bias, momentum, eps) -> tuple:
+    return (x, y, z, ws, cnt, running_mean if running_mean is not None else ws,
+            running_var if running_var is not None else ws,
+            num_batches_tracked if num_batches_tracked is not None else ws,
+            weight if weight is not None else ws, bias if bias is not None else ws,
+            *plan.persistent_ints, momentum, eps, *plan.strides)
 
 
 # The launches' argument lists, in the kernels' parameter order. Pure functions of the plan and their
@@ -805,15 +922,20 @@ def dx_args(plan: BackwardPlan, x, dy, dx, dz, mask, mean_src, var_src, weight, 
             *plan.dx_ints, var_off, plan.count, eps, *plan.strides)
 
 
+def _residual_operand(x, residual):
+    """The residual as the kernels read it: x's strides, 16-byte aligned (as they are specialized); x
+    itself when there is none (not read)."""
+    if residual is None:
+        return x
+    z = _like(x, residual)
+    return z if z.data_ptr() % 16 == 0 else torch.empty_like(x).copy_(z)
+
+
 def _run_normalize(plan: ForwardPlan, x, stream, weight, bias, mean_src, var_src, num_batches_tracked,
                    eps, residual):
     """The normalize launch: ``(y, mask)`` from ``mean_src``/``var_src`` (see ``normalize``)."""
     y = torch.empty_like(x)
-    z = x
-    if residual is not None:
-        z = _like(x, residual)
-        if z.data_ptr() % 16:   # the kernel was specialized for an aligned residual
-            z = torch.empty_like(x).copy_(z)
+    z = _residual_operand(x, residual)
     mask = torch.empty(plan.mask_words, dtype=torch.int32, device=x.device) if plan.mask_words else None
     plan.fwd(stream, *normalize_args(plan, x, y, z, mask, mean_src, var_src, weight, bias,
                                      num_batches_tracked, float(eps)))
