@@ -3,6 +3,7 @@
     python -m benchmarks.sass_stats                        # ResNet-50 / MobileNetV2 shapes, bf16 and fp32
     python -m benchmarks.sass_stats --shapes 32,256,14,14 --dtypes bfloat16 --layouts contiguous
     python -m benchmarks.sass_stats --kernel stats         # the batch-statistics reduction's main loop
+    python -m benchmarks.sass_stats --kernel persistent    # the one-launch training forward, whole kernel
 
 For each (shape, dtype, layout) it records a training step's launches (CPU tensors, launches recorded
 rather than run, as ``tritonbn.compile_gate`` does), compiles the chosen kernel for sm_90 and counts the
@@ -30,7 +31,7 @@ import re
 SHAPES = ["32,64,56,56", "32,256,14,14", "32,512,7,7", "32,128,28,28", "32,2048,7,7", "64,144,56,56",
           "64,960,7,7"]
 KERNELS = {"normalize": "_bn_forward_kernel", "dx": "_bn_backward_dx_kernel", "stats": "_bn_stats_kernel",
-           "reduce": "_bn_backward_reduce_kernel"}
+           "reduce": "_bn_backward_reduce_kernel", "persistent": "_bn_persistent_forward_kernel"}
 ELEMENTWISE = ("normalize", "dx")
 
 
@@ -88,7 +89,8 @@ def measure(shape, dtype_name: str, layout: str, flat: str, fused: bool = False,
                             constexprs, dict(zip(kernel.arg_names, args))))
 
     saved = ops.TUNING
-    ops.TUNING = dataclasses.replace(saved, flat=flat)
+    ops.TUNING = dataclasses.replace(saved, flat=flat,
+                                     persistent="always" if kernel_name == "persistent" else saved.persistent)
     ops._launch_hook = hook
     try:
         y = module(x, z) if fused else module(x)
@@ -109,6 +111,10 @@ def measure(shape, dtype_name: str, layout: str, flat: str, fused: bool = False,
                    counted="whole kernel", instructions=len(ins))
         if kernel_name == "normalize":
             row["bitmask"] = consts["WRITE_MASK"]
+    elif kernel_name == "persistent":
+        # One tile per program, read once: the whole kernel (merge loop and barrier once) per element.
+        useful = x.numel() / (grid[0] * grid[1] * threads)
+        row.update(addressing="TILED", counted="whole kernel", instructions=len(ins))
     else:
         c, s = named["C"], named["S"]   # the kernel's [N, C, S] view (channels-last merges N into S)
         filled = (c / (-(-c // block_c) * block_c)) * (s / (-(-s // block_s) * block_s))
@@ -125,7 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bfloat16,float32", help="torch names or bf16 / fp16 / fp32")
     p.add_argument("--layouts", default="contiguous,channels_last")
     p.add_argument("--kernel", default="normalize", choices=sorted(KERNELS),
-                   help="normalize, dx (elementwise, under both addressings), stats, reduce (main loop)")
+                   help="normalize, dx (elementwise, under both addressings), stats, reduce (main loop), "
+                        "persistent (the one-launch training forward, Tuning.persistent: whole kernel)")
     p.add_argument("--fused", action="store_true", help="BN + add + ReLU (with the ReLU bitmask)")
     args = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)   # compiled for sm_90, never interpreted
