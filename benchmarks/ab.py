@@ -71,10 +71,12 @@ PRESETS = {
                      layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
     # The one-launch training forward (Tuning.persistent, _bn_persistent_forward_kernel): x read once and
     # held in registers across a grid barrier, one launch instead of two. Where the grid fits on the GPU
-    # at once (ResNet-50 b32's 7x7, 14x14 and 28x28 layers; 256x56x56 does not, the control), against the
-    # two-launch default, at three tile sizes (more rows per program: more registers, fewer programs).
+    # at once (ResNet-50 b32's 7x7 and 14x14 layers; 128x28x28 and 256x56x56 do not, the controls),
+    # against the two-launch default: its defaults, twice the rows per program (fewer partials, more
+    # registers), and a 4x wider merge step after the barrier (each program merges every partial of its
+    # channels: fewer serial L2 round trips, more registers).
     "persistent": dict(variants=";persistent=auto;persistent=auto,persistent_tile=8192;"
-                                "persistent=auto,persistent_tile=2048",
+                                "persistent=auto,persistent_merge_tile=4096",
                        shapes="rn50_b32_2048x7x7,rn50_b32_512x7x7,rn50_b32_256x14x14,rn50_b32_128x28x28,"
                               "rn50_b32_256x56x56",
                        dtypes="fp32,bf16", layouts="channels_last,contiguous", modes="train_fwd,fwd_bwd"),

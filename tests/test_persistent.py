@@ -19,8 +19,9 @@ import tritonbn
 from tritonbn import ops
 
 PERSISTENT = "_bn_persistent_forward_kernel"
-# Tiny tiles and channel tiles: several row blocks (programs along axis 1) and channel tiles per call.
-TINY = dict(persistent="always", persistent_tile=8, max_block_c=4)
+# Tiny tiles and channel tiles: several row blocks (programs along axis 1) and channel tiles per call, their
+# partials merged 2 per step (several steps, the last one masked).
+TINY = dict(persistent="always", persistent_tile=8, max_block_c=4, persistent_merge_tile=8)
 
 
 @pytest.fixture

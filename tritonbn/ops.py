@@ -87,6 +87,11 @@ class Tuning:
                                    # interpreter in two launches; the compile gate). To measure before it
                                    # becomes a default: benchmarks/ab.py --preset persistent
     persistent_tile: int = 4096    # elements per program of the one-launch forward
+    persistent_merge_tile: int = 1024  # partials (splits x channels) its programs merge per step, after the
+                                   # barrier: fewer serial steps (dependent L2 round trips) against more
+                                   # registers, hence fewer programs per SM (sm_90, triton 3.9, fp32
+                                   # channels-last 4096-element tiles: 76 registers, 3 per SM; with 256:
+                                   # 63, 4, but 4x the steps: 25 for ResNet-50 b32's 256x14x14)
     pointer_ints: bool = True      # cached launches pass data_ptr() ints: the launcher then skips its own
                                    # data_ptr() call and cuPointerGetAttribute per pointer (H200 host,
                                    # benchmarks/host_overhead.py: 9.6 -> 7.7 µs for a launch with 6 of
@@ -736,7 +741,7 @@ class ForwardPlan:
         consts = dict(HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump,
                       HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ACTIVATION=act,
                       DIV_S=div_s, DIV_C=div_c, BLOCK_S=block_s, BLOCK_C=block_c,
-                      BLOCK_K=min(_next_pow2(splits), max(1, _PERSISTENT_MERGE_TILE // block_c)),
+                      BLOCK_K=min(_next_pow2(splits), max(1, tuning.persistent_merge_tile // block_c)),
                       ACC_DTYPE=tl_acc)
         kernel, grid, warps = _kernels()._bn_persistent_forward_kernel, (_cdiv(view.c, block_c), splits), \
             tuning.elementwise_warps
@@ -809,12 +814,6 @@ def _run_stats(plan: ForwardPlan, x, dev, stream, running_mean, running_var, num
     plan.stats(stream, *stats_args(plan, x, ws, cnt, running_mean, running_var, num_batches_tracked,
                                    0.0 if momentum is None else float(momentum), float(eps)))
     return ws
-
-
-# Partials the one-launch forward merges per step: its merge accumulators count against the registers that
-# decide how many programs fit at once (sm_90, triton 3.9, fp32 channels-last 4096-element tiles: 76
-# registers with 1024, 3 programs per SM; 63 with 256, 4).
-_PERSISTENT_MERGE_TILE = 256
 
 
 def _run_persistent(plan: ForwardPlan, x, dev, stream, weight, bias, running_mean, running_var,
