@@ -15,8 +15,8 @@ Providers: tritonbn.BatchNormNd, torch.nn.BatchNormNd (cuDNN or ATen), torch.com
 
 Fused modes (`--fused`, issue 9): relu_{train_fwd,fwd_bwd,eval_fwd} time y = relu(BN(x)) and
 add_relu_{train_fwd,fwd_bwd,eval_fwd} time y = relu(BN(x) + z), z a second input of x's shape and layout
-(its gradient is computed too); relu6_*, add_relu6_* and silu_* (through --modes only) the same with
-ReLU6 or SiLU. Providers there: tritonbn = the fused op (tritonbn.BatchNormActNd with
+(its gradient is computed too); relu6_*, add_relu6_*, silu_* and hardswish_* (through --modes only) the
+same with ReLU6, SiLU or Hardswish. Providers there: tritonbn = the fused op (tritonbn.BatchNormActNd with
 activation="relu", i.e. batch_norm(..., residual=z, activation="relu")), tritonbn_unfused = tritonbn's
 BatchNormNd then a separate in-place add and ReLU, eager = torch's BatchNormNd then the same add and ReLU
 (torchvision's BasicBlock tail), compile = torch.compile of that torch composition. The fused rows run
@@ -202,8 +202,8 @@ EPILOGUES = ("relu", "add_relu", *H.EXTRA_EPILOGUES)
 
 
 def epilogue(mode: str) -> str | None:
-    """None for plain BN modes, the epilogue ("relu", "add_relu", "relu6", "add_relu6", "silu") for the
-    fused ones."""
+    """None for plain BN modes, the epilogue ("relu", "add_relu", "relu6", "add_relu6", "silu",
+    "hardswish") for the fused ones."""
     return next((e for e in EPILOGUES if mode.startswith(e + "_")), None)
 
 
@@ -218,6 +218,8 @@ def _act_fn(torch, act: str, in_place: bool = False):
         return torch.relu_ if in_place else torch.relu
     if act == "relu6":
         return lambda y: F.relu6(y, inplace=in_place)
+    if act == "hardswish":
+        return lambda y: F.hardswish(y, inplace=in_place)
     return lambda y: F.silu(y, inplace=in_place)
 
 

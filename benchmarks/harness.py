@@ -96,13 +96,14 @@ BYTE_MODEL_TEXT = {
     "add_relu_fwd_bwd": "10E fused (unfused 16E): 4E forward + 6E backward (x, dy twice; dx, dz written)",
 }
 # The other fused activations (opt-in through bench --modes, not --fused): y = act(BN(x) [+ z]) with ReLU6
-# (MobileNet) or SiLU (EfficientNet, YOLO); the same passes, so the ReLU modes' byte models.
-EXTRA_EPILOGUES = ("relu6", "add_relu6", "silu")
+# (MobileNetV2), SiLU (EfficientNet, YOLO) or Hardswish (MobileNetV3); the same passes, so the ReLU modes'
+# byte models.
+EXTRA_EPILOGUES = ("relu6", "add_relu6", "silu", "hardswish")
 EXTRA_FUSED_MODES = tuple(f"{e}_{m}" for e in EXTRA_EPILOGUES for m in ("train_fwd", "fwd_bwd", "eval_fwd"))
 ALL_FUSED_MODES = FUSED_MODES + EXTRA_FUSED_MODES
 for _m in EXTRA_FUSED_MODES:
-    _act = "ReLU6" if "relu6" in _m else "SiLU"
-    _as = _m.replace("relu6", "relu").replace("silu", "relu")
+    _act = "ReLU6" if "relu6" in _m else "SiLU" if "silu" in _m else "Hardswish"
+    _as = _m.replace("relu6", "relu").replace("silu", "relu").replace("hardswish", "relu")
     BYTES_PER_ELEMENT_PASS[_m] = BYTES_PER_ELEMENT_PASS[_as]
     UNFUSED_BYTES_PER_ELEMENT_PASS[_m] = UNFUSED_BYTES_PER_ELEMENT_PASS[_as]
     BYTE_MODEL_TEXT[_m] = BYTE_MODEL_TEXT[_as].replace("ReLU", _act).replace("mask from x",

@@ -36,7 +36,8 @@ def _reduce_dims(x):
 def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps, residual=None,
                activation=None) -> RefForward:
     """``factor`` is the running-average factor (momentum, or 1/num_batches_tracked). ``y`` is the output
-    after the optional residual add and activation ("relu", "relu6", "silu"); ``pre`` is before it."""
+    after the optional residual add and activation ("relu", "relu6", "silu", "hardswish"); ``pre`` is
+    before it."""
     x = x.double()
     shape = _channel_shape(x)
     rm = running_mean.double().clone() if running_mean is not None else None
@@ -66,11 +67,14 @@ def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps
         y = y.clamp(0, 6)
     elif activation == "silu":
         y = y * torch.sigmoid(y)
+    elif activation == "hardswish":
+        y = y * (y + 3).clamp(0, 6) / 6
     return RefForward(y, mean, invstd, rm, rv, pre)
 
 
 def act_grad(activation, pre):
-    """act'(u) in float64 (gates as torch's backward: closed at 0 and 6)."""
+    """act'(u) in float64 (gates as torch's backward: closed at 0 and 6; Hardswish's as torch's: 0 below
+    −3, u/3 + ½ from −3 to 3, 1 above)."""
     u = pre.double()
     if activation == "relu":
         return (u > 0).double()
@@ -79,6 +83,8 @@ def act_grad(activation, pre):
     if activation == "silu":
         s = torch.sigmoid(u)
         return s * (1 + u * (1 - s))
+    if activation == "hardswish":
+        return torch.where(u < -3, 0.0, torch.where(u <= 3, u / 3 + 0.5, 1.0))
     return torch.ones_like(u)
 
 

@@ -26,9 +26,9 @@ def test_byte_model():
     assert harness.model_bytes("fwd_bwd", 1000, 2) == 8 * E
     modes = set(harness.MODES) | set(harness.ALL_FUSED_MODES)
     assert set(harness.BYTE_MODEL_TEXT) == modes == set(harness.BYTES_PER_ELEMENT_PASS)
-    # ReLU6 and SiLU move what ReLU moves (same passes)
+    # ReLU6, SiLU and Hardswish move what ReLU moves (same passes)
     for m in harness.EXTRA_FUSED_MODES:
-        as_relu = m.replace("relu6", "relu").replace("silu", "relu")
+        as_relu = m.replace("relu6", "relu").replace("silu", "relu").replace("hardswish", "relu")
         assert harness.BYTES_PER_ELEMENT_PASS[m] == harness.BYTES_PER_ELEMENT_PASS[as_relu]
         assert harness.UNFUSED_BYTES_PER_ELEMENT_PASS[m] == harness.UNFUSED_BYTES_PER_ELEMENT_PASS[as_relu]
     # issue 9's byte model: fused BN+ReLU 3E fwd / 5E bwd, BN+Add+ReLU 4E / 6E; unfused 5E/8E and 8E/8E
@@ -48,19 +48,19 @@ def test_byte_model():
 
 
 def test_bench_smoke_relu6_and_silu_modes(tmp_path):
-    """The opt-in fused modes (ReLU6, add + ReLU6, SiLU): fused module, tritonbn's unfused chain, eager and
-    compile providers, each checked against the fp64 reference (ReLU6's gate compared away from both
-    edges); rows in the JSON with their epilogue, none flagged. CPU, interpreter, one tiny shape."""
+    """The opt-in fused modes (ReLU6, add + ReLU6, SiLU, Hardswish): fused module, tritonbn's unfused chain,
+    eager and compile providers, each checked against the fp64 reference (ReLU6's gate compared away from
+    both edges); rows in the JSON with their epilogue, none flagged. CPU, interpreter, one tiny shape."""
     from benchmarks import bench
 
-    modes = "relu6_fwd_bwd,add_relu6_fwd_bwd,silu_fwd_bwd,silu_eval_fwd"
+    modes = "relu6_fwd_bwd,add_relu6_fwd_bwd,silu_fwd_bwd,silu_eval_fwd,hardswish_fwd_bwd"
     rc = bench.main(["--smoke", "--modes", modes, "--shapes", "smoke_2d", "--layouts", "channels_last",
                      "--out", str(tmp_path), "--no-png"])
     assert rc == 0
     doc = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["mode"]: r for r in doc["rows"]}
     assert set(rows) == set(modes.split(","))
-    assert {r["epilogue"] for r in rows.values()} == {"relu6", "add_relu6", "silu"}
+    assert {r["epilogue"] for r in rows.values()} == {"relu6", "add_relu6", "silu", "hardswish"}
     for mode, r in rows.items():
         assert not r["flagged"] and r["err_tritonbn"] < 1e-5, (mode, r["err_parts"])
         assert set(r["providers"]) == {"tritonbn", "tritonbn_unfused", "eager", "compile"}, mode

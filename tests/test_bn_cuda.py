@@ -117,11 +117,11 @@ FUSED_SHAPES = [
 ]
 
 
-# ReLU with and without the residual on every shape; ReLU6 (gate and bitmask) and SiLU (the GPU's exp) on
-# three of them.
+# ReLU with and without the residual on every shape; ReLU6 (gate and bitmask), SiLU (the GPU's exp) and
+# Hardswish on three of them.
 FUSED_CASES = [(*s, "relu", r) for s in FUSED_SHAPES for r in (False, True)] + [
     (*s, act, r) for s in FUSED_SHAPES[:3:2] + FUSED_SHAPES[3:4]
-    for act, r in (("relu6", True), ("silu", False))]
+    for act, r in (("relu6", True), ("silu", False), ("hardswish", False))]
 
 
 @pytest.mark.parametrize("shape,layout,dtype,act,residual", FUSED_CASES)
@@ -141,7 +141,7 @@ def test_cuda_fused_activations_match_reference(shape, layout, dtype, act, resid
     rm_t, rv_t = rm.clone(), rv.clone()
     expect = bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5, residual=z, activation=act)
     y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, residual=z, activation=act)
-    fn = {"relu": torch.relu, "relu6": F.relu6, "silu": F.silu}[act]
+    fn = {"relu": torch.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}[act]
     y_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True)
     y_t = fn(y_t + z if z is not None else y_t)
     ulp = torch.finfo(dtype).eps
@@ -153,11 +153,12 @@ def test_cuda_fused_activations_match_reference(shape, layout, dtype, act, resid
     grads = torch.autograd.grad(y, inputs, dy)
     grads_t = torch.autograd.grad(y_t, inputs, dy)
     # A gated activation's reference takes the gate of the output judged (the kernels' own y > 0): a value
-    # rounding to either side of an edge is not an error of the backward. SiLU's act'(u) is the reference's.
+    # rounding to either side of an edge is not an error of the backward. SiLU's and Hardswish's act'(u) are
+    # the reference's.
     wants = []
     for out in (y, y_t):
         o = out.detach()
-        if act == "silu":
+        if act in ("silu", "hardswish"):
             dact = act_grad(act, expect.pre)
         else:
             dact = ((o > 0) & (o < (6 if act == "relu6" else float("inf")))).double()

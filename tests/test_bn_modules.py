@@ -433,7 +433,7 @@ def test_torch_func_transforms_run_torchs_module_exactly(device):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False, "track_running_stats": False}])
-@pytest.mark.parametrize("activation", ["relu", "relu6", "silu"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "silu", "hardswish"])
 def test_torch_jit_script_compiles_torchs_module_code(kwargs, activation):
     """``torch.jit.script`` of a model with tritonbn layers (plain, and BatchNormAct, with each activation,
     with and without a residual) compiles torch's own batch norm code: the scripted model trains and
@@ -471,6 +471,8 @@ def test_torch_jit_script_compiles_torchs_module_code(kwargs, activation):
                 return torch.relu(y)
             if self.activation == "relu6":
                 return F.relu6(y)
+            if self.activation == "hardswish":
+                return F.hardswish(y)
             return F.silu(y)
 
     ours = copy.deepcopy(theirs)

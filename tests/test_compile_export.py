@@ -181,7 +181,7 @@ def test_custom_ops_opcheck(training, fused, device):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("act,residual", [(0, False), (1, False), (1, True), (0, True), (2, True),
-                                          (3, False)])
+                                          (3, False), (4, False)])
 @pytest.mark.parametrize("needs", [(True, True, True, True), (True, False, False, True),
                                    (False, True, True, False), (False, False, True, True)])
 def test_normalize_function_gives_the_eager_paths_bits(training, act, residual, needs, device):
@@ -204,7 +204,7 @@ def test_normalize_function_gives_the_eager_paths_bits(training, act, residual, 
         rm, rv = torch.zeros(5, device=device), torch.ones(5, device=device)
         if path == "eager":
             y = tritonbn.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, residual=z,
-                                    activation=[None, "relu", "relu6", "silu"][act])
+                                    activation=[None, "relu", "relu6", "silu", "hardswish"][act])
         else:
             stats = torch.ops.tritonbn.bn_batch_stats(x.detach(), rm, rv, None, 0.1, 1e-5) if training \
                 else None

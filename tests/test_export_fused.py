@@ -215,7 +215,8 @@ def test_export_fused_resnet_verifies_against_the_unfused_model(tmp_path):
 
 
 class _MobileYolo(nn.Module):
-    """MobileNetV2's Conv-BN-ReLU6 (one with a residual add before the ReLU6) and YOLO's Conv-BN-SiLU."""
+    """MobileNetV2's Conv-BN-ReLU6 (one with a residual add before the ReLU6), YOLO's Conv-BN-SiLU and
+    MobileNetV3's Conv-BN-Hardswish."""
 
     def __init__(self):
         super().__init__()
@@ -223,17 +224,18 @@ class _MobileYolo(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.act6 = nn.ReLU6()
         self.yolo = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.SiLU())
+        self.v3 = nn.Sequential(nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5), nn.Hardswish())
 
     def forward(self, x):
         x = self.stem(x)
         x = self.act6(self.bn1(self.conv1(x)) + x)
-        return torch.nn.functional.silu(self.yolo(x))
+        return self.v3(torch.nn.functional.silu(self.yolo(x)))
 
 
 def test_export_fused_relu6_and_silu_verifies_against_the_unfused_model(tmp_path):
-    """fuse_model's BN+ReLU6, BN+add+ReLU6 and BN+SiLU: the BN parts fold into the convs, the activations
-    export as standard ONNX (Clip, Sigmoid·Mul, or SiLU's own op), and ONNX Runtime matches the unfused
-    model."""
+    """fuse_model's BN+ReLU6, BN+add+ReLU6, BN+SiLU and BN+Hardswish: the BN parts fold into the convs, the
+    activations export as standard ONNX (Clip, Sigmoid·Mul or SiLU's own op, HardSwish), and ONNX Runtime
+    matches the unfused model."""
     torch.manual_seed(0)
     model = randomize_all(_MobileYolo()).eval()
     with torch.no_grad():
@@ -241,13 +243,15 @@ def test_export_fused_relu6_and_silu_verifies_against_the_unfused_model(tmp_path
             bn.weight.mul_(6)   # so that ReLU6 clips at 6 too
     x = _x()
     fused, report = _fused(model, x)
-    assert sorted(f.pattern for f in report.fused) == ["bn_add_relu6", "bn_relu6", "bn_silu"], report
+    assert sorted(f.pattern for f in report.fused) == ["bn_add_relu6", "bn_hardswish", "bn_relu6",
+                                                          "bn_silu"], report
     path = str(tmp_path / "mobile_yolo.onnx")
     result = export_onnx(fused, (x,), path)
     assert result.check.ok, result.format()
     assert verify_onnx(path, model, (x,)).ok
     ops = [n.op_type for n in onnx.load(path).graph.node]
     assert "BatchNormalization" not in ops and ops.count("Clip") == 2 and ops.count("Add") == 1, ops
+    assert ops.count("HardSwish") == 1, ops
     with torch.no_grad():
         assert (model.stem(x) == 6).any()
 

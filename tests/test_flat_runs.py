@@ -124,3 +124,29 @@ def test_runs_16bit_match_tiled_bitwise(dtype, device, monkeypatch):
         results.append(out)
     for a, t in zip(*results):
         assert torch.equal(a, t)
+
+
+@pytest.mark.parametrize("activation,training,write_mask,halved", [
+    (4, False, False, True),     # Hardswish in eval: forward and dx
+    (4, True, False, False),
+    (2, False, True, True),      # ReLU6's eval bitmask (forward only)
+    (2, False, False, False),
+    (3, False, False, False),    # SiLU
+])
+def test_eval_run_blocks_halved_where_full_ones_spill(activation, training, write_mask, halved):
+    """Eval-mode FLAT_RUNS blocks compute 1/√(var+ε) per run; with Hardswish (forward and dx) or ReLU6's
+    bitmask, full blocks spill registers on sm_80 / sm_90 (compile gate): those take half blocks."""
+    x = torch.empty((8, 64, 7, 7), dtype=torch.bfloat16)
+    rm, rv = torch.zeros(64), torch.ones(64)
+    z = torch.empty_like(x) if write_mask else None
+    _, plan = ops.forward_plan(x, None, None, rm, rv, None, training, 0.1, z, activation, write_mask)
+    c = plan.fwd.constexprs
+    assert c["LAYOUT"] == ops.FLAT_RUNS
+    full = ops.TUNING.run_block
+    assert c["BLOCK_S"] * c["BLOCK_C"] == (full // 2 if halved else full)
+    if not write_mask:
+        flags = ops.backward_flags(torch.float32, None, None, activation, False, True, False, None, False,
+                                   False, False)[0]
+        bplan = ops.BackwardPlan(ops._dense_view(tuple(x.shape), x.stride()), x.dtype, -1, training, flags)
+        d = bplan.dx.constexprs
+        assert d["BLOCK_S"] * d["BLOCK_C"] == (full // 2 if halved and activation == 4 else full)

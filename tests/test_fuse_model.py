@@ -407,6 +407,10 @@ ACT_SPELLINGS = {   # spelling: (activation, module class, body, residual fused)
     "nn.SiLU": ("silu", nn.SiLU, lambda m, x, z: m.act(m.bn(x)), False),
     "F.silu": ("silu", nn.SiLU, lambda m, x, z: F.silu(m.bn(x)), False),
     "F.silu in place": ("silu", nn.SiLU, lambda m, x, z: F.silu(m.bn(x), inplace=True), False),
+    "nn.Hardswish": ("hardswish", nn.Hardswish, lambda m, x, z: m.act(m.bn(x)), False),
+    "F.hardswish": ("hardswish", nn.Hardswish, lambda m, x, z: F.hardswish(m.bn(x)), False),
+    "F.hardswish in place": ("hardswish", nn.Hardswish, lambda m, x, z: F.hardswish(m.bn(x), inplace=True),
+                             False),
 }
 
 
@@ -518,6 +522,8 @@ UNSAFE = {  # case: (forward body, expected reason)
     "BN called twice": (_two_calls, "BN is called 2 times"),
     "BN feeds a LeakyReLU": (lambda m, x, z: F.leaky_relu(m.bn(x)), "feeds leaky_relu, not an activation"),
     "add feeds a SiLU": (lambda m, x, z: F.silu(m.bn(x) + z), "the add is fused only before a ReLU or ReLU6"),
+    "add feeds a Hardswish": (lambda m, x, z: F.hardswish(m.bn(x) + z),
+                              "the add is fused only before a ReLU or ReLU6"),
     "hardtanh(0, 6)": (lambda m, x, z: F.hardtanh(m.bn(x), 0.0, 6.0), "feeds hardtanh, not an activation"),
     "add feeds a sigmoid": (lambda m, x, z: torch.sigmoid(m.bn(x) + z), "add result feeds sigmoid"),
 }
@@ -641,12 +647,13 @@ def test_bad_arguments_raise_clearly():
 def _relu6_silu_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6(inplace=True),
-                         nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5), nn.SiLU())
+                         nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5), nn.SiLU(),
+                         nn.Conv2d(5, 4, 1), nn.BatchNorm2d(4), nn.Hardswish())
 
 
 @pytest.mark.parametrize("build,patterns", [
     (lambda: _model("basic", layers=(1, 1)), {"bn_relu", "bn_add_relu"}),
-    (_relu6_silu_model, {"bn_relu6", "bn_silu"}),   # the custom ops carry the activation code
+    (_relu6_silu_model, {"bn_relu6", "bn_silu", "bn_hardswish"}),   # the custom ops carry the activation
 ])
 def test_compile_fullgraph_aot_eager_of_fused_model(build, patterns):
     fused, report = tritonbn.fuse_model(build(), (_x(),))

@@ -12,7 +12,8 @@ from reference import CASES, make_input, rel_err
 
 import tritonbn
 
-_TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu}
+_TORCH_ACT = {None: lambda y: y, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu,
+              "hardswish": F.hardswish}
 
 
 def _unfused(x, rm, rv, w, b, training, z, act):
@@ -119,15 +120,16 @@ def test_fused_low_precision_no_worse_than_torch(dtype, layout, device):
         assert rel_err(got, exp) < 8 * ulp
 
 
-@pytest.mark.parametrize("act", ["relu6", "silu"])
+@pytest.mark.parametrize("act", ["relu6", "silu", "hardswish"])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape,layout", [CASES[0], CASES[3], CASES[4], CASES[5], CASES[10], CASES[12]])
 def test_fused_relu6_and_silu_match_reference_and_torch(shape, layout, with_residual, act, training, device):
     """ReLU6 (a gated activation, like ReLU: its gate 0 < u < 6 is recomputed from x, or stored as the
     bitmask with a residual) and SiLU (no gate: act'(u) recomputed from x; with a residual the add and the
-    SiLU run after the kernels): outputs, running stats and every gradient against the float64 reference
-    and torch's unfused ops. γ is scaled so that u crosses both of ReLU6's edges."""
+    SiLU run after the kernels; Hardswish like SiLU): outputs, running stats and every gradient against the
+    float64 reference and torch's unfused ops. γ is scaled so that u crosses both of ReLU6's edges and
+    both of Hardswish's (−3, 3)."""
     x, z, w, b = _inputs(shape, layout, device, seed=7)
     z = z * 3 if with_residual else None
     w = (w.detach() * 4).requires_grad_(True)
@@ -144,6 +146,8 @@ def test_fused_relu6_and_silu_match_reference_and_torch(shape, layout, with_resi
     torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
     if act == "relu6" and x.numel() > 50:
         assert (expect.pre < 0).any() and (expect.pre > 6).any()   # both edges of the gate are exercised
+    if act == "hardswish" and x.numel() > 50:
+        assert (expect.pre < -3).any() and (expect.pre > 3).any()   # its three pieces
 
     dy = torch.randn_like(y)
     inputs = (x, w, b) + ((z,) if z is not None else ())
@@ -161,7 +165,7 @@ def test_fused_relu6_and_silu_match_reference_and_torch(shape, layout, with_resi
         torch.testing.assert_close(got, got_t, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("act", ["relu6", "silu"])
+@pytest.mark.parametrize("act", ["relu6", "silu", "hardswish"])
 def test_fused_relu6_and_silu_launches(act, device, monkeypatch):
     """One launch per pass more than nothing: 2 in the training forward, 2 in its backward, 1 in eval; with
     a residual ReLU6 stays fused (the bitmask), SiLU adds its residual after the kernels."""
@@ -199,7 +203,7 @@ def test_fused_float64_gradcheck_and_double_backward(device):
     for training in (True, False):
         rm = torch.randn(2, dtype=torch.float64, device=device)
         rv = torch.rand(2, dtype=torch.float64, device=device) + 0.5
-        for act in ("relu", "relu6", "silu"):
+        for act in ("relu", "relu6", "silu", "hardswish"):
             fn = lambda x, w, b, z: tritonbn.batch_norm(  # noqa: B023, E731
                 x, rm, rv, w, b, training=training, residual=z, activation=act)  # noqa: B023
             assert torch.autograd.gradcheck(fn, (x, w, b, z), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)

@@ -72,7 +72,7 @@ STATS, FWD, REDUCE, DX = "_bn_stats_kernel", "_bn_forward_kernel", "_bn_backward
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act,residual", [(None, False), ("relu", False), ("relu", True), (None, True),
-                                          ("relu6", True), ("silu", False)])
+                                          ("relu6", True), ("silu", False), ("hardswish", False)])
 def test_native_path_gives_the_python_paths_bits(act, residual, layout, training, hooked, monkeypatch):
     """First call Python (it compiles), then the C++ node: its first backward with these needs runs the
     Python backward and records the native one; from the third step everything is native. Outputs, every

@@ -70,10 +70,11 @@ def _record_launches():
                     rm = torch.zeros(c, dtype=pdtype) if track else None
                     rv = torch.ones(c, dtype=pdtype) if track else None
                     nbt = torch.zeros((), dtype=torch.long)
-                    # Activations (ops.ACTIVATIONS): none, ReLU, ReLU6 (gated: with a residual too), SiLU.
+                    # Activations (ops.ACTIVATIONS): none, ReLU, ReLU6 (gated: with a residual too), SiLU,
+                    # Hardswish.
                     for residual, act in ((False, 0), (False, 1), (True, 1), (True, 0), (False, 2), (True, 2),
-                                          (False, 3)) if all_flags \
-                            else ((False, 0), (True, 1), (False, 3)):
+                                          (False, 3), (False, 4)) if all_flags \
+                            else ((False, 0), (True, 1), (False, 3), (False, 4)):
                         z = torch.randn_like(x) if residual else None
                         mask_flag = residual and act in ops.GATED
                         for bump in ((False, True) if track else (False,)):

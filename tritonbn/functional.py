@@ -26,7 +26,8 @@ ACTIVATIONS = tuple(ops.ACTIVATIONS)
 
 
 def activation_code(activation) -> int:
-    """The kernels' constexpr for ``activation`` (None, "relu", "relu6" or "silu"), or a ValueError."""
+    """The kernels' constexpr for ``activation`` (None, "relu", "relu6", "silu" or "hardswish"), or a
+    ValueError."""
     code = ops.ACTIVATIONS.get(activation) if isinstance(activation, (str, type(None))) else None
     if code is None:
         raise ValueError(f"batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -142,7 +143,8 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
     on the device; ``bump`` increments ``num_batches_tracked`` first (the module's counter: done by the
     kernels in eager mode, by an ``add_`` while tracing)."""
     if residual is not None and activation and activation not in ops.GATED:
-        # SiLU's gradient would need the residual again in the backward: the add and activation run unfused.
+        # SiLU's and Hardswish's gradients would need the residual again in the backward: the add and
+        # activation run unfused.
         y = batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
                             num_batches_tracked, bump)
         return epilogue(y, residual, activation)
@@ -185,9 +187,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     Fused epilogue (keyword-only): ``activation(batch_norm(...) + residual)``, with ``residual`` a tensor
     of the input's shape, dtype and device (differentiable too) and ``activation`` None, ``"relu"``,
-    ``"relu6"`` or ``"silu"``; the same results and running-stat updates as, e.g.,
+    ``"relu6"``, ``"silu"`` or ``"hardswish"``; the same results and running-stat updates as, e.g.,
     ``F.relu(F.batch_norm(...) + residual)``. The add and a ReLU or ReLU6 run inside the kernels; with a
-    SiLU, a residual is added after them (SiLU's gradient would need it in the backward)."""
+    SiLU or Hardswish, a residual is added after them (their gradient would need it in the backward)."""
     act = check_fusion(input, residual, activation)
     if isinstance(input, torch.Tensor) and uses_triton(input) and type(momentum) in (float, int) and \
             supported(input, running_mean, running_var, weight, bias, training, eps):

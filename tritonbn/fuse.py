@@ -1,4 +1,4 @@
-"""``tritonbn.fuse_model``: rewrite a model so that BatchNorm → activation (ReLU, ReLU6, SiLU) and
+"""``tritonbn.fuse_model``: rewrite a model so that BatchNorm → activation (ReLU, ReLU6, SiLU, Hardswish) and
 BatchNorm → add → ReLU / ReLU6 run as one fused tritonbn op (``BatchNormAct1d/2d/3d``), and every other
 BatchNorm as a tritonbn ``BatchNorm*d``.
 
@@ -44,15 +44,15 @@ _ACT = dict(zip(_TORCH_BN + _TRITON_BN, _ACT_BN * 2))
 
 # The activations fused (tritonbn.ops.ACTIVATIONS names), by module class, function and Tensor method:
 # name, spelling.
-_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu"}
+_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 _ACT_FUNCTIONS = {F.relu: ("relu", "F.relu"), torch.relu: ("relu", "torch.relu"),
                   torch.relu_: ("relu", "torch.relu_"), F.relu6: ("relu6", "F.relu6"),
-                  F.silu: ("silu", "F.silu")}
+                  F.silu: ("silu", "F.silu"), F.hardswish: ("hardswish", "F.hardswish")}
 _ACT_METHODS = {"relu": ("relu", "Tensor.relu"), "relu_": ("relu", "Tensor.relu_")}
 _IN_PLACE_ACT = {torch.relu_}
-_ACT_NAMES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "SiLU"}
-# Activations that take the fused add too (a gate, stored as a bitmask; SiLU's gradient would need the
-# residual again).
+_ACT_NAMES = {"relu": "ReLU", "relu6": "ReLU6", "silu": "SiLU", "hardswish": "Hardswish"}
+# Activations that take the fused add too (a gate, stored as a bitmask; SiLU's and Hardswish's gradients
+# would need the residual again).
 _WITH_ADD = {name for name, code in _ops.ACTIVATIONS.items() if code in _ops.GATED}
 _ADD_FUNCTIONS = {operator.add: "+", operator.iadd: "+=", torch.add: "torch.add"}
 _ADD_METHODS = {"add": "Tensor.add", "add_": "Tensor.add_"}
@@ -65,9 +65,9 @@ _IN_PLACE_ADDS = {_ADD_FUNCTIONS[operator.iadd], _ADD_METHODS["add_"]}
 class Fused:
     bn: str  # qualified name of the BatchNorm; now a BatchNormAct*d under the same name
     into: str  # "BatchNormAct2d", ...
-    pattern: str  # "bn_relu", "bn_add_relu", "bn_relu6", "bn_add_relu6" or "bn_silu"
+    pattern: str  # "bn_relu", "bn_add_relu", "bn_relu6", "bn_add_relu6", "bn_silu" or "bn_hardswish"
     module: str  # the module whose forward was rewritten ("" = the model itself)
-    activation: str  # "relu", "relu6" or "silu": the fused module's ``activation``
+    activation: str  # "relu", "relu6", "silu" or "hardswish": the fused module's ``activation``
     act: str  # how the removed activation was spelled, e.g. "nn.ReLU 'relu'", "F.relu", "nn.ReLU6 '2'"
     add: str | None = None  # how the removed add was spelled: "+", "+=", "torch.add", "Tensor.add_"
     residual: str | None = None  # the add's other operand (its FX node in ``module``'s forward)
@@ -352,7 +352,8 @@ def _plan(b: fx.Node, root: nn.Module):
                            f"BN output is not the {_ACT_NAMES[name]}'s input")
     add = _add(user)
     if add is None:
-        return f"BN output feeds {_describe(user, root)}, not an activation (ReLU, ReLU6, SiLU) or an add"
+        return (f"BN output feeds {_describe(user, root)}, not an activation (ReLU, ReLU6, SiLU, Hardswish) "
+                "or an add")
     a, other, add_spelling, in_place, problem = add
     if problem:
         return problem
@@ -521,17 +522,18 @@ def _add_problem(p: _Plan, metas: dict, have_examples: bool, module: nn.Module) 
 
 def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseReport]:
     """Return ``(fused_model, report)``: a new model in which every BatchNorm followed only by an activation
-    (ReLU, ReLU6, SiLU), or only by an add whose result feeds only a ReLU or ReLU6, is one fused tritonbn
-    op, and every other BatchNorm is a tritonbn ``BatchNorm*d``. ``model`` is never modified. Call it
+    (ReLU, ReLU6, SiLU, Hardswish), or only by an add whose result feeds only a ReLU or ReLU6, is one fused
+    tritonbn op, and every other BatchNorm is a tritonbn ``BatchNorm*d``. ``model`` is never modified. Call it
     before building the optimizer (the fused model has its own parameters) and before ``torch.compile`` /
     DDP.
 
     What is fused: an exact torch or tritonbn ``BatchNorm1d/2d/3d`` module call whose output's only user
     is an activation: a ReLU (``nn.ReLU`` shared or not, in place or not, ``F.relu``,
     ``torch.relu``/``relu_``, ``.relu()``/``.relu_()``), a ReLU6 (``nn.ReLU6``, ``F.relu6``: MobileNet)
-    or a SiLU (``nn.SiLU``, ``F.silu``: EfficientNet, YOLO); or an add (``+``, ``+=``, ``torch.add``
-    without alpha/out, ``.add``/``.add_``, either operand order) whose result's only user is a ReLU or
-    ReLU6 (a SiLU's gradient would need the residual again), all in the same module's forward. The BN
+    a SiLU (``nn.SiLU``, ``F.silu``: EfficientNet, YOLO) or a Hardswish (``nn.Hardswish``,
+    ``F.hardswish``: MobileNetV3); or an add (``+``, ``+=``, ``torch.add`` without alpha/out,
+    ``.add``/``.add_``, either operand order) whose result's only user is a ReLU or ReLU6 (a SiLU's or
+    Hardswish's gradient would need the residual again), all in the same module's forward. The BN
     becomes a ``BatchNormAct*d`` with that ``activation`` under its own name (state_dict keys and values
     are the model's, so checkpoints load both ways), the add's other operand is passed as its
     ``residual``, and the activation call (not the activation module) is removed from that forward.

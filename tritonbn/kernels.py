@@ -34,12 +34,12 @@ so the counters are zero again for the next launch on the stream) merges the par
 one launch per reduction, and results bit-identical from run to run whichever program finishes last.
 
 The fused epilogue is ``y = act(u)``, ``u = γ·(x − μ)·invstd + β [+ z]``, with ``act`` None, ReLU,
-ReLU6 or SiLU (``_activation``). The backward needs act'(u): without a residual u is recomputed from x with
-the forward's arithmetic (``_bn_affine`` + ``_bn_output``, shared by every kernel, so ReLU masks agree bit
-for bit). The gated activations (ReLU: 0 < u, ReLU6: 0 < u < 6; act' is 1 there and 0 elsewhere) also
-take a residual: the forward then writes the gate as a bitmask (bit ``i`` of word ``i // 32`` is element
-``i`` in memory order). SiLU takes none (its act' would need z in the backward: the launchers run that
-case unfused).
+ReLU6, SiLU or Hardswish (``_activation``). The backward needs act'(u): without a residual u is recomputed
+from x with the forward's arithmetic (``_bn_affine`` + ``_bn_output``, shared by every kernel, so ReLU
+masks agree bit for bit). The gated activations (ReLU: 0 < u, ReLU6: 0 < u < 6; act' is 1 there and 0
+elsewhere) also take a residual: the forward then writes the gate as a bitmask (bit ``i`` of word
+``i // 32`` is element ``i`` in memory order). SiLU and Hardswish take none (their act' would need z in the
+backward: the launchers run that case unfused).
 """
 
 import triton
@@ -58,6 +58,7 @@ ACT_NONE: tl.constexpr = tl.constexpr(0)
 ACT_RELU: tl.constexpr = tl.constexpr(1)
 ACT_RELU6: tl.constexpr = tl.constexpr(2)
 ACT_SILU: tl.constexpr = tl.constexpr(3)
+ACT_HARDSWISH: tl.constexpr = tl.constexpr(4)
 
 
 def _jit(**kwargs):
@@ -129,13 +130,16 @@ def _bn_output(x, mean, scale, shift, OUT_DTYPE: tl.constexpr):
 @triton.jit
 def _activation(u, ACTIVATION: tl.constexpr):
     """act(u) in u's (accumulation) dtype, as torch computes it: ReLU and ReLU6 (hardtanh) keep NaN, SiLU
-    is u / (1 + e^−u)."""
+    is u / (1 + e^−u), Hardswish u·min(max(u + 3, 0), 6) / 6 (NaN kept)."""
     if ACTIVATION == ACT_RELU:
         u = tl.where(u < 0, 0.0, u)
     elif ACTIVATION == ACT_RELU6:
         u = tl.where(u < 0, 0.0, tl.where(u > 6.0, 6.0, u))
     elif ACTIVATION == ACT_SILU:
         u = u / (1.0 + tl.exp(-u))
+    elif ACTIVATION == ACT_HARDSWISH:
+        t = u + 3.0
+        u = u * tl.where(t < 0, 0.0, tl.where(t > 6.0, 6.0, t)) / 6.0
     return u
 
 
@@ -152,10 +156,13 @@ def _act_gate(u, ACTIVATION: tl.constexpr):
 @triton.jit
 def _act_backward(g, u, ACTIVATION: tl.constexpr):
     """g·act'(u), u recomputed as the forward computed it: gated (ReLU, ReLU6) g where the gate is open,
-    else 0; SiLU g·σ(u)·(1 + u·(1 − σ(u))), as torch's silu_backward."""
+    else 0; SiLU g·σ(u)·(1 + u·(1 − σ(u))), as torch's silu_backward; Hardswish 0 below −3, g·(u/3 + ½)
+    up to 3, g above (and for NaN), as torch's hardswish_backward."""
     if ACTIVATION == ACT_SILU:
         sig = 1.0 / (1.0 + tl.exp(-u))
         g = g * (sig * (1.0 + u * (1.0 - sig)))
+    elif ACTIVATION == ACT_HARDSWISH:
+        g = tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, g * (u / 3.0 + 0.5), g))
     else:
         g = tl.where(_act_gate(u, ACTIVATION), g, 0.0)
     return g

@@ -52,6 +52,8 @@ class _TritonBatchNormMixin:
                 y = F.relu6(y)
             elif activation == "silu":
                 y = F.silu(y)
+            elif activation == "hardswish":
+                y = F.hardswish(y)
         return y
 
     @torch.jit.unused
@@ -130,8 +132,8 @@ class _BatchNormActMixin(_TritonBatchNormMixin):
     """BatchNorm followed by an optional residual add and an activation, in one fused op:
     ``activation(bn(input) + residual)``. State (parameters, buffers, ``state_dict`` keys) is exactly that
     of ``nn.BatchNorm*d``, so checkpoints load both ways; ``activation`` is a constructor argument
-    (``"relu"``, ``"relu6"``, ``"silu"`` or None), not state. With SiLU a residual is added after the
-    kernels (SiLU's gradient would need it again)."""
+    (``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"`` or None), not state. With SiLU or Hardswish a
+    residual is added after the kernels (their gradient would need it again)."""
 
     def __init__(self, num_features, *args, activation="relu", **kwargs):
         # Every other argument is the torch class's own (its set varies across torch versions).

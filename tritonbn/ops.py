@@ -114,8 +114,9 @@ TUNING = Tuning()
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 # The fused activations: name -> the kernels' ACTIVATION constexpr (kernels.py, ACT_*). GATED ones (act' is
-# 0 or 1) take a residual too: their gate is stored as a bitmask; SiLU's act' would need the residual again.
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3}
+# 0 or 1) take a residual too: their gate is stored as a bitmask; SiLU's and Hardswish's act' would need
+# the residual again.
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
 GATED = frozenset({1, 2})
 TILED, FLAT_CL, FLAT_PLANAR, FLAT_RUNS = 0, 1, 2, 3
 MASK_NONE, MASK_FLAT, MASK_S, MASK_C = 0, 1, 2, 3   # kernels.py: how the forward packs the ReLU bitmask
@@ -708,9 +709,9 @@ class ForwardPlan:
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
                 GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
                 BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
-        if write_mask and not training and act == ACTIVATIONS["relu6"]:
-            # ReLU6's gate (one comparison more than ReLU's) in an eval-mode FLAT_RUNS block that computes
-            # 1/√(var+ε) per run: full blocks spill registers on sm_80 (compile gate).
+        if not training and (act == ACTIVATIONS["hardswish"] or (write_mask and act == ACTIVATIONS["relu6"])):
+            # ReLU6's gate (one comparison more than ReLU's) or Hardswish in an eval-mode FLAT_RUNS block that
+            # computes 1/√(var+ε) per run: full blocks spill registers on sm_80 / sm_90 (compile gate).
             tuning = dataclasses.replace(tuning, run_block=tuning.run_block // 2)
         e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training, dev)
         flat = e.layout != TILED
@@ -1017,7 +1018,7 @@ class BackwardPlan:
         elif act != 0 and act not in GATED:
             # SiLU's act'(u) (an exponential and a division per element) in the reduction's loop: full
             # tiles spill registers on sm_80 (fp32) and sm_90 (fp64), half fp64 tiles still need a stack
-            # frame on sm_80 (libdevice's exp) (compile gate).
+            # frame on sm_80 (libdevice's exp) (compile gate). Hardswish (no exponential) takes the same.
             div = 4 if dtype == torch.float64 else 2
             tuning = dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // div)
         acc = _acc_dtype(dtype)
@@ -1045,6 +1046,10 @@ class BackwardPlan:
                 DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
+            if not training and act == ACTIVATIONS["hardswish"]:
+                # Hardswish's act'(u) in an eval-mode FLAT_RUNS block that computes 1/√(var+ε) per run:
+                # full blocks spill registers on sm_80 for 16-bit dx (compile gate).
+                tuning = dataclasses.replace(tuning, run_block=tuning.run_block // 2)
             e = _elementwise_plan(view, tuning, False, dtype.itemsize, not training, dev)
             self.dx_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks)
             self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(

@@ -43,7 +43,7 @@ def unpack_mask(words: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ACTIVATIONS codes (tritonbn.ops) -> torch's function (also what the export tool's split graphs call).
-ACT_FN = {1: torch.relu, 2: F.relu6, 3: F.silu}
+ACT_FN = {1: torch.relu, 2: F.relu6, 3: F.silu, 4: F.hardswish}
 _GATE = {1: lambda u: u > 0, 2: lambda u: (u > 0) & (u < 6)}
 
 
