@@ -66,8 +66,12 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
         # The CUDA tests that compare Tuning variants (tests/test_bn_cuda.py TUNING_VARIANTS), fp32 and bf16.
         jobs += [(overrides, [(tuple(shape), layout, dtype) for dtype in (torch.float32, torch.bfloat16)])
                  for shape, layout, overrides in _cuda_test_list("TUNING_VARIANTS")]
+        # Its fused-activation cases (FUSED_SHAPES: plain, ReLU, add + ReLU, and ReLU6, SiLU, Hardswish).
+        dtypes_by_name = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        fused = [(tuple(shape), layout, dtypes_by_name[name]) for shape, layout, name in
+                 _cuda_test_list("FUSED_SHAPES")]
+        jobs += [({}, fused + [(*case, (2, 3, 4)) for case in fused])]
         # Its one-launch forward cases (PERSISTENT_CASES), which decide on the GPU whether the grid fits.
-        dtypes_by_name = {"bf16": torch.bfloat16, "fp32": torch.float32}
         jobs += [({"persistent": "always"}, [(tuple(shape), layout, dtypes_by_name[name])])
                  for shape, layout, name, _ in _cuda_test_list("PERSISTENT_CASES")]
     real_target, real_tuning = ops._target_programs, ops.TUNING
