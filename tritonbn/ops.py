@@ -576,7 +576,7 @@ def _runs_fit(view: View, block: int, run: int) -> bool:
 
 
 def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int, from_var: bool,
-                      dev: int) -> ElementwisePlan:
+                      dev: int, act: int = 0) -> ElementwisePlan:
     """TILED, except for planes TILED cannot load in wide vectors, the ReLU bitmask where no tile holds
     whole words, and on request (``Tuning.flat``).
 
@@ -604,10 +604,16 @@ def _elementwise_plan(view: View, tuning: Tuning, need_mask: bool, itemsize: int
 
     The bitmask (bit i = element i in memory order) takes a TILED tile when whole 32-element words lie
     along its contiguous axis (planar S, or channels-last C, a multiple of 32, and a block of at least 32
-    along that axis): every channels-last ResNet layer. Else FLAT blocks, which are runs of memory."""
+    along that axis): every channels-last ResNet layer. Else FLAT blocks, which are runs of memory.
+
+    ``act`` (an ``ACTIVATIONS`` code) halves the eval-mode FLAT_RUNS blocks where full ones spill."""
     flat = view.flat_layout
     wide = itemsize == 8
     numel = view.n * view.c * view.s
+    if from_var and (act == ACTIVATIONS["hardswish"] or (need_mask and act == ACTIVATIONS["relu6"])):
+        # ReLU6's gate (one comparison more than ReLU's) or Hardswish in an eval-mode FLAT_RUNS block that
+        # computes 1/√(var+ε) per run: full blocks spill registers on sm_80 / sm_90 (compile gate).
+        tuning = dataclasses.replace(tuning, run_block=tuning.run_block // 2)
     tile = tuning.elementwise_tile
     if from_var:
         eval_tile = tuning.eval_tile // (2 if wide else 1)
@@ -709,11 +715,7 @@ class ForwardPlan:
                 HAS_RUNNING=has_running, CUMULATIVE=cumulative, BUMP_BATCHES=bump, FINALIZE=True,
                 GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s, DIV_C=div_c,
                 BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k, ACC_DTYPE=tl_acc))
-        if not training and (act == ACTIVATIONS["hardswish"] or (write_mask and act == ACTIVATIONS["relu6"])):
-            # ReLU6's gate (one comparison more than ReLU's) or Hardswish in an eval-mode FLAT_RUNS block that
-            # computes 1/√(var+ε) per run: full blocks spill registers on sm_80 / sm_90 (compile gate).
-            tuning = dataclasses.replace(tuning, run_block=tuning.run_block // 2)
-        e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training, dev)
+        e = _elementwise_plan(view, tuning, write_mask, dtype.itemsize, not training, dev, act)
         flat = e.layout != TILED
         self.mask_words = _cdiv(self.numel, 32) if write_mask else 0
         self.fwd_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks, c if training else 0)
@@ -1046,11 +1048,7 @@ class BackwardPlan:
                 DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
         if need_dx or write_dz:
-            if not training and act == ACTIVATIONS["hardswish"]:
-                # Hardswish's act'(u) in an eval-mode FLAT_RUNS block that computes 1/√(var+ε) per run:
-                # full blocks spill registers on sm_80 for 16-bit dx (compile gate).
-                tuning = dataclasses.replace(tuning, run_block=tuning.run_block // 2)
-            e = _elementwise_plan(view, tuning, False, dtype.itemsize, not training, dev)
+            e = _elementwise_plan(view, tuning, False, dtype.itemsize, not training, dev, act)
             self.dx_ints = (c, view.s, self.numel, e.num_sblocks, e.num_cblocks)
             self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(
                 common, TRAINING=training, WRITE_DX=need_dx, WRITE_DZ=write_dz, LAYOUT=e.layout,
