@@ -12,8 +12,9 @@
 #                 specializations the steps below launch (the CUDA tests', ResNet-50's, MobileNetV2's, the suite's
 #                 shapes) on every CPU core into Triton's cache: serially, at their first launch, they
 #                 would take minutes of the budget. Skipped with SMOKE=1
-#   cuda_tests    TEST_TIMEOUT=140 (pytest -m cuda, ~105 tests; OUTDIR/pytest_cuda.log
-#                 92 took 103 s on 2026-11-28; --durations lists the slowest). Waits for the native
+#   cuda_tests    TEST_TIMEOUT=140 (pytest -m cuda, ~125 tests,   OUTDIR/pytest_cuda.log
+#                 in TEST_SHARDS=3 processes at once; 92 took
+#                 103 s serially on 2026-11-28; --durations lists the slowest). Waits for the native
 #                 extension's background build first
 #   host_us       HOST_BUDGET=40 (+15 hard; --native: the       OUTDIR/host_us.json
 #                 native call path timed next to the Python path and torch)
@@ -36,9 +37,9 @@
 # device machine returns at most 8). Installs nothing; runs the tree in place (PYTHONPATH=repo). A step
 # that fails or hits its cap does not stop the next ones, and every benchmark writes its JSON as it goes,
 # so a stopped step keeps what it measured; summary.json records what is missing and why. Exit status:
-# non-zero if any step failed. Tune with DEADLINE, TEST_TIMEOUT, HOST_BUDGET, MODEL_BUDGET, BENCH_BUDGET,
-# FUSED_BUDGET, PYTHON, and extra options per step: HOST_ARGS, MODEL_ARGS (e.g. --compile-estimate 90),
-# BENCH_ARGS, TEST_PATHS (default tests).
+# non-zero if any step failed. Tune with DEADLINE, TEST_TIMEOUT, TEST_SHARDS, HOST_BUDGET, MODEL_BUDGET,
+# BENCH_BUDGET, FUSED_BUDGET, PYTHON, and extra options per step: HOST_ARGS, MODEL_ARGS (e.g.
+# --compile-estimate 90), BENCH_ARGS, TEST_PATHS (default tests).
 # SMOKE=1 runs the same steps on a CPU (Triton interpreter, each benchmark's --smoke mode): the test suite
 # does that to check this script end to end.
 set -u
@@ -153,18 +154,52 @@ if [ "$SMOKE" != 1 ]; then
 fi
 
 # --- CUDA tests -----------------------------------------------------------------------------------------
+# In TEST_SHARDS pytest processes at once (default 3; one GPU, many cores), each taking every TEST_SHARDS-th
+# of the collected CUDA tests: serially they took 103 s for 92 tests (2026-11-28) and there are ~125 now,
+# mostly Python, imports and small launches, which overlap. One pytest_cuda.log: each shard's console,
+# then one merged summary line (benchmarks.summary --merge-pytest).
 run_tests() {
-    local extra=()
+    local extra=() cap rc=0 shards="${TEST_SHARDS:-3}" tmp
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra=(--timeout 60)  # per test, where the plugin exists
-    local cap
     cap=$(max 30 "$(min "$TEST_TIMEOUT" $(($(left) - 330)))")  # leaves the benchmarks >= 5.5 minutes
+    tmp="$(mktemp -d "${TMPDIR:-/tmp}/tritonbn_cuda_tests.XXXXXX")"
     # shellcheck disable=SC2086  # TEST_PATHS is a list of paths
-    timeout -k 10 "$cap" "$PY" -m pytest -m cuda -q -p no:cacheprovider --durations=15 "${extra[@]}" $TEST_PATHS \
-        >"$out/pytest_cuda.log" 2>&1
-    local rc=$?
-    tail -n 25 "$out/pytest_cuda.log"
-    [ "$rc" -eq 124 ] && echo "pytest: killed after ${cap}s"
-    [ "$rc" -eq 5 ] && { echo "pytest: no CUDA-marked tests collected"; return 0; }
+    timeout -k 5 90 "$PY" -m pytest -m cuda -q -p no:cacheprovider --collect-only $TEST_PATHS >"$tmp/collect.log" 2>&1
+    rc=$?
+    local ids=()
+    mapfile -t ids < <(grep -E '^[^ ]+::' "$tmp/collect.log")
+    if [ "$rc" -ne 0 ] || [ "${#ids[@]}" -eq 0 ]; then
+        cp "$tmp/collect.log" "$out/pytest_cuda.log"
+        tail -n 25 "$tmp/collect.log"
+        rm -rf "$tmp"
+        [ "$rc" -eq 5 ] && { echo "pytest: no CUDA-marked tests collected"; return 0; }
+        echo "pytest: collecting the CUDA tests failed (exit $rc)"
+        return $((rc == 0 ? 1 : rc))
+    fi
+    [ "$shards" -ge 1 ] 2>/dev/null || shards=1
+    [ "$shards" -gt "${#ids[@]}" ] && shards=${#ids[@]}
+    echo "pytest: ${#ids[@]} CUDA tests in $shards shards, ${cap}s cap"
+    local pids=() i j
+    for ((i = 0; i < shards; i++)); do
+        local mine=()
+        for ((j = i; j < ${#ids[@]}; j += shards)); do mine+=("${ids[$j]}"); done
+        timeout -k 10 "$cap" "$PY" -m pytest -m cuda -q -p no:cacheprovider --durations=8 "${extra[@]}" \
+            "${mine[@]}" >"$tmp/shard$i.log" 2>&1 &
+        pids+=($!)
+    done
+    local merge=() r
+    : >"$out/pytest_cuda.log"
+    for ((i = 0; i < shards; i++)); do
+        wait "${pids[$i]}"
+        r=$?
+        [ "$r" -eq 124 ] && echo "pytest shard $((i + 1)): killed after ${cap}s"
+        [ "$rc" -eq 0 ] && rc=$r
+        merge+=("$tmp/shard$i.log:$r")
+        { echo "=== shard $((i + 1)) of $shards (exit $r)"; cat "$tmp/shard$i.log"; echo; } >>"$out/pytest_cuda.log"
+    done
+    timeout -k 5 30 "$PY" -m benchmarks.summary --merge-pytest "${merge[@]}" | tee -a "$out/pytest_cuda.log"
+    grep -E '^(FAILED|ERROR) ' "$out/pytest_cuda.log" | head -n 25
+    rm -rf "$tmp"
     return "$rc"
 }
 if [ -n "$native_pid" ]; then

@@ -226,6 +226,37 @@ def pytest_result(d: Path) -> str | None:
     return lines[-1].strip("= ") if lines else "no pytest summary line (killed?)"
 
 
+_PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|warnings?|deselected)\b")
+_PYTEST_SECONDS = re.compile(r" in ([0-9.]+)s\b")
+
+
+def merge_pytest_logs(logs: list[tuple[str, int]]) -> str:
+    """One pytest summary line for several pytest processes (gpu_check's test shards): ``logs`` =
+    ``[(console text, exit status), ...]``. Counts are summed from each process's own summary line. A
+    process that printed none (killed, crashed) is named first, so the line never reads as a clean pass;
+    the time is the slowest process's."""
+    totals: dict = {}
+    seconds = []
+    lost = []
+    for i, (text, rc) in enumerate(logs):
+        lines = [ln for ln in text.splitlines() if _PYTEST_COUNT.search(ln) and " in " in ln]
+        if not lines:
+            lost.append(f"shard {i + 1} of {len(logs)}: no summary line (exit {rc}: killed or crashed?)")
+            continue
+        for n, kind in _PYTEST_COUNT.findall(lines[-1]):
+            kind = {"error": "errors", "warning": "warnings"}.get(kind, kind)
+            totals[kind] = totals.get(kind, 0) + int(n)
+        m = _PYTEST_SECONDS.search(lines[-1])
+        if m:
+            seconds.append(float(m.group(1)))
+    order = ("failed", "errors", "passed", "skipped", "xfailed", "xpassed", "deselected", "warnings")
+    counts = ", ".join(f"{totals[k]} {k}" for k in order if totals.get(k))
+    tail = f"{counts or 'no tests ran'} in {len(logs)} shards"
+    if seconds:
+        tail += f", {max(seconds):.1f}s (slowest shard)"
+    return "; ".join(lost + [tail])
+
+
 # (issue, summary section, key, field, target, the criterion's words)
 MODEL_CRITERIA = (
     (8, "resnet50", "eager_b32", "speedup", 1.0, "resnet50 eager_b32 speed-up"),
@@ -430,9 +461,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", type=Path, nargs="?", help="the run's output folder")
     p.add_argument("--results-dir", action="store_true", help="print the folder this run's results belong in")
+    p.add_argument("--merge-pytest", nargs="+", metavar="LOG:RC",
+                   help="print one summary line for these pytest console logs, each with its exit status")
     a = p.parse_args(argv)
     if a.results_dir:
         print(results_dir())
+        return 0
+    if a.merge_pytest:
+        logs = []
+        for item in a.merge_pytest:
+            path, _, rc = item.rpartition(":")
+            logs.append((Path(path).read_text(errors="replace") if Path(path).exists() else "", int(rc)))
+        print(merge_pytest_logs(logs))
         return 0
     if a.dir is None:
         p.error("DIR is required")

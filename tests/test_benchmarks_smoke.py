@@ -295,6 +295,29 @@ def test_train_check_smoke(smoke_run):
     assert "Loss curve" in (out / "train.md").read_text()
 
 
+def test_merged_pytest_line_sums_the_shards_and_never_hides_a_lost_one(tmp_path):
+    from benchmarks import summary
+
+    ok = "..s\n==== 40 passed, 1 skipped in 50.2s ====\n"
+    failing = "..F\nFAILED tests/x.py::t - boom\n1 failed, 39 passed, 1 error, 3 warnings in 61.0s (0:01:01)"
+    assert summary.merge_pytest_logs([(ok, 0), (failing, 1)]) == (
+        "1 failed, 1 errors, 79 passed, 1 skipped, 3 warnings in 2 shards, 61.0s (slowest shard)")
+    # a shard killed before its summary line is named first, whatever the others say
+    line = summary.merge_pytest_logs([(ok, 0), ("....", 124), (ok, 0)])
+    assert line.startswith("shard 2 of 3: no summary line (exit 124") and "80 passed, 2 skipped" in line
+    # what summary.json then reports as cuda_tests: the merged line, the last one gpu_check writes
+    logs = []
+    for i, text in enumerate((ok, failing)):
+        (tmp_path / f"s{i}.log").write_text(text)
+        logs.append(f"{tmp_path / f's{i}.log'}:{i}")
+    merged = subprocess.run([sys.executable, "-m", "benchmarks.summary", "--merge-pytest", *logs,
+                             f"{tmp_path / 'missing.log'}:137"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert merged.startswith("shard 3 of 3: no summary line (exit 137") and "79 passed" in merged
+    (tmp_path / "pytest_cuda.log").write_text(f"=== shard 1 of 2 (exit 0)\n{ok}\n{merged}\n")
+    assert summary.pytest_result(tmp_path) == merged
+
+
 def test_gpu_check_script_parses():
     script = REPO / "benchmarks" / "gpu_check.sh"
     assert os.access(script, os.X_OK)
