@@ -30,6 +30,9 @@ NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a 
 ``--preset persistent`` measures the one-launch training forward (``Tuning.persistent``, opt-in until it
 does) against the default two launches.
 
+``--preset quick`` is ``benchmarks/gpu_check.sh``'s last step, in the time the run leaves: the one-launch
+forward and 64-row statistics tiles on ResNet-50 b32's small channels-last layers (6 rows per variant).
+
 ``--preset fused_cl`` asks the other open question of that run: bf16 channels_last forward+backward with
 the fused ReLU / add+ReLU is 28-78% slower than NCHW (see ``PRESETS``), whose variants cut the registers per
 thread of the channels_last backward kernels by using smaller tiles.
@@ -69,6 +72,13 @@ PRESETS = {
     "fused_cl": dict(variants=";fused_cl_tiles=true;reduce_tile=1024;reduce_tile=1024,elementwise_tile=2048",
                      shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
                      layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
+    # gpu_check's last step, in whatever time the run leaves (about a minute): the two cheapest open
+    # questions on ResNet-50 b32's small channels-last layers, training forward only: the one-launch
+    # forward (fits 512x7x7 and 256x14x14, not fp32 2048x7x7) and 64-row statistics tiles (the weak fp32
+    # 2048x7x7 row: half the row blocks per program, twice the bytes per load).
+    "quick": dict(variants=";persistent=auto;reduce_tile=4096",
+                  shapes="rn50_b32_2048x7x7,rn50_b32_512x7x7,rn50_b32_256x14x14", dtypes="fp32,bf16",
+                  layouts="channels_last", modes="train_fwd"),
     # The one-launch training forward (Tuning.persistent, _bn_persistent_forward_kernel): x read once and
     # held in registers across a grid barrier, one launch instead of two. Where the grid fits on the GPU
     # at once (ResNet-50 b32's 7x7 and 14x14 layers; 128x28x28 and 256x56x56 do not, the controls),

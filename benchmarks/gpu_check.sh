@@ -28,6 +28,8 @@
 #   bench         what is left minus 55 s, at most             OUTDIR/bench.json, bench.md
 #                 BENCH_BUDGET=150 (+30 hard; ~100), of which FUSED_BUDGET=45 is kept for the fused rows
 #                 (--quick --cuda-graphs --fused, fused rows on the ResNet-50 shapes)
+#   ab            what is left, if >= AB_MIN=75: benchmarks.ab   console only
+#                 --preset AB_PRESET (default quick; empty: skip)
 #   summary       15 (also after host_us, model and bench)     OUTDIR/summary.json
 #
 # The model step goes before the kernel suite: a torch.compile of ResNet-50 is all or nothing (~1-2 min),
@@ -39,7 +41,7 @@
 # so a stopped step keeps what it measured; summary.json records what is missing and why. Exit status:
 # non-zero if any step failed. Tune with DEADLINE, TEST_TIMEOUT, TEST_SHARDS, HOST_BUDGET, MODEL_BUDGET,
 # BENCH_BUDGET, FUSED_BUDGET, PYTHON, and extra options per step: HOST_ARGS, MODEL_ARGS (e.g.
-# --compile-estimate 90), BENCH_ARGS, TEST_PATHS (default tests).
+# --compile-estimate 90), BENCH_ARGS, AB_PRESET, AB_ARGS, AB_MIN, TEST_PATHS (default tests).
 # SMOKE=1 runs the same steps on a CPU (Triton interpreter, each benchmark's --smoke mode): the test suite
 # does that to check this script end to end.
 set -u
@@ -237,6 +239,23 @@ fused=$(min "$FUSED_BUDGET" $((budget / 2)))
 step bench timeout -k 15 $((budget + 30)) "$PY" -m benchmarks.bench "${smoke[@]}" --quick --cuda-graphs --fused \
     --fused-shapes "$([ "$SMOKE" = 1 ] && echo smoke_2d || echo rn50)" --no-png --out "$out" \
     --time-budget "$budget" --fused-budget "$fused" ${BENCH_ARGS:-}
+
+# --- A/B of launcher tunings in the time left (console only) ----------------------------------------------
+# What the steps above leave of the deadline (about a minute since the CUDA tests run in shards) answers
+# part of an open question (benchmarks/ab.py, AB_PRESET: default "quick", the one-launch forward and wider
+# statistics tiles on ResNet-50's small layers; empty: skip). Its table goes to the console and so to
+# gpu_check.log, no file (the device machine returns 8). Started only with AB_MIN (75) s left, of which
+# ~65 go to its compiles and three processes' start-up, the rest to timing (benchmarks.ab --time-budget).
+ab_left=$(($(left) - SUMMARY_RESERVE))
+if [ -n "${AB_PRESET-quick}" ] && [ "$ab_left" -ge "${AB_MIN:-75}" ]; then
+    ab_tmp="$(mktemp -d "${TMPDIR:-/tmp}/tritonbn_ab.XXXXXX")"
+    # shellcheck disable=SC2086  # AB_ARGS is a list of options
+    step ab timeout -k 10 "$ab_left" "$PY" -m benchmarks.ab "${smoke[@]}" --out "$ab_tmp" \
+        --preset "${AB_PRESET-quick}" --warm-timeout 30 --time-budget "$(max 15 $((ab_left - 65)))" ${AB_ARGS:-}
+    rm -rf "$ab_tmp"
+else
+    echo "ab: not started (${ab_left}s left, AB_MIN ${AB_MIN:-75}s; AB_PRESET '${AB_PRESET-quick}')"
+fi
 
 # --- summary.json ---------------------------------------------------------------------------------------
 step summary timeout -k 5 15 "$PY" -m benchmarks.summary "$out"

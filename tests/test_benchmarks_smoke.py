@@ -208,6 +208,7 @@ GPU_CHECK_ENV = {
     "BENCH_ARGS": "--fused-shapes smoke",
     "HOST_ARGS": "--shapes smoke_2d",
     "MODEL_ARGS": "--models tiny_resnet50",
+    "AB_ARGS": "--shapes smoke_2d --dtypes fp32 --variants ;reduce_stages=3",
 }
 
 
@@ -595,8 +596,10 @@ def test_gpu_check_smoke(smoke_run):
     # the device machine returns at most 8 files, no deeper than 2 folders: one flat folder of 8
     assert {p.name for p in gc_out.iterdir()} == GPU_CHECK_FILES
     assert all(p.is_file() for p in gc_out.iterdir())
-    for step in ("env", "cuda_tests", "host_us", "bench", "model", "summary"):
+    for step in ("env", "cuda_tests", "host_us", "bench", "model", "ab", "summary"):
         assert f"=== {step}: exit 0 after" in log, step
+    # the A/B in the time left: its table in the log only, no file (the 8 above)
+    assert "| geomean / first | | | | 1.000 (n=" in log and "`reduce_stages=3` µs" in log
     assert "gpu_check: PASSED" in log and "WARNING" not in log
     assert "| criterion | value | target | ok |" in log  # the summary tables are in the log
 
