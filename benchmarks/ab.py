@@ -30,8 +30,9 @@ NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a 
 ``--preset persistent`` measures the one-launch training forward (``Tuning.persistent``, opt-in until it
 does) against the default two launches.
 
-``--preset quick`` is ``benchmarks/gpu_check.sh``'s last step, in the time the run leaves: the one-launch
-forward and 64-row statistics tiles on ResNet-50 b32's small channels-last layers (6 rows per variant).
+``--preset quick`` is ``benchmarks/gpu_check.sh``'s last step, in the time the run leaves: one variant
+per question above (the one-launch forward, 64-row statistics tiles, the fused channels-last backward's
+half tiles) on ResNet-50 b32's small channels-last layers (12 rows per variant).
 
 ``--preset fused_cl`` asks the other open question of that run: bf16 channels_last forward+backward with
 the fused ReLU / add+ReLU is 28-78% slower than NCHW (see ``PRESETS``), whose variants cut the registers per
@@ -49,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,13 +74,14 @@ PRESETS = {
     "fused_cl": dict(variants=";fused_cl_tiles=true;reduce_tile=1024;reduce_tile=1024,elementwise_tile=2048",
                      shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
                      layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
-    # gpu_check's last step, in whatever time the run leaves (about a minute): the two cheapest open
-    # questions on ResNet-50 b32's small channels-last layers, training forward only: the one-launch
-    # forward (fits 512x7x7 and 256x14x14, not fp32 2048x7x7) and 64-row statistics tiles (the weak fp32
-    # 2048x7x7 row: half the row blocks per program, twice the bytes per load).
-    "quick": dict(variants=";persistent=auto;reduce_tile=4096",
+    # gpu_check's last step, in whatever time the run leaves (about a minute): one variant per open
+    # question, on ResNet-50 b32's small channels-last layers, training forward and BN + add + ReLU
+    # forward+backward: the one-launch forward (fits 512x7x7 and 256x14x14, not fp32 2048x7x7), 64-row
+    # statistics tiles (the weak fp32 2048x7x7 row: half the row blocks per program, twice the bytes per
+    # load), and the fused channels-last backward's half tiles (48 registers, not 71-100).
+    "quick": dict(variants=";persistent=auto;reduce_tile=4096;fused_cl_tiles=true",
                   shapes="rn50_b32_2048x7x7,rn50_b32_512x7x7,rn50_b32_256x14x14", dtypes="fp32,bf16",
-                  layouts="channels_last", modes="train_fwd"),
+                  layouts="channels_last", modes="train_fwd,add_relu_fwd_bwd"),
     # The one-launch training forward (Tuning.persistent, _bn_persistent_forward_kernel): x read once and
     # held in registers across a grid barrier, one launch instead of two. Where the grid fits on the GPU
     # at once (ResNet-50 b32's 7x7 and 14x14 layers; 128x28x28 and 256x56x56 do not, the controls),
@@ -159,12 +162,44 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+class _Stopped(Exception):
+    """SIGTERM (gpu_check's hard cap): stop, and tabulate the variants measured so far."""
+
+
+def _stop(signum, frame):
+    raise _Stopped
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     variants = args.variants.split(";")
-    share = args.time_budget / max(1, len(variants))
     args.out.mkdir(parents=True, exist_ok=True)
     results, log = [], []
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        _run(args, variants, results, log)
+    except _Stopped:
+        log.append({"variant": "stopped", "rc": None, "seconds": None,
+                    "tail": f"SIGTERM after {len(results)} of {len(variants)} variants"})
+        print(f"ab: stopped (SIGTERM) after {len(results)} of {len(variants)} variants", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    results += [None] * (len(variants) - len(results))
+    doc = combine(variants, results)
+    doc["runs"] = log
+    doc["timing_meaningful"] = not args.smoke
+    (args.out / "ab.json").write_text(json.dumps(doc, indent=1))
+    md = table(doc)
+    title = "# tritonbn launcher tunings, kernel time under a CUDA graph (µs)"
+    (args.out / "ab.md").write_text(f"{title}\n\n{md}\n")
+    print(md)
+    return 0 if results[0] is not None else 1
+
+
+def _run(args, variants: list[str], results: list, log: list) -> None:
+    """Warm the kernel cache, then one bench process per variant, appending to ``results`` and ``log`` as
+    each ends (so that a stop keeps what was measured)."""
+    share = args.time_budget / max(1, len(variants))
     if not args.smoke:
         # Every variant's kernels compiled first, in parallel on all cores (benchmarks.warm_cache): at their
         # first launch they would compile one by one inside the variant's time share.
@@ -199,15 +234,6 @@ def main(argv=None) -> int:
             print(f"ab: {name}: exit {proc.returncode} after {log[-1]['seconds']} s", flush=True)
             path = out / "bench.json"
             results.append(json.loads(path.read_text()) if path.exists() else None)
-    doc = combine(variants, results)
-    doc["runs"] = log
-    doc["timing_meaningful"] = not args.smoke
-    (args.out / "ab.json").write_text(json.dumps(doc, indent=1))
-    md = table(doc)
-    title = "# tritonbn launcher tunings, kernel time under a CUDA graph (µs)"
-    (args.out / "ab.md").write_text(f"{title}\n\n{md}\n")
-    print(md)
-    return 0 if results[0] is not None else 1
 
 
 if __name__ == "__main__":

@@ -455,6 +455,35 @@ def test_ab_runs_each_variant_and_tabulates(tmp_path, capsys):
     assert "reduce_stages=3" in capsys.readouterr().out
 
 
+def test_ab_tabulates_what_it_measured_when_stopped(tmp_path, capsys, monkeypatch):
+    """gpu_check caps the A/B with a SIGTERM: the variants measured by then still make the table."""
+    import signal
+    import subprocess as sp
+
+    from benchmarks import ab
+
+    calls, real_run = [], sp.run
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        if len(calls) == 2:   # the second variant: the cap arrives while it runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run(cmd, **kw)
+
+    monkeypatch.setattr(ab.subprocess, "run", run)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = ab.main(["--smoke", "--out", str(tmp_path), "--shapes", "smoke_2d", "--modes", "train_fwd",
+                  "--layouts", "contiguous", "--dtypes", "fp32", "--variants", ";reduce_stages=3;waves=2",
+                  "--time-budget", "60"])
+    assert rc == 0 and len(calls) == 2 and signal.getsignal(signal.SIGTERM) == before
+    doc = json.loads((tmp_path / "ab.json").read_text())
+    assert doc["variants"] == ["(defaults)", "reduce_stages=3", "waves=2"]
+    assert doc["rows"] and all(r["us"][0] and r["us"][1:] == [None, None] for r in doc["rows"])
+    assert doc["runs"][-1]["variant"] == "stopped" and "after 1 of 3 variants" in doc["runs"][-1]["tail"]
+    out = capsys.readouterr().out
+    assert "ab: stopped (SIGTERM) after 1 of 3 variants" in out and "| geomean / first |" in out
+
+
 def test_host_overhead_runs_on_cpu(capsys):
     from benchmarks import host_overhead
     from tritonbn import ops
