@@ -109,14 +109,22 @@ def _bn_affine(mean_ptr, var_ptr, weight_ptr, bias_ptr, chan, cmask, var_off, ep
         invstd = _invstd(v, eps)
     else:
         invstd = v
+    scale, shift = _bn_scale_shift(invstd, weight_ptr, bias_ptr, chan, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    return mean, invstd, scale, shift
+
+
+@triton.jit
+def _bn_scale_shift(invstd, weight_ptr, bias_ptr, chan, cmask, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(scale = γ·invstd, shift = β) at channels ``chan``: invstd and 0 without γ / β."""
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * tl.load(weight_ptr + chan, mask=cmask, other=0.0).to(ACC_DTYPE)
     if HAS_BIAS:
         shift = tl.load(bias_ptr + chan, mask=cmask, other=0.0).to(ACC_DTYPE)
     else:
-        shift = tl.zeros_like(mean)
-    return mean, invstd, scale, shift
+        shift = tl.zeros_like(invstd)
+    return scale, shift
 
 
 @triton.jit
@@ -125,6 +133,13 @@ def _bn_output(x, mean, scale, shift, OUT_DTYPE: tl.constexpr):
     one explicit FMA so that every kernel recomputing it (the ReLU mask) gets the same bits. Subtracting μ
     first keeps precision when |μ| ≫ σ. Comparisons then run in fp32/fp64, never on 16-bit values."""
     return tl.fma(x - mean, scale, shift).to(OUT_DTYPE).to(x.dtype)
+
+
+@triton.jit
+def _bn_output_residual(x, z, mean, scale, shift, OUT_DTYPE: tl.constexpr):
+    """``_bn_output`` + z, rounded once to the output dtype (the forward's y before its activation; the
+    backward reads the gate from the bitmask, so nothing recomputes it)."""
+    return (tl.fma(x - mean, scale, shift) + z).to(OUT_DTYPE).to(x.dtype)
 
 
 @triton.jit
@@ -598,7 +613,7 @@ def _bn_forward_kernel(
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_RESIDUAL:
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        y = (tl.fma(x - mean, scale, shift) + z).to(y_ptr.dtype.element_ty).to(ACC_DTYPE)
+        y = _bn_output_residual(x, z, mean, scale, shift, y_ptr.dtype.element_ty)
     else:
         y = _bn_output(x, mean, scale, shift, y_ptr.dtype.element_ty)
     if WRITE_MASK != MASK_NONE:
@@ -859,22 +874,17 @@ def _bn_persistent_forward_kernel(
             _finish_stats(ws_ptr, running_mean_ptr, running_var_ptr, num_batches_ptr, C, chan, mask_c, k_c,
                           mean_t, m2_t, count_t, momentum, eps, HAS_RUNNING, CUMULATIVE, BUMP_BATCHES,
                           BLOCK_C, ACC_DTYPE)
-        # μ and invstd exactly as _finish_stats stores them, and the scale as _bn_affine computes it from
-        # there: the backward recomputes this u (a gated activation's gate) from the workspace, bit for bit.
+        # μ and invstd exactly as _finish_stats stores them, scale and shift by _bn_affine's own helper: the
+        # backward recomputes this u (a gated activation's gate) from the workspace, bit for bit.
         mean = mean_t + k_c
         invstd = _invstd(m2_t / tl.maximum(count_t, 1.0), eps)
-        scale = invstd
-        if HAS_WEIGHT:
-            scale = scale * tl.load(weight_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-        if HAS_BIAS:
-            shift = tl.load(bias_ptr + chan, mask=mask_c, other=0.0).to(ACC_DTYPE)
-        else:
-            shift = tl.zeros_like(mean)
+        scale, shift = _bn_scale_shift(invstd, weight_ptr, bias_ptr, chan, mask_c, HAS_WEIGHT, HAS_BIAS,
+                                       ACC_DTYPE)
         xa = x.to(ACC_DTYPE)
         if HAS_RESIDUAL:
             z = tl.load(z_ptr + base + tile, mask=mask, other=0.0).to(ACC_DTYPE)
-            u = (tl.fma(xa - mean[None, :], scale[None, :], shift[None, :]) + z).to(
-                y_ptr.dtype.element_ty).to(ACC_DTYPE)
+            u = _bn_output_residual(xa, z, mean[None, :], scale[None, :], shift[None, :],
+                                    y_ptr.dtype.element_ty)
         else:
             u = _bn_output(xa, mean[None, :], scale[None, :], shift[None, :], y_ptr.dtype.element_ty)
         y = _activation(u, ACTIVATION)
