@@ -26,7 +26,7 @@
 #                 its torch.compile at b128 (torch, then tritonbn; each started only with >= 70 s left),
 #                 then mobilenet_v2 eager+graph
 #   bench         what is left minus 55 s, at most             OUTDIR/bench.json, bench.md
-#                 BENCH_BUDGET=240 (+30 hard), of which FUSED_BUDGET=60 is kept for the fused rows
+#                 BENCH_BUDGET=240 (+30 hard), of which FUSED_BUDGET=50 is kept for the fused rows
 #                 (--quick --cuda-graphs --fused, fused rows on the ResNet-50 shapes). All 192 rows take
 #                 ~230 s: on 2026-11-28 its 138 s reached 115 (19 of 30 plain shapes: 4 fp32 ones), so
 #                 the time the CUDA tests' shards save goes here first
@@ -60,7 +60,7 @@ TEST_TIMEOUT="${TEST_TIMEOUT:-140}"
 HOST_BUDGET="${HOST_BUDGET:-40}"
 MODEL_BUDGET="${MODEL_BUDGET:-220}"
 BENCH_BUDGET="${BENCH_BUDGET:-240}"
-FUSED_BUDGET="${FUSED_BUDGET:-60}"
+FUSED_BUDGET="${FUSED_BUDGET:-50}"
 SUMMARY_RESERVE=25  # seconds kept back from the last benchmark for the summary and the file listing
 if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1  # before triton is imported: CPU tensors take the Triton kernels
