@@ -23,6 +23,13 @@ blocks, one dependent DRAM round trip after the other, then the last program of 
 * ``elementwise_tile=8192``: the other pass, for the large bandwidth-bound rows (64×112×112, 3-D: 76% of
   copy bandwidth against cuDNN's 80%): twice the elements per normalize / dx program.
 
+Two of them cross an occupancy cliff on 2048×7×7, so there they measure waves as much as tiling (compiled
+registers, Triton 3.6, sm_90, 8 warps per program): the defaults' statistics and backward-reduce kernels
+take 48 registers, 5 programs per SM, 660 resident against 544 programs; ``waves=8`` asks for 800;
+``reduce_tile=4096`` takes 79-95 registers, 2-3 per SM, 264-396 resident against 416. The same arithmetic
+explains the 25% the H200 lost there with ``merge_tile=2048`` (48 -> 91-108 registers, 2 per SM: three
+waves).
+
 Reductions run only in training, so the rows are fp32 channels_last training forward and forward+backward;
 256×56×56 is the control that is fine today. A variant that wins there must then be checked on bf16 and
 NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a default.
@@ -30,9 +37,9 @@ NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a 
 ``--preset persistent`` measures the one-launch training forward (``Tuning.persistent``, opt-in until it
 does) against the default two launches.
 
-``--preset quick`` is ``benchmarks/gpu_check.sh``'s last step, in the time the run leaves: one variant
-per question above (the one-launch forward, 64-row statistics tiles, the fused channels-last backward's
-half tiles) on ResNet-50 b32's small channels-last layers (12 rows per variant).
+``--preset quick`` is ``benchmarks/gpu_check.sh``'s last step, in the time the run leaves: the one-launch
+forward and the fused channels-last backward's half tiles against the defaults on ResNet-50 b32's small
+channels-last layers (12 rows per variant).
 
 ``--preset fused_cl`` asks the other open question of that run: bf16 channels_last forward+backward with
 the fused ReLU / add+ReLU is 28-78% slower than NCHW (see ``PRESETS``), whose variants cut the registers per
@@ -74,12 +81,12 @@ PRESETS = {
     "fused_cl": dict(variants=";fused_cl_tiles=true;reduce_tile=1024;reduce_tile=1024,elementwise_tile=2048",
                      shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
                      layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
-    # gpu_check's last step, in whatever time the run leaves (about a minute): one variant per open
-    # question, on ResNet-50 b32's small channels-last layers, training forward and BN + add + ReLU
-    # forward+backward: the one-launch forward (fits 512x7x7 and 256x14x14, not fp32 2048x7x7), 64-row
-    # statistics tiles (the weak fp32 2048x7x7 row: half the row blocks per program, twice the bytes per
-    # load), and the fused channels-last backward's half tiles (48 registers, not 71-100).
-    "quick": dict(variants=";persistent=auto;reduce_tile=4096;fused_cl_tiles=true",
+    # gpu_check's last step, in whatever time the run leaves: the two built-but-unmeasured options, on
+    # ResNet-50 b32's small channels-last layers, training forward and BN + add + ReLU forward+backward:
+    # the one-launch forward (fits 512x7x7 and 256x14x14, not fp32 2048x7x7) and the fused channels-last
+    # backward's half tiles (48 registers, not 71-100). Not the statistics tiles: 64-row ones cross the
+    # occupancy cliff on 2048x7x7 (module docstring), so they need the full "reductions" preset.
+    "quick": dict(variants=";persistent=auto;fused_cl_tiles=true",
                   shapes="rn50_b32_2048x7x7,rn50_b32_512x7x7,rn50_b32_256x14x14", dtypes="fp32,bf16",
                   layouts="channels_last", modes="train_fwd,add_relu_fwd_bwd"),
     # The one-launch training forward (Tuning.persistent, _bn_persistent_forward_kernel): x read once and
