@@ -1005,6 +1005,37 @@ def test_sass_stats_counts_instructions_per_element():
     assert 0 < rows["TILED"] < rows["FLAT_CL"], rows
 
 
+def test_occupancy_finds_the_wave_cliff_the_h200_measured():
+    """benchmarks/occupancy.py (no GPU): from the compiled registers, ResNet-50 b32's 2048x7x7 statistics
+    kernel fits its 544 programs in one wave on an H200 at the defaults, and needs more than one with the
+    wider merge step (two_level_merge=false, merge_tile=2048) that lost 25% there on 2026-11-28."""
+    from benchmarks.occupancy import H200
+    from tritonbn import ops
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+
+    def stats_row(*extra):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.occupancy", "--shapes", "rn50_b32_2048x7x7",
+                              "--dtypes", "bf16", "--all", *extra], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows = [ln.split(")", 1)[1].split() for ln in out.stdout.splitlines() if ln.strip().startswith("(")]
+        for r in rows:   # dtype layout kernel pass programs regs smem per_sm slots waves last [!]
+            programs, regs, smem, per_sm, slots, waves = map(int, r[4:10])
+            assert per_sm == ops.blocks_per_sm(regs, smem, 8, H200) and slots == per_sm * 132
+            assert waves == -(-programs // slots)
+            if r[2] in ("stats", "backward_reduce"):   # reductions over one wave are marked
+                assert (r[-1] == "!") == (waves > 1), r
+        (row,) = [r for r in rows if r[2] == "stats"]
+        return int(row[4]), int(row[5]), int(row[9]), row[-1] == "!"
+
+    programs, regs, waves, flagged = stats_row()
+    assert (programs, waves, flagged) == (544, 1, False) and regs <= 51
+    programs, regs, waves, flagged = stats_row("--tuning", "two_level_merge=false,merge_tile=2048")
+    assert programs == 544 and waves > 1 and flagged and regs > 64
+
+
 def test_sass_stats_stats_loop_budget():
     """The batch-statistics loop stays under the read-only bf16 issue budget (sass_stats.py: ~16 sm_90
     instructions per element at copy bandwidth). It cost 25 per element when every lane divided by its own
