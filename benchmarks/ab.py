@@ -37,6 +37,9 @@ NCHW (``--dtypes bf16 --layouts channels_last,contiguous``) before it becomes a 
 ``--preset persistent`` measures the one-launch training forward (``Tuning.persistent``, opt-in until it
 does) against the default two launches.
 
+``--preset waves`` asks whether reduction grids should stay within one wave (``whole_waves``: splits
+rounded down; ``benchmarks/occupancy.py`` finds NCHW grids of 768 programs on 660 slots at the defaults).
+
 ``--preset quick`` is ``benchmarks/gpu_check.sh``'s last step, in the time the run leaves: the one-launch
 forward and the fused channels-last backward's half tiles against the defaults on ResNet-50 b32's small
 channels-last layers (12 rows per variant).
@@ -89,6 +92,14 @@ PRESETS = {
     "quick": dict(variants=";persistent=auto;fused_cl_tiles=true",
                   shapes="rn50_b32_2048x7x7,rn50_b32_512x7x7,rn50_b32_256x14x14", dtypes="fp32,bf16",
                   layouts="channels_last", modes="train_fwd,add_relu_fwd_bwd"),
+    # Whole waves (Tuning.whole_waves): reduction splits rounded down so a grid never exceeds waves x SMs
+    # programs. benchmarks/occupancy.py (Triton 3.6, sm_90): rounded up, 256 NCHW channels take 768
+    # programs, two waves of the 660 an H200 holds at 48 registers; rounded down, 512, one wave (and with
+    # waves=5, 660). Larger layers, both layouts: channels-last grids barely change (C = 64-1024 fill
+    # 523-528 either way), so those rows are the control.
+    "waves": dict(variants=";whole_waves=true;waves=5,whole_waves=true",
+                  shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_512x28x28,rn50_b32_1024x14x14",
+                  dtypes="fp32,bf16", layouts="contiguous,channels_last", modes="train_fwd,fwd_bwd"),
     # The one-launch training forward (Tuning.persistent, _bn_persistent_forward_kernel): x read once and
     # held in registers across a grid barrier, one launch instead of two. Where the grid fits on the GPU
     # at once (ResNet-50 b32's 7x7 and 14x14 layers; 128x28x28 and 256x56x56 do not, the controls),

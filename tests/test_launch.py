@@ -501,6 +501,38 @@ def test_flat_and_two_level_merges_give_the_reference(two_level, monkeypatch):
         "BLOCK_K"]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_whole_waves_rounds_the_splits_down_and_gives_the_reference(layout, monkeypatch):
+    """Tuning.whole_waves: a reduction grid of at most waves x SMs programs (its splits rounded down), where
+    rounding up puts the last channel tiles' splits in a second wave. On an H200's 528 programs, 256 NCHW
+    channels take 2 splits (512 programs) instead of 3 (768), 2048 channels-last ones 13 instead of 17.
+    Under the interpreter's 8: 3 channel tiles get 2 splits, not 3, and the results stay the reference's."""
+    for shape, lay, default, whole in (((32, 256, 56, 56), "contiguous", 768, 512),
+                                       ((32, 2048, 7, 7), "channels_last", 544, 416)):
+        x = torch.empty(shape).contiguous(memory_format=torch.channels_last if lay == "channels_last"
+                                          else torch.contiguous_format)
+        view = ops._dense_view(tuple(x.shape), x.stride())
+        for on, programs in ((False, default), (True, whole)):
+            r = ops._reduce_plan(view, 528, ops.Tuning(whole_waves=on), False)
+            assert r.num_cblocks * r.splits == programs and r.splits * r.blocks_per_split >= r.total_blocks
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(whole_waves=True, interpreter_programs=8, reduce_tile=8,
+                                                  max_block_c=1))
+    x = make_input((4, 3, 2, 5), layout).requires_grad_(True)
+    w = torch.rand(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    exp = ref.bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5)
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
+    dy = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    e_dx, e_dw, e_db = ref.bn_backward(dy, x, w, exp.mean, exp.invstd, True)
+    for got, want in ((y, exp.y), (rm, exp.running_mean), (rv, exp.running_var), (dx, e_dx), (dw, e_dw),
+                      (db, e_db)):
+        assert rel_err(got, want) < 1e-5
+    (plan,) = [p for p in ops._plan_cache().values() if getattr(p, "stats", None) is not None]
+    assert plan.stats.grid == (3, 2)   # 8 // 3 splits per channel tile (rounded up: 3, 9 programs)
+
+
 def test_counters_never_shared_between_streams():
     x = make_input((2, 3, 4), "contiguous")
     a = ops._counters(x, -1, None, 8)

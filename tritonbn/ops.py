@@ -70,6 +70,11 @@ class Tuning:
     reduce_stages: int = 1         # software-pipelining stages of the reductions' main loop (tl.range's
                                    # num_stages; 1: plain loads, as measured so far; 3: cp.async, to measure)
     waves: int = 4                 # reduction programs per SM
+    whole_waves: bool = False      # reduction splits rounded down, so a grid never exceeds waves x SMs
+                                   # programs (rounded up, 256 NCHW channels take 3 splits at 4 waves: 768
+                                   # programs, two waves of the 660 an H200 holds at 48 registers;
+                                   # benchmarks/occupancy.py). With waves=5 it fills one wave of those
+                                   # kernels: to measure (benchmarks/ab.py --preset quick)
     interpreter_programs: int = 8  # "SM count" under the interpreter: keeps several splits in the tests
     flat: str = "auto"             # elementwise addressing (_elementwise_plan): "auto" (TILED, but FLAT_RUNS
                                    # for planes TILED cannot vectorize and FLAT for a ReLU bitmask no tile
@@ -542,7 +547,8 @@ def _reduce_plan(view: View, target_programs: int, tuning: Tuning, wide: bool) -
     num_sblocks = _cdiv(view.s, block_s)
     num_cblocks = _cdiv(view.c, block_c)
     total = view.n * num_sblocks
-    splits = max(1, min(total, _cdiv(target_programs, num_cblocks)))
+    want = target_programs // num_cblocks if tuning.whole_waves else _cdiv(target_programs, num_cblocks)
+    splits = max(1, min(total, want))
     per_split = _cdiv(total, splits)
     splits = _cdiv(total, per_split)
     block_k = min(_next_pow2(splits), max(1, tuning.merge_tile // block_c))
