@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import math
 import os
 import types
@@ -40,7 +39,7 @@ def record(cases, sms: int, overrides: dict) -> list[dict]:
     the ``Tuning`` ``overrides``: one dict per distinct (kernel, specialization, warps, grid)."""
     from tritonbn import compile_gate, ops
 
-    from .warm_cache import _record_cases
+    from .warm_cache import _record_cases, planned_as_gpu
 
     seen: dict = {}
     current: list = []
@@ -52,20 +51,10 @@ def record(cases, sms: int, overrides: dict) -> list[dict]:
             seen[key] = {"kernel": kernel.fn.__name__, "spec": spec, "num_warps": num_warps,
                          "programs": math.prod(grid), "case": current[0], "what": _what(constexprs)}
 
-    real_target, real_tuning = ops._target_programs, ops.TUNING
-    ops._target_programs = lambda dev: ops.TUNING.waves * sms
-    ops._launch_hook = hook
-    try:
-        ops.TUNING = dataclasses.replace(real_tuning, **overrides)
-        if ops.TUNING.persistent == "auto":   # decided on the GPU per call: show its launch
-            ops.TUNING = dataclasses.replace(ops.TUNING, persistent="always")
+    with planned_as_gpu(ops, sms, overrides, hook):
         for case in cases:
             current[:] = [case]
             _record_cases(ops, [case])
-    finally:
-        ops._launch_hook = None
-        ops._target_programs = real_target
-        ops.TUNING = real_tuning
     return list(seen.values())
 
 

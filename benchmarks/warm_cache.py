@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -32,8 +33,6 @@ def _layouts(shape, cl_rank: int = 3) -> tuple:
 def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tunings=({},)) -> list:
     """The specializations of the GPU check's launches; with ``bench_cases``, of those kernel-suite shapes
     only (in ``dtypes``, both layouts), under each Tuning override of ``tunings``."""
-    import dataclasses
-
     import torch
 
     from tritonbn import compile_gate, ops
@@ -74,20 +73,30 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
         # Its one-launch forward cases (PERSISTENT_CASES), which decide on the GPU whether the grid fits.
         jobs += [({"persistent": "always"}, [(tuple(shape), layout, dtypes_by_name[name])])
                  for shape, layout, name, _ in _cuda_test_list("PERSISTENT_CASES")]
+    for overrides, job_cases in jobs:
+        with planned_as_gpu(ops, sm_count, overrides, hook):
+            _record_cases(ops, job_cases)
+    return list(records.values())
+
+
+@contextlib.contextmanager
+def planned_as_gpu(ops, sm_count: int, overrides: dict, hook):
+    """Launches recorded by ``hook`` instead of run, planned as on a GPU with ``sm_count`` SMs under the
+    ``Tuning`` ``overrides`` (persistent="auto", decided per call on the GPU, recorded as "always")."""
+    import dataclasses
+
+    if overrides.get("persistent") == "auto":
+        overrides = {**overrides, "persistent": "always"}
     real_target, real_tuning = ops._target_programs, ops.TUNING
     ops._target_programs = lambda dev: ops.TUNING.waves * sm_count
     ops._launch_hook = hook
+    ops.TUNING = dataclasses.replace(real_tuning, **overrides)
     try:
-        for overrides, job_cases in jobs:
-            if overrides.get("persistent") == "auto":   # decided on the GPU per call: compile them all
-                overrides = {**overrides, "persistent": "always"}
-            ops.TUNING = dataclasses.replace(real_tuning, **overrides)
-            _record_cases(ops, job_cases)
+        yield
     finally:
         ops._launch_hook = None
         ops._target_programs = real_target
         ops.TUNING = real_tuning
-    return list(records.values())
 
 
 def _mobilenet_v2_bns(batch: int) -> list:

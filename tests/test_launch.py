@@ -476,18 +476,14 @@ def test_reduction_counters_are_zero_after_every_launch(tiny, monkeypatch):
     assert grouped and all(g == tiny for g in grouped)
 
 
-@pytest.mark.parametrize("two_level", [True, False])
-def test_flat_and_two_level_merges_give_the_reference(two_level, monkeypatch):
-    """Many splits per channel tile, merged 2 per step: in two levels (groups, then the groups) or flat
-    (Tuning.two_level_merge=False, the A/B switch of the GPU benchmarks), in several steps either way.
-    Statistics, running stats and every gradient against the float64 reference, both reduction kernels."""
-    monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_tile=8, elementwise_tile=8, flat_block=32,
-                                                  max_block_c=4, merge_tile=8, interpreter_programs=14,
-                                                  waves=1, two_level_merge=two_level))
-    x = make_input((7, 3, 3, 5), "channels_last").requires_grad_(True)
-    w = torch.rand(3, requires_grad=True)
-    b = torch.randn(3, requires_grad=True)
-    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+def _training_step_gives_the_reference(x):
+    """A training step of ``tritonbn.batch_norm`` on ``x`` (γ, β, running stats): output, running stats
+    and every gradient against the float64 reference."""
+    c = x.shape[1]
+    x = x.requires_grad_(True)
+    w = torch.rand(c, requires_grad=True)
+    b = torch.randn(c, requires_grad=True)
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
     exp = ref.bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5)
     y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
     dy = torch.randn_like(y)
@@ -496,6 +492,17 @@ def test_flat_and_two_level_merges_give_the_reference(two_level, monkeypatch):
     for got, want in ((y, exp.y), (rm, exp.running_mean), (rv, exp.running_var), (dx, e_dx), (dw, e_dw),
                       (db, e_db)):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("two_level", [True, False])
+def test_flat_and_two_level_merges_give_the_reference(two_level, monkeypatch):
+    """Many splits per channel tile, merged 2 per step: in two levels (groups, then the groups) or flat
+    (Tuning.two_level_merge=False, the A/B switch of the GPU benchmarks), in several steps either way.
+    Statistics, running stats and every gradient against the float64 reference, both reduction kernels."""
+    monkeypatch.setattr(ops, "TUNING", ops.Tuning(reduce_tile=8, elementwise_tile=8, flat_block=32,
+                                                  max_block_c=4, merge_tile=8, interpreter_programs=14,
+                                                  waves=1, two_level_merge=two_level))
+    _training_step_gives_the_reference(make_input((7, 3, 3, 5), "channels_last"))
     (plan,) = [p for p in ops._plan_cache().values() if getattr(p, "stats", None) is not None]
     assert plan.stats.constexprs["GROUPED"] is two_level and plan.stats.grid[1] > 4 * plan.stats.constexprs[
         "BLOCK_K"]
@@ -517,18 +524,7 @@ def test_whole_waves_rounds_the_splits_down_and_gives_the_reference(layout, monk
             assert r.num_cblocks * r.splits == programs and r.splits * r.blocks_per_split >= r.total_blocks
     monkeypatch.setattr(ops, "TUNING", ops.Tuning(whole_waves=True, interpreter_programs=8, reduce_tile=8,
                                                   max_block_c=1))
-    x = make_input((4, 3, 2, 5), layout).requires_grad_(True)
-    w = torch.rand(3, requires_grad=True)
-    b = torch.randn(3, requires_grad=True)
-    rm, rv = torch.randn(3), torch.rand(3) + 0.5
-    exp = ref.bn_forward(x, rm, rv, w, b, True, 0.1, 1e-5)
-    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
-    dy = torch.randn_like(y)
-    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
-    e_dx, e_dw, e_db = ref.bn_backward(dy, x, w, exp.mean, exp.invstd, True)
-    for got, want in ((y, exp.y), (rm, exp.running_mean), (rv, exp.running_var), (dx, e_dx), (dw, e_dw),
-                      (db, e_db)):
-        assert rel_err(got, want) < 1e-5
+    _training_step_gives_the_reference(make_input((4, 3, 2, 5), layout))
     (plan,) = [p for p in ops._plan_cache().values() if getattr(p, "stats", None) is not None]
     assert plan.stats.grid == (3, 2)   # 8 // 3 splits per channel tile (rounded up: 3, 9 programs)
 
