@@ -76,24 +76,28 @@ def occupancy(rows: list[dict], sms: int, jobs: int) -> list[dict]:
     from tritonbn import compile_gate, ops
 
     props = types.SimpleNamespace(**{**vars(H200), "multi_processor_count": sms})
-    unique = {}
-    for r in rows:
-        unique.setdefault((r["kernel"], repr(r["spec"]), r["num_warps"]),
-                          (r["kernel"], r["spec"], r["num_warps"], 90))
+
+    def key(r):
+        return r["kernel"], repr(r["spec"]), r["num_warps"]
+
+    unique = {key(r): (r["kernel"], r["spec"], r["num_warps"], 90) for r in rows}
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
         compiled = dict(zip(unique, pool.map(compile_gate._compile_one, unique.values())))
     out = []
     for r in rows:
-        res = compiled[(r["kernel"], repr(r["spec"]), r["num_warps"])]
+        res = compiled[key(r)]
         if not res.get("reg"):
             out.append({**r, "error": res.get("error") or "not compiled"})
             continue
         shared = res["shared"] + res["smem_dyn"]
         per_sm = ops.blocks_per_sm(res["reg"], shared, r["num_warps"], props)
+        if per_sm == 0:
+            out.append({**r, "error": f"no program fits on an SM ({res['reg']} registers, {shared} B)"})
+            continue
         slots = per_sm * sms
-        waves = math.ceil(r["programs"] / slots) if slots else None
-        last = (r["programs"] - (waves - 1) * slots) / slots if waves else None
-        flag = r["kernel"] in REDUCTIONS and (waves or 2) > 1
+        waves = math.ceil(r["programs"] / slots)
+        last = (r["programs"] - (waves - 1) * slots) / slots
+        flag = r["kernel"] in REDUCTIONS and waves > 1
         out.append({**r, "regs": res["reg"], "shared": shared, "per_sm": per_sm, "slots": slots,
                     "waves": waves, "last_wave": last, "flag": flag})
     return out

@@ -74,7 +74,7 @@ class Tuning:
                                    # programs (rounded up, 256 NCHW channels take 3 splits at 4 waves: 768
                                    # programs, two waves of the 660 an H200 holds at 48 registers;
                                    # benchmarks/occupancy.py). With waves=5 it fills one wave of those
-                                   # kernels: to measure (benchmarks/ab.py --preset quick)
+                                   # kernels: to measure (benchmarks/ab.py --preset waves)
     interpreter_programs: int = 8  # "SM count" under the interpreter: keeps several splits in the tests
     flat: str = "auto"             # elementwise addressing (_elementwise_plan): "auto" (TILED, but FLAT_RUNS
                                    # for planes TILED cannot vectorize and FLAT for a ReLU bitmask no tile
