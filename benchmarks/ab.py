@@ -41,8 +41,9 @@ does) against the default two launches.
 rounded down; ``benchmarks/occupancy.py`` finds NCHW grids of 768 programs on 660 slots at the defaults).
 
 ``--preset quick`` is ``benchmarks/gpu_check.sh``'s last step, in the time the run leaves: the one-launch
-forward and the fused channels-last backward's half tiles against the defaults on ResNet-50 b32's small
-channels-last layers (12 rows per variant).
+forward, the fused channels-last backward's half tiles and the ReLU bitmask read bit by bit (as before
+``Tuning.mask_words``) against the defaults on ResNet-50 b32's small channels-last layers (12 rows per
+variant).
 
 ``--preset fused_cl`` asks the other open question of that run: bf16 channels_last forward+backward with
 the fused ReLU / add+ReLU is 28-78% slower than NCHW (see ``PRESETS``), whose variants cut the registers per
@@ -81,15 +82,20 @@ PRESETS = {
     # 40 / 32, 59 / 40), so 2-3 programs of 8 warps per SM; with reduce_tile=1024 and elementwise_tile=2048
     # (fewer rows per thread, 8-byte loads) 48 / 48 in every case, 5 programs per SM. fused_cl_tiles halves
     # the tiles of those fused channels-last backward kernels only; the other two variants, of every kernel.
-    "fused_cl": dict(variants=";fused_cl_tiles=true;reduce_tile=1024;reduce_tile=1024,elementwise_tile=2048",
+    # Since that run the add+ReLU backward reads its bitmask as whole words (Tuning.mask_words: reduce 64
+    # registers, not 100-120); mask_words=false is the bit-by-bit read that run measured.
+    "fused_cl": dict(variants=";fused_cl_tiles=true;mask_words=false;reduce_tile=1024;"
+                              "reduce_tile=1024,elementwise_tile=2048",
                      shapes="rn50_b32_64x112x112,rn50_b32_256x56x56,rn50_b32_2048x7x7", dtypes="bf16",
                      layouts="channels_last", modes="fwd_bwd,relu_fwd_bwd,add_relu_fwd_bwd"),
     # gpu_check's last step, in whatever time the run leaves: the two built-but-unmeasured options, on
     # ResNet-50 b32's small channels-last layers, training forward and BN + add + ReLU forward+backward:
-    # the one-launch forward (fits 512x7x7 and 256x14x14, not fp32 2048x7x7) and the fused channels-last
-    # backward's half tiles (48 registers, not 71-100). Not the statistics tiles: 64-row ones cross the
-    # occupancy cliff on 2048x7x7 (module docstring), so they need the full "reductions" preset.
-    "quick": dict(variants=";persistent=auto;fused_cl_tiles=true",
+    # the one-launch forward (fits 512x7x7 and 256x14x14, not fp32 2048x7x7), the fused channels-last
+    # backward's half tiles (40 registers, not 64-71) and, against the bitmask read as whole words (the
+    # default since that run), the bit-by-bit read it measured (mask_words=false: 113-120 registers, 2-3
+    # waves). Not the statistics tiles: 64-row ones cross the occupancy cliff on 2048x7x7 (module
+    # docstring), so they need the full "reductions" preset.
+    "quick": dict(variants=";persistent=auto;fused_cl_tiles=true;mask_words=false",
                   shapes="rn50_b32_2048x7x7,rn50_b32_512x7x7,rn50_b32_256x14x14", dtypes="fp32,bf16",
                   layouts="channels_last", modes="train_fwd,add_relu_fwd_bwd"),
     # Whole waves (Tuning.whole_waves): reduction splits rounded down so a grid never exceeds waves x SMs

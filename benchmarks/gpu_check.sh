@@ -244,10 +244,11 @@ step bench timeout -k 15 $((budget + 30)) "$PY" -m benchmarks.bench "${smoke[@]}
 
 # --- A/B of launcher tunings in the time left (console only) ----------------------------------------------
 # What the steps above leave of the deadline (only when the kernel suite finished early) answers part of
-# the open questions (benchmarks/ab.py, AB_PRESET: default "quick", the one-launch forward and the fused
-# channels-last backward's half tiles on ResNet-50's small layers; empty: skip). Its table goes to the
-# console and so to gpu_check.log, no file (the device machine returns 8). Started only with AB_MIN (75) s left, of which
-# ~65 go to its compiles and three processes' start-up, the rest to timing (benchmarks.ab --time-budget).
+# the open questions (benchmarks/ab.py, AB_PRESET: default "quick", the one-launch forward, the fused
+# channels-last backward's half tiles and the bit-by-bit bitmask read on ResNet-50's small layers; empty:
+# skip). Its table goes to the console and so to gpu_check.log, no file (the device machine returns 8).
+# Started only with AB_MIN (75) s left, of which ~65 go to its compiles and four processes' start-up, the
+# rest to timing (benchmarks.ab --time-budget).
 ab_left=$(($(left) - SUMMARY_RESERVE))
 if [ -n "${AB_PRESET-quick}" ] && [ "$ab_left" -ge "${AB_MIN:-75}" ]; then
     ab_tmp="$(mktemp -d "${TMPDIR:-/tmp}/tritonbn_ab.XXXXXX")"

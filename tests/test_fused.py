@@ -260,23 +260,26 @@ def test_fused_errors(device):
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
-@pytest.mark.parametrize("shape,layout,tuning_kw,packing,aligned", [
-    ((2, 3, 4, 8), "contiguous", {}, "MASK_S", True),                          # S = 32: one word per row
-    ((2, 3, 8, 12), "contiguous", dict(elementwise_tile=64), "MASK_S", True),  # S = 96: 2 blocks, last half
-    ((2, 5, 7, 7), "contiguous", {}, "MASK_FLAT", False),                      # S = 49: no whole words
-    ((2, 32, 3, 1), "channels_last", {}, "MASK_C", True),                      # C = 32
-    ((3, 96, 2, 1), "channels_last", {}, "MASK_C", True),                      # C = 96: 2 channel tiles
-    ((2, 64, 2, 3), "channels_last", dict(max_block_c=32), "MASK_C", True),    # 2 full channel tiles
-    ((2, 32, 2, 1, 3), "channels_last", {}, "MASK_C", True),                   # channels_last_3d
+@pytest.mark.parametrize("shape,layout,tuning_kw,packing,read", [
+    ((2, 3, 4, 8), "contiguous", {}, "MASK_S", "MASK_S"),                      # S = 32: one word per row
+    ((2, 3, 8, 12), "contiguous", dict(elementwise_tile=64), "MASK_S", "MASK_S"),  # S = 96: 2 blocks
+    # S = 96 in reduction tiles of 64 rows: the second row block holds one word of two
+    ((2, 3, 8, 12), "contiguous", dict(reduce_tile=64), "MASK_S", "MASK_S"),
+    ((2, 5, 7, 7), "contiguous", {}, "MASK_FLAT", "MASK_NONE"),                # S = 49: no whole words
+    ((2, 32, 3, 1), "channels_last", {}, "MASK_C", "MASK_C"),                  # C = 32
+    ((3, 96, 2, 1), "channels_last", {}, "MASK_C", "MASK_C"),                  # C = 96: 2 channel tiles
+    ((2, 64, 2, 3), "channels_last", dict(max_block_c=32), "MASK_C", "MASK_C"),  # 2 full channel tiles
+    ((2, 32, 2, 1, 3), "channels_last", {}, "MASK_C", "MASK_C"),               # channels_last_3d
     # C = 48: a tile of 64 cuts words; the reduction has a single row block, at offset 0
-    ((2, 48, 2, 2), "channels_last", {}, "MASK_FLAT", True),
-    ((2, 32, 3, 1), "channels_last", dict(max_block_c=16), "MASK_FLAT", False),  # a block of 16 channels
-    ((4, 32, 4, 4), "channels_last", dict(reduce_tile=64), "MASK_C", True),    # 32 row blocks of 2 rows
+    ((2, 48, 2, 2), "channels_last", {}, "MASK_FLAT", "MASK_FLAT"),
+    ((2, 32, 3, 1), "channels_last", dict(max_block_c=16), "MASK_FLAT", "MASK_NONE"),  # 16-channel blocks
+    ((4, 32, 4, 4), "channels_last", dict(reduce_tile=64), "MASK_C", "MASK_C"),  # 32 row blocks of 2 rows
 ])
-def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, aligned, device, monkeypatch):
+def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, read, device, monkeypatch):
     """BN + add + ReLU writes its bitmask from TILED tiles where whole 32-element words of memory lie along
     the tile's contiguous axis, and from FLAT blocks elsewhere: the words equal the packed y > 0 in memory
-    order whichever way, and the results and gradients match the float64 reference."""
+    order whichever way, and the results and gradients match the float64 reference, whichever way the
+    backward reduction reads them (``ops._mask_read``)."""
     from tritonbn import ops, torch_math
 
     monkeypatch.setattr(ops, "TUNING", ops.Tuning(**tuning_kw))
@@ -299,10 +302,54 @@ def test_relu_bitmask_packing(shape, layout, tuning_kw, packing, aligned, device
     want.append(dy.double() * positive.double())
     for got, exp in zip(torch.autograd.grad(y, (x, w, b, z), dy), want):
         assert rel_err(got, exp) < 1e-5
-    # The backward reduction reads the bitmask with split word indices where all its row blocks start at
-    # multiples of 32 elements, else with whole int64 ones.
+    # The backward reduction reads whole words of its tiles where they lie along the tiles' contiguous
+    # axis, else bit by bit: with split word indices where all its row blocks start at multiples of 32
+    # elements, else with whole int64 ones.
     (bwd,) = [p for key, p in ops._plan_cache().items() if key[0] == "bwd" and key[1] == x.shape]
-    assert bwd.reduce.constexprs["MASK_ALIGNED"] is aligned
+    assert bwd.reduce.constexprs["MASK_READ"] == getattr(ops, read)
+    assert bwd.dx.constexprs["MASK_READ"] == (getattr(ops, read) if read in ("MASK_S", "MASK_C") else 0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,layout,tuning_kw", [
+    # C = 96: two channel tiles of 64 (the second half empty), 45 rows in row blocks of 2; 4 splits per
+    # channel tile, merged in two levels
+    ((3, 96, 5, 3), "channels_last", dict(reduce_tile=128, elementwise_tile=128, eval_tile=128,
+                                          merge_tile=64)),
+    # S = 96 in row blocks of 64: the second holds one word of two
+    ((2, 3, 8, 12), "contiguous", dict(reduce_tile=64, elementwise_tile=64, eval_tile=64)),
+])
+def test_bitmask_read_as_words_gives_the_bit_by_bit_results(shape, layout, tuning_kw, training, device,
+                                                             monkeypatch):
+    """Where whole words of the ReLU bitmask lie along the backward kernels' tiles (MASK_S / MASK_C), the
+    reduction and dx kernels read them as word tiles (``kernels._mask_tile_bits``): the gradients are
+    bit-identical to reading the mask bit by bit (``Tuning.mask_words=False``), and match the float64
+    reference, in training and eval."""
+    from tritonbn import ops
+
+    x, z, w, b = _inputs(shape, layout, device, seed=11)
+    rm, rv = torch.rand(shape[1], device=device), torch.rand(shape[1], device=device) + 0.5
+    dy = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=x.dtype)
+    want_read = ops.MASK_C if layout == "channels_last" else ops.MASK_S
+    results = []
+    for words in (True, False):
+        monkeypatch.setattr(ops, "TUNING", ops.Tuning(mask_words=words, **tuning_kw))
+        y = tritonbn.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training, residual=z,
+                                activation="relu")
+        results.append(torch.autograd.grad(y, (x, w, b, z), dy))
+        (bwd,) = [p for key, p in ops._plan_cache().items() if key[0] == "bwd"]
+        assert bwd.dx.constexprs["MASK_READ"] == (want_read if words else ops.MASK_NONE)
+        assert (bwd.reduce.constexprs["MASK_READ"] == want_read) is words
+    if layout == "channels_last":
+        assert bwd.reduce.constexprs["GROUPED"]
+    for got, bits in zip(*results):
+        assert torch.equal(got, bits)
+    expect = ref.bn_forward(x, rm, rv, w, b, training, 0.1, 1e-5, residual=z, activation="relu")
+    positive = y.detach() > 0
+    want = list(ref.bn_backward(dy, x, w, expect.mean, expect.invstd, training, positive))
+    want.append(dy.double() * positive.double())
+    for got, exp in zip(results[0], want):
+        assert rel_err(got, exp) < 1e-5
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -83,8 +83,13 @@ class Tuning:
     fast_launch: bool = True       # CompiledKernel.run on triton 3.6–3.9 (GPU); False: kernel[grid](...)
     fused_cl_tiles: bool = False   # channels-last backward kernels with a ReLU take half-size tiles (to
                                    # measure: benchmarks/ab.py --preset fused_cl): fewer rows per thread,
-                                   # fewer registers (sm_90, triton 3.6, bf16 add+ReLU: reduce 100 -> 48,
-                                   # dx 74 -> 48 per thread), more programs per SM
+                                   # fewer registers (sm_90, triton 3.6, bf16 ReLU / add+ReLU: reduce 71 /
+                                   # 64 -> 40, dx 75 / 80 -> 59 / 64 per thread), more programs per SM
+    mask_words: bool = True        # the backward kernels read the ReLU bitmask as whole words of their
+                                   # tiles where they lie along the tile (_mask_tile_read; sm_90, triton
+                                   # 3.6, bf16 channels-last add+ReLU: reduce 120 -> 64 registers and 20.5
+                                   # -> 12.8 instructions per element, dx 40 -> 32); False: bit by bit, as
+                                   # measured on 2026-11-28 (benchmarks/ab.py --preset quick)
     persistent: str = "off"        # the one-launch training forward (_bn_persistent_forward_kernel: x read
                                    # once, held in registers across a grid barrier; no ReLU bitmask):
                                    # "off"; "auto": on a GPU, where the grid fits the compiled kernel's
@@ -575,6 +580,31 @@ def _rows_aligned(view: View, r: ReducePlan, k: int) -> bool:
             and ((r.block_c * view.stride_c) % k == 0 or r.num_cblocks == 1))
 
 
+def _mask_tile_read(view: View, block_s: int, block_c: int) -> int:
+    """MASK_S / MASK_C where the backward kernels can read the ReLU bitmask as whole words of their
+    ``[block_s, block_c]`` tiles (``kernels._mask_tile_bits``): words along the tile's contiguous axis
+    (planar S or channels-last C, its block and the stride across it multiples of 32: the forward's
+    MASK_S / MASK_C condition) and every tile starting at a multiple of 32 elements; else MASK_NONE."""
+    if view.n > 1 and view.stride_n % 32:
+        return MASK_NONE
+    if view.stride_s == 1 and view.s % 32 == 0 and block_s % 32 == 0 and view.stride_c % 32 == 0:
+        return MASK_S
+    if view.stride_c == 1 and view.c % 32 == 0 and block_c % 32 == 0 and view.stride_s % 32 == 0:
+        return MASK_C
+    return MASK_NONE
+
+
+def _mask_read(view: View, r: ReducePlan, words: bool) -> int:
+    """How the backward reduction of plan ``r`` reads the ReLU bitmask (``_bn_backward_reduce_kernel``'s
+    MASK_READ): with ``words`` (``Tuning.mask_words``) whole words of its tiles (``_mask_tile_read``), else
+    bit by bit, with split word indices where every row block starts at a multiple of 32 elements
+    (MASK_FLAT), or whole int64 ones."""
+    tile = _mask_tile_read(view, r.block_s, r.block_c) if words else MASK_NONE
+    if tile != MASK_NONE:
+        return tile
+    return MASK_FLAT if _rows_aligned(view, r, 32) else MASK_NONE
+
+
 def _runs_fit(view: View, block: int, run: int) -> bool:
     """Whether FLAT_RUNS can take a dense planar view in blocks of ``block`` elements: each run in at most
     two planes (S >= run), int32 offsets."""
@@ -1049,7 +1079,8 @@ class BackwardPlan:
             self.ws_numel = r.workspace(c, 2)
             self.reduce_ints = (c, view.s, r.num_sblocks, r.blocks_per_split, r.total_blocks)
             self.reduce = _Launch(k._bn_backward_reduce_kernel, r.grid, tuning.reduce_warps, dict(
-                common, MASK_ALIGNED=has_mask and _rows_aligned(view, r, 32), HAS_DWEIGHT=need_dw,
+                common, MASK_READ=_mask_read(view, r, tuning.mask_words) if has_mask else MASK_NONE,
+                HAS_DWEIGHT=need_dw,
                 HAS_DBIAS=need_db, GROUPED=r.grouped, STAGES=tuning.reduce_stages, DIV_S=div_s,
                 DIV_C=div_c, BLOCK_S=r.block_s, BLOCK_C=r.block_c, BLOCK_K=r.block_k))
         write_dz = need_dz and act != 0
@@ -1059,7 +1090,8 @@ class BackwardPlan:
             self.dx = _Launch(k._bn_backward_dx_kernel, e.grid, tuning.elementwise_warps, dict(
                 common, TRAINING=training, WRITE_DX=need_dx, WRITE_DZ=write_dz, LAYOUT=e.layout,
                 DIV_S=1 if e.layout != TILED else div_s, DIV_C=1 if e.layout != TILED else div_c,
-                BLOCK_S=e.block_s, BLOCK_C=e.block_c))
+                BLOCK_S=e.block_s, BLOCK_C=e.block_c, MASK_READ=_mask_tile_read(view, e.block_s, e.block_c)
+                if has_mask and e.layout == TILED and tuning.mask_words else MASK_NONE))
 
 
 def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: float, activation: int,
