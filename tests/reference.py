@@ -73,8 +73,8 @@ def bn_forward(x, running_mean, running_var, weight, bias, training, factor, eps
 
 
 def act_grad(activation, pre):
-    """act'(u) in float64 (gates as torch's backward: closed at 0 and 6; Hardswish's as torch's: 0 below
-    −3, u/3 + ½ from −3 to 3, 1 above)."""
+    """act'(u) in float64 (gates as torch's backward: closed at 0 and 6; Hardswish's as torch's: 0 up to
+    −3, u/3 + ½ below 3, 1 from 3 on)."""
     u = pre.double()
     if activation == "relu":
         return (u > 0).double()
@@ -84,7 +84,7 @@ def act_grad(activation, pre):
         s = torch.sigmoid(u)
         return s * (1 + u * (1 - s))
     if activation == "hardswish":
-        return torch.where(u < -3, 0.0, torch.where(u <= 3, u / 3 + 0.5, 1.0))
+        return torch.where(u <= -3, 0.0, torch.where(u < 3, u / 3 + 0.5, 1.0))
     return torch.ones_like(u)
 
 

@@ -215,6 +215,46 @@ def test_fused_float64_gradcheck_and_double_backward(device):
                                                 fast_mode=True)
 
 
+@pytest.mark.parametrize("act", ["relu", "relu6", "silu", "hardswish"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_first_order_gradients_are_the_same_under_create_graph(act, with_residual, training, device):
+    """With create_graph the backward runs differentiable torch ops (``tritonbn.torch_math``) instead of the
+    kernels: the same first-order gradients, for every activation."""
+    x, z, w, b = _inputs((3, 4, 3, 5), "contiguous", device, dtype=torch.float64, seed=9)
+    w = (w.detach().double() * 4).requires_grad_(True)   # u crosses ReLU6's and Hardswish's edges
+    b = b.detach().double().requires_grad_(True)
+    z = z * 3 if with_residual else None
+    rm = torch.randn(4, dtype=torch.float64, device=device)
+    rv = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    inputs = (x, w, b) + ((z,) if z is not None else ())
+    y = tritonbn.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training, residual=z, activation=act)
+    dy = torch.randn_like(y)
+    plain = torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    graph = torch.autograd.grad(y, inputs, dy, create_graph=True)
+    for got, want in zip(graph, plain):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_hardswish_gradient_at_its_knees_is_torchs(dtype, training, device):
+    """u exactly −3 and 3 (x̂ = 0, u = β): act' is 0 at −3 and 1 at 3, as torch's hardswish_backward, in the
+    kernels and under create_graph."""
+    x = torch.ones(4, 2, 3, dtype=dtype, device=device, requires_grad=True)
+    b = torch.tensor([-3.0, 3.0], dtype=dtype, device=device, requires_grad=True)
+    rm, rv = torch.ones(2, dtype=dtype, device=device), torch.ones(2, dtype=dtype, device=device)
+    for create_graph in (False, True):
+        y = tritonbn.batch_norm(x, rm.clone(), rv.clone(), None, b, training=training, activation="hardswish")
+        y_t = F.hardswish(F.batch_norm(x, rm.clone(), rv.clone(), None, b, training=training))
+        torch.testing.assert_close(y, y_t)
+        got = torch.autograd.grad(y.sum(), (x, b), create_graph=create_graph)
+        want = torch.autograd.grad(y_t.sum(), (x, b))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        assert got[1].tolist() == [0.0, 12.0]   # dβ = Σ act'(u): 0 at −3, 1 at 3
+
+
 def test_batchnormact_module_matches_torch_over_steps(device):
     """BatchNormAct2d: train steps and eval against torch BN + add + ReLU (state and gradients)."""
     torch.manual_seed(5)

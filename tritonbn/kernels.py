@@ -171,13 +171,13 @@ def _act_gate(u, ACTIVATION: tl.constexpr):
 @triton.jit
 def _act_backward(g, u, ACTIVATION: tl.constexpr):
     """g·act'(u), u recomputed as the forward computed it: gated (ReLU, ReLU6) g where the gate is open,
-    else 0; SiLU g·σ(u)·(1 + u·(1 − σ(u))), as torch's silu_backward; Hardswish 0 below −3, g·(u/3 + ½)
-    up to 3, g above (and for NaN), as torch's hardswish_backward."""
+    else 0; SiLU g·σ(u)·(1 + u·(1 − σ(u))), as torch's silu_backward; Hardswish 0 up to −3, g·(u/3 + ½)
+    below 3, g from 3 on (and for NaN), as torch's hardswish_backward (2.11, 2.13)."""
     if ACTIVATION == ACT_SILU:
         sig = 1.0 / (1.0 + tl.exp(-u))
         g = g * (sig * (1.0 + u * (1.0 - sig)))
     elif ACTIVATION == ACT_HARDSWISH:
-        g = tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, g * (u / 3.0 + 0.5), g))
+        g = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, g * (u / 3.0 + 0.5), g))
     else:
         g = tl.where(_act_gate(u, ACTIVATION), g, 0.0)
     return g

@@ -94,15 +94,18 @@ def _affine(x, weight, bias, mean, invstd):
 
 def _act_grad(dy, x, weight, bias, mean, invstd, mask, activation):
     """dy·act'(u): a gated activation's gate from the bitmask when there is one, else u recomputed from x
-    (no residual) as the forward computed it. Differentiable in u for SiLU (double backward)."""
+    (no residual) as the forward computed it, act' as the kernels' ``_act_backward``. Differentiable in u
+    for SiLU and Hardswish (double backward; Hardswish: dy/3 on (−3, 3), as torch's)."""
     if mask is not None:
         return torch.where(unpack_mask(mask, x), dy, torch.zeros_like(dy))
     u = _affine(x, weight, bias, mean, invstd).to(x.dtype)
     if activation in _GATE:
         return torch.where(_GATE[activation](u), dy, torch.zeros_like(dy))
-    u = u.to(acc_dtype(x))
+    u = u.to(acc_dtype(x))   # in the accumulation dtype, as the kernels
+    if activation == 4:      # Hardswish: 0 up to −3, u/3 + ½ below 3, 1 from 3 on and for NaN
+        return dy.to(u.dtype) * torch.where(u <= -3, 0.0, torch.where(u < 3, u / 3 + 0.5, 1.0))
     sig = torch.sigmoid(u)
-    return dy.to(u.dtype) * (sig * (1 + u * (1 - sig)))   # in the accumulation dtype, as the kernels
+    return dy.to(u.dtype) * (sig * (1 + u * (1 - sig)))
 
 
 def backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation, need_dx, need_dweight,
