@@ -384,6 +384,38 @@ def test_eval_mode_with_one_value_per_channel_is_fine(device):
     torch.testing.assert_close(m(x), nn.BatchNorm2d(3).to(device).eval()(x))
 
 
+@pytest.mark.parametrize("case", ["train-input", "eval-buffers", "functional-train-input"])
+def test_inference_tensors_in_a_recorded_graph_raise_torchs_error_and_change_nothing(case, device):
+    """torch refuses to save an inference tensor for backward (input, or running stats in eval) before any
+    state changes: tritonbn raises the same error, with the running stats and num_batches_tracked untouched
+    (the kernels would have updated the running stats first). Without a graph the kernels run."""
+    theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 3, device)
+    x = torch.randn(2, 3, 4, 4, device=device)
+    if case == "eval-buffers":
+        with torch.inference_mode():
+            stats = (torch.randn(3, device=device), torch.rand(3, device=device) + 0.5)
+        ours.eval()
+        ours.running_mean, ours.running_var = stats
+        x.requires_grad_(True)
+    else:
+        with torch.inference_mode():
+            x = x.clone()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        if case == "functional-train-input":
+            tritonbn.batch_norm(x, ours.running_mean, ours.running_var, ours.weight, ours.bias, training=True)
+        else:
+            ours(x)
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    with torch.no_grad():
+        y = ours(x)
+    with torch.no_grad():
+        theirs.load_state_dict(before)
+        theirs.train(ours.training)
+        torch.testing.assert_close(y, theirs(x))
+    assert_same_state(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
 def test_empty_batch_module_matches_torch(device):
     theirs, ours = pair(nn.BatchNorm2d, tritonbn.BatchNorm2d, 3, device)
     x = torch.randn(0, 3, 2, 2, device=device)

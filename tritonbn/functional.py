@@ -135,6 +135,26 @@ def _requires_grad(t) -> bool:
     return t is not None and t.requires_grad
 
 
+def _saves_inference_tensor(input, weight, running_mean, running_var) -> bool:
+    """Whether torch's batch norm, recording a graph, would save an inference tensor for its backward
+    (input, weight, running stats), which it refuses before any state changes; tritonbn's kernels would
+    update the running stats first."""
+    return any(t is not None and t.is_inference() for t in (input, weight, running_mean, running_var))
+
+
+def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      num_batches_tracked, bump, residual, activation):
+    """``batch_norm_impl``'s call computed by ``F.batch_norm`` (with its verdict: its error, raised before
+    any state changes); ``num_batches_tracked`` bumped only once it has succeeded."""
+    factor = momentum
+    if momentum is None:
+        factor = 0.0 if num_batches_tracked is None else 1.0 / float(num_batches_tracked + int(bump))
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps)
+    if bump:
+        num_batches_tracked.add_(1)
+    return epilogue(y, residual, activation)
+
+
 def batch_norm_impl(input, running_mean, running_var, weight, bias, training, momentum, eps,
                     num_batches_tracked=None, bump=False, residual=None, activation=0):
     """The kernels' entry point for calls that passed ``supported`` (and ``check_fusion``).
@@ -154,8 +174,12 @@ def batch_norm_impl(input, running_mean, running_var, weight, bias, training, mo
         return custom_ops.dispatch(input, running_mean, running_var, _param(weight), _param(bias), training,
                                    momentum, eps, num_batches_tracked, residual, activation)
     weight, bias = _param(weight), _param(bias)
-    needs_graph = torch.is_grad_enabled() and (input.requires_grad or _requires_grad(weight) or
-                                               _requires_grad(bias) or _requires_grad(residual))
+    grad_mode = torch.is_grad_enabled()
+    bn_graph = grad_mode and (input.requires_grad or _requires_grad(weight) or _requires_grad(bias))
+    if bn_graph and _saves_inference_tensor(input, weight, running_mean, running_var):
+        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                 num_batches_tracked, bump, residual, activation)
+    needs_graph = bn_graph or (grad_mode and _requires_grad(residual))
     # The plan may copy the input (not readable in place): done here, outside the autograd function, so
     # that double backward sees the copy too.
     input, plan = ops.forward_plan(input, weight, bias, running_mean, running_var, num_batches_tracked,
