@@ -904,8 +904,10 @@ def _mask_tile_bits(mask_ptr, row, offs_s, offs_c, s_left, c_left, stride_xs, st
     32; element (s, c) at ``row + s·stride_xs + c·stride_xc``; ``s_left`` rows and ``c_left`` channels left
     from it), where whole words lie along the tile's contiguous axis, as the launcher checked (MASK_C:
     stride_xc == 1, stride_xs and BLOCK_C multiples of 32; MASK_S: the same along S). Each word is loaded
-    once, as a ``[BLOCK_S, BLOCK_C // 32]`` (MASK_C) or ``[BLOCK_S // 32, BLOCK_C]`` (MASK_S) tile, and
-    broadcast to its 32 elements; the reshape lands in the tile's own layout. A bit-by-bit gather instead
+    once, as a ``[BLOCK_S, BLOCK_C // 32]`` (MASK_C) or ``[BLOCK_C, BLOCK_S // 32]`` (MASK_S) tile, and
+    broadcast to its 32 elements; the reshape lands in the tile's own layout (MASK_S: transposed after it;
+    a ``[BLOCK_S // 32, BLOCK_C]`` tile broadcast along its first axis made ptxas give some eval dx kernels
+    a stack frame). A bit-by-bit gather instead
     loads the same word once per element and converts the predicate's layout through shared memory (sm_90,
     Triton 3.6, bf16 channels-last 2048×7×7 BN + add + ReLU: 120 → 64 registers, 167 → 102 instructions
     in the reduction's main loop)."""
@@ -920,11 +922,11 @@ def _mask_tile_bits(mask_ptr, row, offs_s, offs_c, s_left, c_left, stride_xs, st
         bit = (offs_c % 32)[None, :]
     else:
         offs_w = tl.arange(0, BLOCK_S // 32)
-        wmask = (offs_w * 32 < s_left)[:, None] & (offs_c < c_left)[None, :]
-        words = tl.load(words_ptr + offs_w[:, None] + (offs_c * (stride_xc // 32))[None, :], mask=wmask,
+        wmask = (offs_c < c_left)[:, None] & (offs_w * 32 < s_left)[None, :]
+        words = tl.load(words_ptr + (offs_c * (stride_xc // 32))[:, None] + offs_w[None, :], mask=wmask,
                         other=0)
-        words = tl.reshape(tl.broadcast_to(words[:, None, :], (BLOCK_S // 32, 32, BLOCK_C)),
-                           (BLOCK_S, BLOCK_C))
+        words = tl.trans(tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_C, BLOCK_S // 32, 32)),
+                                    (BLOCK_C, BLOCK_S)))
         bit = (offs_s % 32)[:, None]
     return ((words >> bit) & 1) != 0
 
