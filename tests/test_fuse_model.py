@@ -455,6 +455,88 @@ def test_add_of_two_bn_outputs_fuses_the_first():
         torch.testing.assert_close(fused(x, z), model(x, z), rtol=1e-5, atol=1e-6)
 
 
+class _Chain(nn.Module):
+    """Two conv-BN-activation stages in one forward; the second adds the first's output as its residual."""
+
+    def __init__(self, body, act1, act2):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.act1, self.act2 = act1, act2
+        self.body = body
+
+    def forward(self, x):
+        return self.body(self, x)
+
+
+def _residual_is_fused_relu(m, x):
+    h = m.act1(m.bn1(m.conv1(x)))
+    out = m.bn2(m.conv2(h)) + h
+    return m.act1(out)  # the one ReLU module, called twice
+
+
+def _residual_is_fused_silu(m, x):
+    y = m.act1(m.bn1(m.conv1(x)))
+    return m.act2(y + m.bn2(m.conv2(y)))
+
+
+def _residual_is_fused_add_relu(m, x):
+    h = m.act1(m.bn1(m.conv1(x)) + x)
+    out = m.bn2(m.conv2(h))
+    out += h
+    return m.act2(out)
+
+
+def _residual_fused_later(m, x):  # the residual's BN comes after the BN whose call moves to the add
+    out = m.bn2(m.conv2(x))
+    h = F.silu(m.bn1(m.conv1(x)))
+    return F.relu6(out + h)
+
+
+CHAINS = {  # case: (body, act1, act2, [(bn, pattern, residual)])
+    "relu(bn2(conv(h)) + h), h = relu(bn1(..))": (
+        _residual_is_fused_relu, nn.ReLU(), nn.Identity(), [("bn1", "bn_relu", None),
+                                                            ("bn2", "bn_add_relu", "act1")]),
+    "relu6(y + bn2(conv(y))), y = silu(bn1(..))": (
+        _residual_is_fused_silu, nn.SiLU(), nn.ReLU6(), [("bn1", "bn_silu", None),
+                                                         ("bn2", "bn_add_relu6", "act1")]),
+    "relu6(bn2(..) += h), h = relu(bn1(..) + x)": (
+        _residual_is_fused_add_relu, nn.ReLU(inplace=True), nn.ReLU6(inplace=True),
+        [("bn1", "bn_add_relu", "x"), ("bn2", "bn_add_relu6", "act1")]),
+    "relu6(bn2(..) + silu(bn1(..))), bn1 after bn2": (
+        _residual_fused_later, nn.Identity(), nn.Identity(), [("bn1", "bn_silu", None),
+                                                              ("bn2", "bn_add_relu6", "silu")]),
+}
+
+
+@pytest.mark.parametrize("case", CHAINS)
+def test_residual_that_is_another_fused_activation(case):
+    """The add's other operand is the output of another fused BN+activation of the same forward (whose
+    activation call is removed): both fuse, with the outputs, gradients and running stats of the model."""
+    body, act1, act2, expected = CHAINS[case]
+    torch.manual_seed(0)
+    model = _Chain(body, act1, act2)
+    with torch.no_grad():
+        model.bn1.weight.mul_(3)
+        model.bn2.weight.mul_(3)  # ReLU6 clips
+    x = _x(1, (2, 4, 3, 3))
+    fused, report = tritonbn.fuse_model(model, (x,))
+    assert [(f.bn, f.pattern, f.residual) for f in report.fused] == expected, report
+    assert not report.skipped and report.rewritten == [""]
+    model, fused = copy.deepcopy(model).train(), fused.train()
+    grads = []
+    for m in (model, fused):
+        xx = x.clone().requires_grad_(True)
+        y = m(xx)
+        (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+        grads.append([y, xx.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    _assert_same_state(fused, model, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
 def test_adds_are_proven_under_the_callers_autocast():
     class ResidualFromInput(nn.Module):  # under autocast: bf16 BN output + fp32 input
         def __init__(self):
@@ -507,6 +589,36 @@ def _in_place_between(m, x, z):
     return F.relu(y + z)
 
 
+class _ScaleInPlace(nn.Module):  # a user module that updates its argument in place
+    def forward(self, t):
+        return t.mul_(2)
+
+
+@torch.fx.wrap
+def _double(t):  # traced as one call (of a function not known to be pure)
+    return t.mul_(2)
+
+
+def _out_between(m, x, z):
+    y = m.bn(x)
+    identity = torch.mul(x, 2.0, out=x)  # x updated in place (out=) after the BN read it
+    return m.relu(y + identity)
+
+
+def _between(call):
+    def body(m, x, z):
+        y = m.bn(x)
+        identity = call(m, x)
+        return m.relu(y + identity)
+    return body
+
+
+def _reads_running_mean(m, x, z):
+    y = m.bn(x)
+    shifted = z.transpose(1, 3) - m.bn.running_mean  # the fused call would update it after this read
+    return F.relu(y + z) * shifted.transpose(1, 3)
+
+
 UNSAFE = {  # case: (forward body, expected reason)
     "BN output with 2 users": (_bn_two_users, "BN output has 2 users"),
     "add result with 2 users": (_add_two_users, "add result has 2 users"),
@@ -517,6 +629,16 @@ UNSAFE = {  # case: (forward body, expected reason)
     "in-place add into the other operand": (lambda m, x, z: F.relu(z.add_(m.bn(x))),
                                             "updates its other operand"),
     "in-place update between BN and add": (_in_place_between, "'mul_', between the BN and the add, updates"),
+    "out= between BN and add": (_out_between, "'mul', between the BN and the add, writes to out="),
+    "F.relu(x, True) between BN and add": (_between(lambda m, x: F.relu(x, True)),
+                                           "'relu', between the BN and the add, updates a tensor in place"),
+    "user module between BN and add": (_between(lambda m, x: m.scale(x)),
+                                       "calls module 'scale' (_ScaleInPlace), which is not known to leave"),
+    "user module in a Sequential between BN and add": (
+        _between(lambda m, x: m.seq(x)), "calls module 'seq.1' (_ScaleInPlace), which is not known to leave"),
+    "user function between BN and add": (_between(lambda m, x: _double(x)),
+                                         "calls _double, which is not known to leave its inputs unchanged"),
+    "running stats read between BN and add": (_reads_running_mean, "uses the BN's parameters or buffers"),
     "ReLU with hooks": (_bn_relu, "ReLU 'relu' has forward hooks"),
     "BN with hooks": (_bn_relu, "BN has forward hooks"),
     "BN called twice": (_two_calls, "BN is called 2 times"),
@@ -537,6 +659,7 @@ def test_unsafe_patterns_left_unfused_with_reason(case):
         model.relu.register_forward_hook(lambda mod, args, out: out * 2)
     if case == "BN with hooks":
         model.bn.register_forward_hook(lambda mod, args, out: None)
+    model.scale, model.seq = _ScaleInPlace(), nn.Sequential(nn.Identity(), _ScaleInPlace())
     x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
     fused, report = tritonbn.fuse_model(model, (x, z))
     assert torch.equal(x, _x(1, (2, 3, 2, 2))) and torch.equal(z, _x(2, (2, 3, 2, 2)))  # run on copies
@@ -547,6 +670,26 @@ def test_unsafe_patterns_left_unfused_with_reason(case):
     with torch.no_grad():
         y = model.eval()(x.clone(), z.clone())
         torch.testing.assert_close(fused.eval()(x.clone(), z.clone()), y, rtol=1e-5, atol=1e-6)
+
+
+def _pure_between(m, x, z):
+    y = m.bn(x)
+    i = m.down(z)  # nn.Sequential of standard layers (torchvision's downsample)
+    i = torch.flatten(i, 2).view(i.shape).contiguous()
+    i = torch.cat([F.interpolate(F.avg_pool2d(i, 1), scale_factor=1.0), i], 1)[:, :3] * 1.0
+    i = F.relu(i.float())
+    return m.relu(y + i)
+
+
+def test_calls_known_to_be_pure_between_bn_and_add_still_fuse():
+    """The BN call moves past them to the add: standard modules, ATen functions and methods without out=,
+    Python-level torch.nn.functional without inplace=True, operators."""
+    model = _Pattern(_pure_between)
+    model.down = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
+    fused, report = tritonbn.fuse_model(model, (x, z))
+    assert [(f.bn, f.pattern) for f in report.fused] == [("bn", "bn_add_relu")], report
+    _check_same_as_torch(model, fused, x, z)
 
 
 def test_subclasses_and_syncbn_are_left_alone():

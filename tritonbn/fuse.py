@@ -24,6 +24,7 @@ import copy
 import inspect
 import json
 import operator
+import types
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -379,32 +380,149 @@ def _plan(b: fx.Node, root: nn.Module):
                 f"{_ACT_NAMES[name]}'s gradient would need the residual again)")
     if inp is not user:
         return f"add result is not the {_ACT_NAMES[name]}'s input"
-    # The fused call moves to the add (where the other operand exists): nothing in between may update a
-    # tensor in place, which could be the BN input or a view of it.
-    n = b.next
-    while n is not user:
-        if _may_mutate(n, root):
-            return f"'{n.name}', between the BN and the add, updates a tensor in place"
-        n = n.next
+    # The fused call moves to the add (where the other operand exists), past every node in between: each
+    # of them must provably leave the BN input (or any view of it) unchanged, and none may read the BN's
+    # buffers (it would see them before this call's update).
+    problem = _moved_past(b, user, root)
+    if problem:
+        return problem
     return _Plan(b, r, name, spelling, user, add_spelling, other)
 
 
-_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
-                       operator.ixor, operator.ilshift, operator.irshift}
+def _moved_past(b: fx.Node, add: fx.Node, root: nn.Module) -> str | None:
+    """Why the BN call ``b`` may not move down to ``add``, or None. Conservative: every node in between
+    must be known to update no tensor in place (the BN input, or a view of it, would otherwise be read after
+    the update), and none may use the BN module's own parameters or buffers (a read of the running stats
+    would come before this call's update)."""
+    state = set()  # values that are, or may alias, a parameter or buffer of the BN module
+    between = False
+    for n in b.graph.nodes:
+        if n is add:
+            return None
+        if (n.op == "get_attr" and (n.target == b.target or n.target.startswith(f"{b.target}."))
+                or any(a in state for a in n.all_input_nodes)):
+            state.add(n)
+        if between:
+            if n in state:
+                return f"'{n.name}', between the BN and the add, uses the BN's parameters or buffers"
+            why = _mutation(n, root)
+            if why:
+                return f"'{n.name}', between the BN and the add, {why} (the fused call would run after it)"
+        between = between or n is b
+    return None
 
 
-def _may_mutate(n: fx.Node, root: nn.Module) -> bool:
-    """Whether ``n`` may update one of its inputs in place (by torch's naming conventions)."""
-    if n.op == "call_method":
-        return n.target.endswith("_")
-    if n.op == "call_function":
-        name = getattr(n.target, "__name__", "")
-        return (n.target in _IN_PLACE_OPERATORS or n.kwargs.get("inplace") is True
-                or (name.endswith("_") and not name.endswith("__")))
+# What may run between a BN and the add it moves to: only calls known to update no tensor in place.
+_PURE_OPERATORS = {getattr, len, operator.getitem, operator.add, operator.sub, operator.mul,
+                   operator.truediv, operator.floordiv, operator.mod, operator.pow, operator.matmul,
+                   operator.neg, operator.pos, operator.abs, operator.invert, operator.not_, operator.truth,
+                   operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                   operator.and_, operator.or_, operator.xor, operator.lshift, operator.rshift}
+# Python-level functions (no ATen builtin, so no schema to read): pure unless called with inplace=True or
+# out=. (The builtins among them, e.g. F.conv2d, are read from their schema.)
+_PURE_PYTHON_FUNCTIONS = {getattr(F, name) for name in (
+    "relu", "relu6", "silu", "hardswish", "hardsigmoid", "gelu", "sigmoid", "tanh", "leaky_relu", "elu",
+    "selu", "celu", "mish", "hardtanh", "threshold", "softmax", "log_softmax", "softplus", "glu",
+    "logsigmoid", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "max_pool1d",
+    "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "interpolate", "upsample", "pad", "layer_norm", "group_norm", "normalize",
+    "linear", "conv1d", "conv2d", "conv3d", "pixel_shuffle", "pixel_unshuffle") if hasattr(F, name)}
+_PURE_PYTHON_FUNCTIONS |= {torch.split, torch.einsum, torch.broadcast_tensors}
+# Tensor methods that are Python bindings of no ATen operator of their name.
+_PURE_METHODS = {"float", "double", "half", "bfloat16", "int", "long", "short", "bool", "byte", "char",
+                 "cpu", "cuda", "type", "size", "dim"}
+_NOT_PURE_METHODS = {"backward"}  # its schema declares no write, but it accumulates into .grad
+# Standard torch.nn layers that change nothing but their own state (when not inplace=True), and
+# tritonbn's own modules.
+_PURE_MODULES = {getattr(nn, name) for name in (
+    "Identity", "Flatten", "Unflatten", "Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d",
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "GroupNorm", "LayerNorm", "RMSNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LocalResponseNorm", "ReLU", "ReLU6", "SiLU", "Hardswish", "Hardsigmoid", "GELU", "Sigmoid", "Tanh",
+    "LeakyReLU", "ELU", "SELU", "CELU", "Mish", "Hardtanh", "Threshold", "PReLU", "Softplus", "Softmax",
+    "LogSoftmax", "Softmax2d", "GLU", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
+    "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    "Upsample", "UpsamplingNearest2d", "UpsamplingBilinear2d", "PixelShuffle", "PixelUnshuffle",
+    "ChannelShuffle", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "ConstantPad2d",
+    "ConstantPad3d", "ReflectionPad1d", "ReflectionPad2d", "ReflectionPad3d", "ReplicationPad1d",
+    "ReplicationPad2d", "ReplicationPad3d", "CircularPad1d", "CircularPad2d", "CircularPad3d")
+    if hasattr(nn, name)} | set(_TRITON_BN) | set(_ACT_BN)
+_ATEN_MODULES = [m for m in (torch, torch._C._nn, getattr(torch._C, "_fft", None),
+                             getattr(torch._C, "_linalg", None), getattr(torch._C, "_special", None))
+                 if m is not None]
+_IN_PLACE = "updates a tensor in place"
+
+
+def _mutation(n: fx.Node, root: nn.Module) -> str | None:
+    """None when ``n`` is known to update no tensor in place; else why it may (conservative: a call that is
+    not known to be pure may)."""
+    if n.op in ("placeholder", "get_attr", "output"):
+        return None
+    if n.kwargs.get("out") is not None:
+        return "writes to out="
     if n.op == "call_module":
-        return getattr(root.get_submodule(n.target), "inplace", False) is True
-    return False
+        return _module_mutation(root.get_submodule(n.target), n.target)
+    unknown = f"calls {_describe(n, root)}, which is not known to leave its inputs unchanged"
+    if n.op == "call_method":
+        if n.target in _PURE_METHODS:
+            return None
+        if n.target in _NOT_PURE_METHODS:
+            return unknown
+        return _schema_mutation(f"aten::{n.target}", n, unknown)
+    if n.op != "call_function":
+        return unknown
+    f = n.target
+    if f in _PURE_OPERATORS:
+        return None
+    name = getattr(f, "__name__", None)
+    if isinstance(f, types.BuiltinFunctionType) and any(getattr(m, name, None) is f for m in _ATEN_MODULES):
+        return _schema_mutation(f"aten::{name}", n, unknown)
+    if f in _PURE_PYTHON_FUNCTIONS:
+        try:
+            bound = inspect.signature(f).bind(*n.args, **n.kwargs).arguments
+        except (TypeError, ValueError):
+            return unknown
+        if bound.get("out") is not None:
+            return "writes to out="
+        inplace = bound.get("inplace", False)
+        return _IN_PLACE if isinstance(inplace, fx.Node) or inplace else None
+    return unknown
+
+
+def _schema_mutation(op: str, n: fx.Node, unknown: str) -> str | None:
+    """From the ATen schemas of ``op`` (its every overload): whether a call may write to an argument (a
+    ``Tensor(a!)``: ``self`` of ``mul_``, the ``out=`` of ``mul.out``, ...)."""
+    try:
+        schemas = torch._C._jit_get_schemas_for_operator(op)
+    except Exception:  # noqa: BLE001 - no schema: not known to be pure
+        schemas = []
+    if not schemas:
+        return unknown
+    for schema in schemas:
+        for a in schema.arguments:
+            written = a.alias_info is not None and a.alias_info.is_write
+            # A keyword-only output (``out=``, ``values=``) is written only by a call that passes it.
+            if written and (not a.kwarg_only or a.name in n.kwargs):
+                return _IN_PLACE
+    return None
+
+
+def _module_mutation(m: nn.Module, target: str) -> str | None:
+    """None when calling ``m`` is known to update no tensor in place (but ``m``'s own state)."""
+    what = f"module '{target}'"
+    if _hooks(m) or any(getattr(nn.modules.module, h, None) for h in ("_global_forward_hooks",
+                                                                       "_global_forward_pre_hooks")):
+        return f"calls {what}, which has hooks (they may update a tensor in place)"
+    if "forward" in m.__dict__:
+        return f"calls {what}, whose forward is overridden on the instance"
+    if type(m) is nn.Sequential:
+        return next(filter(None, (_module_mutation(c, f"{target}.{name}") for name, c in m.named_children())),
+                    None)
+    if type(m) not in _PURE_MODULES:
+        return f"calls {what} ({type(m).__name__}), which is not known to leave its inputs unchanged"
+    return _IN_PLACE if getattr(m, "inplace", False) else None
 
 
 def _bn_problem(bn: nn.Module) -> str | None:
@@ -418,6 +536,13 @@ def _bn_problem(bn: nn.Module) -> str | None:
 
 def _rewrite(t: _Traced, plans: list[_Plan]) -> None:
     graph = t.graph
+    # First every residual becomes an argument of its fused call: a residual may be the activation of
+    # another plan (``h = relu(bn1(x)); relu(bn2(conv(h)) + h)``), whose node is replaced by that plan's
+    # fused call below, which then updates this use too. The residual is passed even when there is none:
+    # a plain BatchNorm put in the fused module's place (nn.SyncBatchNorm.convert_sync_batchnorm knows no
+    # activation) then raises instead of silently dropping the activation.
+    for p in plans:
+        p.bn.args = (p.bn.args[0], p.other)
     for p in plans:
         # The BN node becomes the fused call, with the activation's users; with an add it moves to the add,
         # where the residual exists.
@@ -427,10 +552,6 @@ def _rewrite(t: _Traced, plans: list[_Plan]) -> None:
         graph.erase_node(p.act)
         if p.add is not None:
             graph.erase_node(p.add)
-        # The residual is passed even when there is none: a plain BatchNorm put in the fused module's place
-        # (nn.SyncBatchNorm.convert_sync_batchnorm knows no activation) then raises instead of silently
-        # dropping the activation.
-        p.bn.args = (p.bn.args[0], p.other)
     graph.lint()
     m = t.module
     if isinstance(m, fx.GraphModule):  # its class is its own: regenerate its code in place
@@ -541,8 +662,10 @@ def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseRe
     When it is not: a BN whose output leaves its module's forward (the last BN of an ``nn.Sequential``
     followed by a ReLU in the parent: each module's forward is rewritten on its own, so no container is
     bypassed); an intermediate with another user; an add that would broadcast, promote dtype or mix
-    devices; a BN or activation module with hooks (they would no longer run, or see other values), a
-    BN called from several places or registered under several names; subclasses (SyncBatchNorm,
+    devices; a call between the BN and its add (where the fused call runs) that is not known to leave the
+    BN input unchanged (in place, ``out=``, a user module or function), or that uses the BN's own
+    parameters or buffers; a BN or activation module with hooks (they would no longer run, or see other
+    values), a BN called from several places or registered under several names; subclasses (SyncBatchNorm,
     user classes: left unchanged); a module whose forward cannot be traced, changes grad mode or autocast
     inside, or depends on ``self.training`` (its forward is kept, its children are handled on their own:
     see ``report.fallbacks``). Every BN is listed in ``report.fused`` or ``report.skipped`` with the reason.
