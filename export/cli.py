@@ -19,8 +19,16 @@ from .errors import (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is a user error like the others: one line and exit code 1 (argparse's 2 is the
+    code of a verification failure here)."""
+
+    def error(self, message: str):
+        raise ExportError(f"{message} (see --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tritonbn-export",
         description="Fold BatchNorm into neighbouring layers, export to ONNX and verify the result "
         "against PyTorch with ONNX Runtime.",
@@ -135,6 +143,10 @@ def _outputs(args) -> dict:
     return {"-o/--output": args.output, "--report": args.report}
 
 
+def _inputs(args) -> dict:
+    return {"--onnx-in": args.onnx_in, "--checkpoint": args.checkpoint}
+
+
 def _run_model(args) -> int:
     import torch
 
@@ -145,7 +157,7 @@ def _run_model(args) -> int:
         raise ExportError("-o/--output is required")
     shape = _shape(args.input_shape)
     check_opset(args.opset)
-    check_output_paths(_outputs(args))  # before the (possibly long) export
+    check_output_paths(_outputs(args), _inputs(args))  # before the (possibly long) export
     model = load_factory_model(args.model, args.checkpoint)
     if args.eval:
         model.eval()
@@ -160,26 +172,17 @@ def _run_model(args) -> int:
 
 
 def _run_onnx(args) -> int:
-    import onnx
-
     from .onnx_fold import fold_onnx
-    from .onnx_io import report_json, serialize
-    from .outputs import StagedWrites, check_output_paths
+    from .onnx_io import load_onnx_file, report_json, serialize
+    from .outputs import StagedWrites, check_output_paths, refuse_inputs
     from .verify import verify_onnx_pair
 
     if not args.output:
         raise ExportError("-o/--output is required")
     shape = _shape(args.input_shape) if args.input_shape else None
-    check_output_paths(_outputs(args))
-    try:
-        with open(args.onnx_in, "rb") as f:
-            proto = onnx.load_from_string(f.read())
-        if not proto.graph.node:
-            raise ValueError("the graph has no nodes")
-    except OSError as e:
-        raise ExportError(f"cannot read {args.onnx_in!r}: {e.strerror}") from e
-    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, ...
-        raise ExportError(f"{args.onnx_in!r} is not a valid ONNX model: {first_line(e)}") from e
+    check_output_paths(_outputs(args), _inputs(args))
+    proto, data_files = load_onnx_file(args.onnx_in)
+    refuse_inputs(_outputs(args), {"--onnx-in (its external data)": data_files})
     # onnx.checker is not asked about the input: ONNX Runtime runs models it rejects (e.g. graph
     # outputs without a shape); fold_onnx checks that folding adds no complaint of its own.
     folded, report = fold_onnx(proto)
@@ -214,8 +217,8 @@ def _plain_fallback_warnings():
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         _refuse_unused_options(args)
         with _plain_fallback_warnings(), _cwd_on_path() if args.model else contextlib.nullcontext():
             if args.demo:

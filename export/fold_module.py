@@ -4,8 +4,12 @@ Design choices (each one avoids a known bug of existing tools):
 * Every ``_BatchNorm`` (torch, SyncBatchNorm, tritonbn subclasses) is an FX leaf: never traced into.
 * A user's own (non ``torch.nn``) module is a leaf too and is folded *recursively* on its own, so a
   custom module's internals are never inlined into its parent's graph.
-* We only fold into layers whose ``forward`` is torch's own (a subclass overriding it, a
-  parametrized weight or a module with hooks may compute something else).
+* We only fold into layers whose ``forward`` is torch's own (a subclass overriding it, a ``forward``
+  replaced on the instance, a parametrized weight or a module with hooks may compute something else),
+  and only BNs whose ``forward`` is a known eval-BN one (torch's, SyncBatchNorm's, tritonbn's).
+* A layer or BN whose parameters the code also reads directly (an FX ``get_attr``, e.g. ``self.conv.bias``
+  or a weight-tied ``x @ self.fc.weight``, in its own graph or a parent's) is not folded: a fold would
+  change what those reads see.
 * A layer module registered or called more than once is never edited in place: the call site that
   is folded gets its own clone.
 * The caller's model is deep-copied first and never touched.
@@ -24,6 +28,8 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tritonbn import modules as _tbn
+
 from . import fold_math, fused_bn
 from .errors import FoldError, first_line
 from .report import FoldReport
@@ -32,6 +38,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Warn when a BN scale is this large: folded weights become hard to quantize.
 HUGE_SCALE = 1e4
+# BN forwards that compute exactly eval BN from the running stats (tritonbn's runs its own kernels):
+# a BN whose class has another forward (a subclass overriding it) may compute anything.
+BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _tbn.BatchNorm2d.forward)
 
 
 def check_eval(model: nn.Module) -> None:
@@ -77,6 +86,8 @@ def layer_kind(m: nn.Module):
             base, "_conv_forward", None
         ):
             return f"{type(m).__name__} overrides forward"
+        if {"forward", "_conv_forward"} & m.__dict__.keys():
+            return f"{type(m).__name__} has its forward replaced on the instance"
         if torch.nn.utils.parametrize.is_parametrized(m):
             return f"{type(m).__name__} has a parametrized weight"
         if m._forward_hooks or m._forward_pre_hooks:
@@ -91,7 +102,20 @@ def layer_kind(m: nn.Module):
     return f"{type(m).__name__} is not a Conv/ConvTranspose/Linear"
 
 
+def bn_forward_problem(bn: _BatchNorm) -> str | None:
+    """Why ``bn``'s forward may not be plain eval BN (None when it is torch's, SyncBatchNorm's or
+    tritonbn's); a fused BatchNormAct's forward is judged by ``fused_bn.split_problem``."""
+    if "forward" in bn.__dict__:
+        return f"{type(bn).__name__} has its forward replaced on the instance"
+    if not fused_bn.is_fused(bn) and type(bn).forward not in BN_FORWARDS:
+        return f"{type(bn).__name__} overrides forward (what it computes is unknown)"
+    return None
+
+
 def bn_unfoldable(bn: _BatchNorm) -> str | None:
+    problem = bn_forward_problem(bn)
+    if problem:
+        return problem
     if bn.running_mean is None or bn.running_var is None or not bn.track_running_stats:
         return "BN has no running stats (track_running_stats=False): it normalizes by batch stats"
     if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
@@ -145,6 +169,40 @@ class _Ctx:
     bn_ranks: dict  # id(bn module) -> set of input ndims seen with example inputs
     names_per_module: Counter  # id(module) -> number of names it is registered under
     done: dict = field(default_factory=dict)  # id(user module) -> folded replacement
+    # id(module) -> (module, qualified get_attr target): modules whose parameters some traced graph
+    # reads directly; parents are traced before their user submodules, so a parent's reads are known here
+    read_directly: dict = field(default_factory=dict)
+
+    def read_problem(self, m: nn.Module, what: str) -> str | None:
+        read = self.read_directly.get(id(m))
+        if read is None:
+            return None
+        return f"parameters of {what} are also read directly ('{read[1]}'), which folding would break"
+
+
+def _record_direct_reads(gm: fx.GraphModule, prefix: str, ctx: _Ctx) -> None:
+    """Note every module whose attribute (a parameter) a ``get_attr`` node of ``gm`` reads."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not isinstance(node.target, str):
+            continue
+        owner_path = node.target.rpartition(".")[0]
+        for path in (node.target, owner_path):
+            try:
+                m = gm.get_submodule(path)
+            except AttributeError:
+                continue
+            ctx.read_directly.setdefault(id(m), (m, _join(prefix, node.target)))
+            break
+
+
+def single_input(node: fx.Node):
+    """The argument of a one-argument module call ``m(x)`` or ``m(input=x)`` (torch's and tritonbn's
+    BN, Conv and Linear name it ``input``), else None."""
+    if len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    if not node.args and set(node.kwargs) == {"input"}:
+        return node.kwargs["input"]
+    return None
 
 
 def _set_submodule(gm: nn.Module, target: str, new: nn.Module) -> None:
@@ -188,6 +246,8 @@ class _GraphFolder:
             part = fused_bn.plain_part(m)
             if id(m) in self.ctx.bn_ranks:
                 self.ctx.bn_ranks[id(part)] = self.ctx.bn_ranks[id(m)]
+            if id(m) in self.ctx.read_directly:
+                self.ctx.read_directly[id(part)] = (part, self.ctx.read_directly[id(m)][1])
             target = self.part_target(m, calls[0][0].target, part)
             for node, _ in calls:
                 node.target = target
@@ -242,12 +302,15 @@ class _GraphFolder:
                 return "Linear<->BN needs example_inputs to prove the BN input is 2-D"
             if ranks != {2}:
                 return f"BN input has rank {sorted(ranks)}, Linear folds only for 2-D tensors"
+        elif ranks is None and want == 3:
+            # an unbatched (C, L) input makes BatchNorm1d see (N, C) = (C, L): it normalizes along L
+            return f"{type(layer).__name__}<->BN needs example_inputs to prove the BN input is 3-D (batched)"
         elif ranks is not None and ranks != {want}:
             return f"BN input has rank {sorted(ranks)}, expected {want} (unbatched input?)"
         return None
 
     def try_after(self, bn_node: fx.Node, bn: _BatchNorm, name: str) -> str | None:
-        prod = bn_node.args[0]
+        prod = single_input(bn_node)
         layer = self.module(prod)
         if layer is None:
             return "input is not produced by a Conv/ConvTranspose/Linear module"
@@ -256,8 +319,11 @@ class _GraphFolder:
             return f"producer '{prod.target}': {info}"
         if len(prod.users) != 1:
             return f"output of '{prod.target}' has {len(prod.users)} consumers"
-        if prod.kwargs or len(prod.args) != 1:
+        if single_input(prod) is None:
             return f"'{prod.target}' is called with extra arguments"
+        problem = self.ctx.read_problem(layer, f"'{_join(self.prefix, prod.target)}'")
+        if problem:
+            return problem
         problem = self.rank_problem(bn, info, layer)
         if problem:
             return problem
@@ -290,8 +356,11 @@ class _GraphFolder:
         info = layer_kind(layer)
         if isinstance(info, str):
             return f"consumer '{cons.target}': {info}"
-        if cons.kwargs or tuple(cons.args) != (bn_node,):
+        if single_input(cons) is not bn_node:
             return f"'{cons.target}' is called with extra arguments"
+        problem = self.ctx.read_problem(layer, f"'{_join(self.prefix, cons.target)}'")
+        if problem:
+            return problem
         if isinstance(layer, _CONV_TS):
             return f"BN before ConvTranspose '{cons.target}' is not exact at the borders"
         if not isinstance(layer, nn.Linear) and not _zero_padding_free(layer):
@@ -311,7 +380,7 @@ class _GraphFolder:
             s, t, kind, groups,
         )
         into = self.install(cons, layer, _with_params(layer, w, b))
-        bn_node.replace_all_uses_with(bn_node.args[0])
+        bn_node.replace_all_uses_with(single_input(bn_node))
         self.gm.graph.erase_node(bn_node)
         self.ctx.report.fold(name, _join(self.prefix, into), "before", type(layer).__name__,
                              **self.epilogue.get(bn_node, {}))
@@ -332,9 +401,10 @@ class _GraphFolder:
             if not isinstance(bn, _BatchNorm):
                 continue
             name = self.bn_name(node)
-            reason = self.unsplit.get(node) or bn_unfoldable(bn)
-            if reason is None and (node.kwargs or len(node.args) != 1):
-                reason = "BN is called with extra arguments"
+            reason = (self.unsplit.get(node) or bn_unfoldable(bn)
+                      or self.ctx.read_problem(bn, "the BN"))
+            if reason is None and single_input(node) is None:
+                reason = "BN is called with arguments other than its input"
             if reason is None:
                 after = self.try_after(node, bn, name)
                 if after is None:
@@ -356,6 +426,7 @@ def _fold_tree(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
                 ctx.report.skip(_join(prefix, name), f"'{prefix or type(module).__name__}' is not "
                                 f"FX-traceable ({type(e).__name__}: {msg})", **_fused_fields(m))
         return module
+    _record_direct_reads(gm, prefix, ctx)
     _GraphFolder(gm, prefix, ctx).run()
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -412,7 +483,8 @@ def fold_batchnorm(model: nn.Module, example_inputs=None):
     """Return ``(folded_module, FoldReport)``; ``model`` itself is never modified.
 
     ``example_inputs`` (a tensor, or a tuple or list of ``forward``'s arguments, as for ``export_onnx``)
-    is optional; it lets Linear<->BatchNorm1d pairs fold by proving the BN input is 2-D.  Raises
+    is optional; it lets Linear<->BatchNorm1d pairs fold by proving the BN input is 2-D, and
+    Conv1d/ConvTranspose1d<->BatchNorm1d pairs by proving it is 3-D (batched).  Raises
     FoldError if the model is in training mode or fails on ``example_inputs``.
     """
     if not isinstance(model, nn.Module):

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tritonbn import modules as _tbn
+
 from .errors import (
     ExporterFallbackWarning,
     ExportError,
@@ -31,7 +33,7 @@ from .fused_bn import is_fused, torch_class
 from .onnx_fold import fold_onnx
 from .outputs import StagedWrites, check_output_paths, write_atomic  # noqa: F401 - write_atomic: kept API
 from .report import FoldReport
-from .verify import VerifyResult, verify_onnx
+from .verify import VerifyResult, batched_inputs, verify_onnx
 
 # protobuf cannot serialize a message of 2 GiB or more
 MAX_PROTO_BYTES = 2**31 - 1
@@ -44,8 +46,8 @@ TORCHSCRIPT_DEFAULT_OPSET = 17
 
 
 class EvalBatchNorm(_BatchNorm):
-    """Plain torch BN used in the export copy in place of BN subclasses (tritonbn, SyncBatchNorm),
-    so the ONNX export never depends on custom kernels or process groups."""
+    """Plain torch BN used in the export copy in place of BN subclasses whose forward is tritonbn's or
+    SyncBatchNorm's, so the ONNX export never depends on custom kernels or process groups."""
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -53,24 +55,36 @@ class EvalBatchNorm(_BatchNorm):
 
 
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# forwards that compute torch's eval BN with other code (tritonbn's kernels, SyncBatchNorm's process
+# group); a BN with torch's own forward exports as it is, one with any other forward is the user's code
+_SWAPPED_FORWARDS = (_tbn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
+
+
+def _torch_replacement(m: nn.Module):
+    """The torch class to export ``m`` with, or None to export ``m`` through its own forward."""
+    if not isinstance(m, _BatchNorm) or "forward" in m.__dict__:
+        return None
+    if is_fused(m):
+        return torch_class(m)  # None when it overrides BatchNormAct's forward
+    if type(m).forward not in _SWAPPED_FORWARDS:
+        return None
+    return next((c for c in _TORCH_BN if isinstance(m, c)), EvalBatchNorm)
 
 
 def plain_torch_bn(model: nn.Module) -> nn.Module:
-    """Replace (in place, on a copy the caller owns) every non-torch BN by an equivalent torch BN; a fused
-    tritonbn BatchNormAct by torch BN + add + activation (its own forward if it overrides BatchNormAct's)."""
+    """Replace (in place, on a copy the caller owns) every BN whose forward is tritonbn's or SyncBatchNorm's
+    by an equivalent torch BN holding its standard state (a subclass's extra state is not used by that
+    forward); a fused tritonbn BatchNormAct by torch BN + add + activation.  Any other BN (torch's own, or
+    a subclass with its own forward) is exported through its own forward."""
     for name, m in list(model.named_modules()):
-        if not isinstance(m, _BatchNorm) or type(m) in _TORCH_BN + (EvalBatchNorm,):
+        cls = _torch_replacement(m)
+        if cls is None:
             continue
-        if is_fused(m):
-            cls = torch_class(m)
-            if cls is None:
-                continue
-        else:
-            cls = next((c for c in _TORCH_BN if isinstance(m, c)), EvalBatchNorm)
         ref = m.running_mean if m.running_mean is not None else m.weight
         new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
                   device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        new.load_state_dict(m.state_dict())
+        state = m.state_dict()
+        new.load_state_dict({k: state[k] for k in new.state_dict()})
         new.train(m.training)
         if is_fused(m):
             new.activation = m.activation
@@ -162,11 +176,11 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _export_dynamo(model, args, dynamic_batch, opset, optimize) -> onnx.ModelProto:
+def _export_dynamo(model, args, dynamic_batch, opset, optimize, batched) -> onnx.ModelProto:
     dyn = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        dyn = tuple({0: batch} for _ in args)
+        dyn = tuple({0: batch} if b else None for b in batched)
     kw = {"opset_version": opset} if opset else {}
     with _quiet_exporter():
         prog = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dyn, optimize=optimize,
@@ -186,12 +200,12 @@ class _Wrapper(nn.Module):
         return self.inner(*args)
 
 
-def _export_torchscript(model, args, dynamic_batch, opset):
+def _export_torchscript(model, args, dynamic_batch, opset, batched):
     """``(proto, trace_warnings)``; each warning as "file:line: first sentence of the message"."""
     buf = io.BytesIO()
     model = _Wrapper(model).eval()
     names = [f"input_{i}" for i in range(len(args))]
-    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    axes = {n: {0: "batch"} for n, b in zip(names, batched) if b} if dynamic_batch else None
     with _quiet_exporter() as caught:
         torch.onnx.export(model, args, buf, dynamo=False, input_names=names, dynamic_axes=axes,
                           opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET, do_constant_folding=True)
@@ -214,14 +228,16 @@ def export_model_proto(model, args, dynamic_batch=True, opset=None, optimize=Tru
     check_opset(opset)
     notes: list[str] = []
     errors: dict = {}
+    batched = batched_inputs(args)  # decided on the example inputs, before any is doubled
     # torch.export specializes a size-1 dim, so trace with batch 2 when the batch axis is dynamic
     if dynamic_batch and args[0].shape[0] == 1:
-        args = tuple(torch.cat([x, x]) for x in args)
+        args = tuple(torch.cat([x, x]) if b else x for x, b in zip(args, batched))
     if opset is not None and opset < DYNAMO_MIN_OPSET:
         why = f"opset {opset} was requested and the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later"
     else:
         try:
-            return _export_dynamo(model, args, dynamic_batch, opset, optimize), "dynamo", notes, errors
+            proto = _export_dynamo(model, args, dynamic_batch, opset, optimize, batched)
+            return proto, "dynamo", notes, errors
         except Exception as e:  # noqa: BLE001 - try the other exporter, keep the reason
             errors["dynamo"] = clean_text(f"{type(e).__name__}: {e}")
             why = f"the dynamo exporter failed: {failure_reason(e)}"
@@ -231,7 +247,7 @@ def export_model_proto(model, args, dynamic_batch=True, opset=None, optimize=Tru
         warnings.warn(f"{why}; used the TorchScript exporter instead", ExporterFallbackWarning, stacklevel=3)
     notes.append(f"TorchScript exporter used because {why}")
     try:
-        proto, trace_warnings = _export_torchscript(model, args, dynamic_batch, opset)
+        proto, trace_warnings = _export_torchscript(model, args, dynamic_batch, opset, batched)
     except Exception as e:
         errors["torchscript"] = clean_text(f"{type(e).__name__}: {e}")
         raise ExportError(f"torch.onnx.export failed: TorchScript exporter used because {why}; "
@@ -246,6 +262,42 @@ def export_model_proto(model, args, dynamic_batch=True, opset=None, optimize=Tru
                 "(--allow-trace-warnings) if these values really are constant")
         notes.append(f"trace warnings allowed by the caller: {listed}")
     return proto, "torchscript", notes, errors
+
+
+def external_data_files(proto: onnx.ModelProto, base_dir: str) -> list[str]:
+    """The files ``proto``'s tensors keep their data in, resolved against ``base_dir`` (the model file's
+    directory, as onnx.load does)."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    return sorted({os.path.join(base_dir, ExternalDataInfo(t).location) for t in _get_all_tensors(proto)
+                   if uses_external_data(t)})
+
+
+def load_onnx_file(path: str) -> tuple[onnx.ModelProto, list[str]]:
+    """``(proto, data_files)``: the ONNX model at ``path`` with its external data, if any, read into it
+    from the files next to it (``data_files``), so it serializes self-contained wherever it is written.
+    Raises ExportError (one line) when the file or its data cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            proto = onnx.load_from_string(f.read())
+        if not proto.graph.node:
+            raise ValueError("the graph has no nodes")
+    except OSError as e:
+        raise ExportError(f"cannot read {path!r}: {e.strerror}") from e
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, ...
+        raise ExportError(f"{path!r} is not a valid ONNX model: {first_line(e)}") from e
+    base = os.path.dirname(os.path.abspath(path))
+    files = external_data_files(proto, base)
+    if files:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, base)
+        except Exception as e:  # noqa: BLE001 - a missing or short data file, a location outside `base`
+            raise ExportError(f"cannot read the external data of {path!r}: {type(e).__name__}: "
+                              f"{first_line(e)}") from e
+        if proto.ByteSize() >= MAX_PROTO_BYTES:
+            raise ExportError(f"{path!r} with its external data is 2 GiB or larger; "
+                              "external-data output is not supported")
+    return proto, files
 
 
 def serialize(proto: onnx.ModelProto) -> bytes:
@@ -274,7 +326,9 @@ def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, 
                 report_path: str | None = None) -> ExportResult:
     """Fold BN (module pass), export, fold again (ONNX pass), check, verify, write ``path`` atomically.
 
-    ``example_inputs``: a tensor, or a tuple or list of tensors.  ``model`` is never modified.  Raises
+    ``example_inputs``: a tensor, or a tuple or list of tensors; the batch is axis 0 of the first one and
+    of every other one whose first dimension equals the first one's (``verify.batched_inputs``): only
+    those get the dynamic batch axis, the others keep their shape.  ``model`` is never modified.  Raises
     FoldError for a training-mode model, ExportError when the export or the checker fails (or a path
     cannot be written: all paths are checked before the export starts) and VerificationError (with
     ``.check``) when ONNX Runtime disagrees with PyTorch; in all these cases nothing is written.
@@ -287,6 +341,9 @@ def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, 
     if not isinstance(model, nn.Module):
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args = as_input_tuple(example_inputs, ExportError, tensors_only=True)
+    if dynamic_batch and (not args or not args[0].dim()):
+        raise ExportError("dynamic_batch needs a first example input with a batch axis (dim 0); "
+                          "pass dynamic_batch=False (--no-dynamic-batch)")
     check_opset(opset)
     check_output_paths({"path": path, "report_path": report_path})
     check_eval(model)

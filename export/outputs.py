@@ -24,10 +24,32 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def check_output_paths(paths: dict) -> None:
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:  # hard links
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_inputs(outputs: dict, inputs: dict) -> None:
+    """Raise ExportError (one line) when an output ``{label: path}`` names an input file ``{label: path
+    or list of paths}`` (None = not given): writing it would destroy the input."""
+    for label, path in outputs.items():
+        for in_label, in_paths in inputs.items():
+            for in_path in [in_paths] if isinstance(in_paths, (str, os.PathLike)) else in_paths or ():
+                if path is not None and _same_file(os.fspath(path), os.fspath(in_path)):
+                    raise ExportError(f"{label} {os.fspath(path)!r} is the input file of {in_label}; "
+                                      "refusing to overwrite it")
+
+
+def check_output_paths(paths: dict, inputs: dict | None = None) -> None:
     """Raise ExportError (one line) unless every ``{label: path}`` (None = not requested) names a file
-    that can be written: not a directory, under a directory (existing or creatable) that we may write
-    to, and no two labels naming the same file."""
+    that can be written: not a directory or any other existing non-regular file (a device, FIFO or
+    socket would be replaced by a regular file), none of the ``inputs`` (``{label: path}``, see
+    ``refuse_inputs``), under a directory (existing or creatable) that we may write to, and no two
+    labels naming the same file."""
     seen: dict[str, str] = {}
     for label, path in paths.items():
         if path is None:
@@ -37,10 +59,14 @@ def check_output_paths(paths: dict) -> None:
             raise ExportError(f"{label} {path!r} is not a file name")
         if os.path.isdir(path):
             raise ExportError(f"{label} {path!r} is a directory; give a file name")
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise ExportError(f"{label} {path!r} exists and is not a regular file (a device, FIFO, socket "
+                              "or broken link); give a regular file name")
         real = os.path.realpath(path)
         if real in seen:
             raise ExportError(f"{seen[real]} and {label} name the same file {path!r}")
         seen[real] = label
+        refuse_inputs({label: path}, inputs or {})
         anchor = _nearest_existing(os.path.dirname(os.path.abspath(path)))
         if not os.path.isdir(anchor):
             raise ExportError(f"{label} {path!r}: {anchor!r} is not a directory")

@@ -10,8 +10,12 @@ import torch
 
 from .errors import ExportError, first_line
 
-# max |onnx - torch| must stay below REL_TOL[dtype] * max(1, max |torch|)
+# max |onnx - torch| must stay below REL_TOL[dtype] * max(1, scale), per channel (see channel_tolerances)
 REL_TOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# A channel's scale is its own peak |torch|, but never below this many ulps of the whole output's peak
+# divided by REL_TOL: so its tolerance stays at least CHANNEL_FLOOR_ULPS ulps of the peak (see
+# channel_tolerances).
+CHANNEL_FLOOR_ULPS = 8
 
 
 @dataclass
@@ -49,9 +53,21 @@ def _session(onnx_model):
         raise ExportError(f"ONNX Runtime cannot load the model: {first_line(e)}") from e
 
 
-def _is_dynamic_batch(sess) -> bool:
-    ins = sess.get_inputs()
+def _is_dynamic_batch(sess, batched=None) -> bool:
+    """Whether every batched input (all when ``batched`` is None) has a symbolic first dimension."""
+    ins = [i for k, i in enumerate(sess.get_inputs()) if batched is None or batched[k]]
     return bool(ins) and all(i.shape and not isinstance(i.shape[0], int) for i in ins)
+
+
+def batched_inputs(inputs: tuple) -> tuple[bool, ...]:
+    """Which example inputs carry the batch on axis 0: the first input (when it has a dimension) and
+    every other input whose first dimension equals the first input's.  The others (e.g. a per-channel
+    gain of shape [C]) are kept as given when the batch size is varied; an example batch size that no
+    unbatched input has as its first dimension keeps the two apart."""
+    if not inputs or not inputs[0].dim():
+        return (False,) * len(inputs)
+    n = inputs[0].shape[0]
+    return tuple(k == 0 or (x.dim() > 0 and x.shape[0] == n) for k, x in enumerate(inputs))
 
 
 # Besides the example inputs and random inputs at other batch sizes, random inputs of other magnitudes:
@@ -67,12 +83,15 @@ def variant_label(scale: float, offset: float) -> str:
 
 
 def _with_batch(inputs: tuple, n: int, gen: torch.Generator, scale: float = 1.0, offset: float = 0.0):
-    """``(inputs, label)``: random floating inputs of batch ``n`` (randn * scale + offset)."""
+    """``(inputs, label)``: random floating inputs of batch ``n`` (randn * scale + offset); inputs without
+    the batch (``batched_inputs``) are kept as given."""
     out = []
     if any(x.dtype == torch.float16 for x in inputs):
         scale = min(scale, FP16_MAX_SCALE)
-    for x in inputs:
-        if x.is_floating_point():
+    for x, batched in zip(inputs, batched_inputs(inputs)):
+        if not batched:
+            y = x
+        elif x.is_floating_point():
             y = torch.randn((n,) + tuple(x.shape[1:]), generator=gen, dtype=torch.float32) * scale + offset
             y = y.to(x.dtype)
         else:  # integer inputs: reuse real rows so the values stay valid
@@ -81,8 +100,33 @@ def _with_batch(inputs: tuple, n: int, gen: torch.Generator, scale: float = 1.0,
     return tuple(out), variant_label(scale, offset)
 
 
+def channel_tolerances(mag: np.ndarray, rel_tol: float, eps: float) -> np.ndarray:
+    """Tolerance of each channel (axis 1; one value for outputs with fewer than 2 dims) of an output whose
+    finite reference magnitudes are ``mag``: ``rel_tol * max(1, max|channel|, floor * max|output|)``.
+
+    Per channel, so that a channel far below the output's peak (a small feature, a rare class) is checked
+    at its own scale: against the peak, its sign could flip unnoticed.  The floor keeps rounding from
+    failing: a channel computed from terms as large as the peak (e.g. a difference of large values) can
+    be off by a few ulps of the peak, so no tolerance goes below CHANNEL_FLOOR_ULPS ulps of it
+    (``floor = CHANNEL_FLOOR_ULPS * eps / rel_tol``: about 1e-2 in float32, whose REL_TOL is some
+    1600 unit roundoffs, 2e-8 in float64; in float16/bfloat16, where REL_TOL is only 20 or 13 unit
+    roundoffs, the floor reaches 1 and the check is the global one).  The absolute floor ``rel_tol``
+    (``max(1, ...)``) is unchanged."""
+    peak = float(mag.max(initial=0.0))
+    floor = min(1.0, CHANNEL_FLOOR_ULPS * eps / rel_tol)
+    per = per_channel_max(mag)
+    return rel_tol * np.maximum(1.0, np.maximum(per, floor * peak))
+
+
+def per_channel_max(a: np.ndarray) -> np.ndarray:
+    """Max of ``a`` over every axis but 1 (the channel axis); ``[max(a)]`` for fewer than 2 dims."""
+    if a.ndim < 2:
+        return np.array([a.max(initial=0.0)])
+    return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1).max(axis=1, initial=0.0)
+
+
 def compare(ref: list, got: list) -> dict:
-    """Worst error over all outputs; ``ok`` follows the dtype-aware tolerance."""
+    """Worst error over all outputs; ``ok`` follows the dtype-aware tolerance, per output channel."""
     worst = {"max_abs_err": 0.0, "max_rel_err": 0.0, "ok": len(ref) == len(got), "why": ""}
     if not worst["ok"]:
         worst["why"] = f"{len(got)} ONNX outputs vs {len(ref)} PyTorch outputs"
@@ -107,14 +151,21 @@ def compare(ref: list, got: list) -> dict:
             worst.update(ok=False, why=f"output {i}: infinities differ", max_abs_err=float("inf"))
             continue
         finite = ~(nan_r | inf_r)
-        err = float(np.max(np.abs(g64[finite] - r64[finite]), initial=0.0))
-        scale = float(np.max(np.abs(r64[finite]), initial=0.0))
+        diff = np.where(finite, np.abs(g64 - np.where(finite, r64, 0.0)), 0.0)
+        mag = np.where(finite, np.abs(r64), 0.0)
+        err = float(diff.max(initial=0.0))
+        scale = float(mag.max(initial=0.0))
         rel = err / max(scale, 1e-30)
         worst["max_abs_err"] = max(worst["max_abs_err"], err)
         worst["max_rel_err"] = max(worst["max_rel_err"], rel)
-        tol = REL_TOL.get(r.dtype, 1e-4) * max(1.0, scale)
-        if not err <= tol:
-            worst.update(ok=False, why=f"output {i}: max abs error {err:.3g} > tolerance {tol:.3g}")
+        if not diff.size:
+            continue
+        rel_tol = REL_TOL.get(r.dtype, 1e-4)
+        errs, tols = per_channel_max(diff), channel_tolerances(mag, rel_tol, torch.finfo(r.dtype).eps)
+        c = int(np.argmax(errs / tols))
+        if not errs[c] <= tols[c]:
+            where = f"output {i}, channel {c}" if diff.ndim >= 2 else f"output {i}"
+            worst.update(ok=False, why=f"{where}: max abs error {errs[c]:.3g} > tolerance {tols[c]:.3g}")
     return worst
 
 
@@ -126,7 +177,9 @@ def verify_onnx(onnx_model, model: torch.nn.Module, example_inputs, dynamic_batc
                 seed: int = 0) -> VerifyResult:
     """Run ONNX Runtime on ``onnx_model`` (path or ModelProto) and PyTorch eval on a deep copy of
     ``model`` with ``example_inputs``, random inputs of several magnitudes (INPUT_VARIANTS) and, if the
-    batch axis is dynamic, random inputs at two other batch sizes.  ``model`` is never modified."""
+    batch axis is dynamic, random inputs at two other batch sizes; inputs without the batch
+    (``batched_inputs``) are kept as given.  ``model`` is never modified.  Raises ExportError (one line)
+    when the model itself fails on some of these inputs."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -135,7 +188,7 @@ def verify_onnx(onnx_model, model: torch.nn.Module, example_inputs, dynamic_batc
     if len(names) != len(example_inputs):
         raise ExportError(f"the ONNX model takes {len(names)} inputs, {len(example_inputs)} were given")
     if dynamic_batch is None:
-        dynamic_batch = _is_dynamic_batch(sess)
+        dynamic_batch = _is_dynamic_batch(sess, batched_inputs(example_inputs))
     ref_model = copy.deepcopy(model).eval()
     gen = torch.Generator().manual_seed(seed)
     n0 = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
@@ -146,8 +199,16 @@ def verify_onnx(onnx_model, model: torch.nn.Module, example_inputs, dynamic_batc
         batches += [_with_batch(example_inputs, n0, gen, sc, off) for sc, off in INPUT_VARIANTS]
     result = VerifyResult(ok=True, max_abs_err=0.0, max_rel_err=0.0)
     for inputs, label in batches:
-        with torch.no_grad():
-            ref = _flatten(ref_model(*inputs))
+        try:
+            with torch.no_grad():
+                ref = _flatten(ref_model(*inputs))
+        except Exception as e:  # noqa: BLE001 - e.g. an input taken for batched that is not
+            shapes = ", ".join("x".join(map(str, x.shape)) or "scalar" for x in inputs)
+            hint = "" if inputs is example_inputs else (
+                "; inputs whose first dimension equals the first input's are taken as batched: use an "
+                "example batch size no other input has")
+            raise ExportError(f"the model fails on {label} inputs of shape {shapes} "
+                              f"({type(e).__name__}: {first_line(e)}){hint}") from e
         feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)}
         try:
             got = sess.run(None, feeds)

@@ -100,6 +100,9 @@ def test_replaced_file_keeps_its_permissions(tmp_path, small_onnx):
     ("output_under_file", "is not a directory"),
     ("report_under_file", "is not a directory"),
     ("same_file", "name the same file"),
+    ("output_is_fifo", "not a regular file"),
+    ("report_is_fifo", "not a regular file"),
+    ("output_is_broken_link", "not a regular file"),
 ])
 def test_bad_output_paths_fail_before_the_export(tmp_path, capsys, monkeypatch, case, needle):
     import tritonbn.export.onnx_io as onnx_io
@@ -110,6 +113,8 @@ def test_bad_output_paths_fail_before_the_export(tmp_path, capsys, monkeypatch, 
     monkeypatch.setattr(onnx_io, "export_model_proto", no_export)
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("x")
+    os.mkfifo(tmp_path / "afifo")  # like a device node: os.replace would put a regular file in its place
+    os.symlink(tmp_path / "nowhere", tmp_path / "alink")
     out, rep = str(tmp_path / "m.onnx"), str(tmp_path / "r.json")
     out, rep = {
         "output_is_dir": (str(tmp_path / "adir"), rep),
@@ -117,11 +122,100 @@ def test_bad_output_paths_fail_before_the_export(tmp_path, capsys, monkeypatch, 
         "output_under_file": (str(tmp_path / "afile" / "m.onnx"), rep),
         "report_under_file": (out, str(tmp_path / "afile" / "r.json")),
         "same_file": (out, out),
+        "output_is_fifo": (str(tmp_path / "afifo"), rep),
+        "report_is_fifo": (out, str(tmp_path / "afifo")),
+        "output_is_broken_link": (str(tmp_path / "alink"), rep),
     }[case]
     before = sorted(os.listdir(tmp_path))
     assert main(FACTORY + ["-o", out, "--report", rep]) == 1
     _one_line_error(capsys, needle)
     assert sorted(os.listdir(tmp_path)) == before and not os.listdir(tmp_path / "adir")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "afifo").st_mode) and os.path.islink(tmp_path / "alink")
+
+
+@pytest.mark.parametrize("source,flag", [("onnx", "-o"), ("onnx", "--report"), ("model", "-o"),
+                                         ("model", "--report"), ("onnx_hardlink", "--report")])
+def test_output_naming_an_input_is_refused(tmp_path, small_onnx, capsys, monkeypatch, source, flag):
+    """``--report in.onnx`` silently overwrote the input."""
+    import tritonbn.export.onnx_io as onnx_io
+
+    monkeypatch.setattr(onnx_io, "export_model_proto", lambda *a, **k: pytest.fail("the export ran"))
+    if source.startswith("onnx"):
+        given = small_onnx
+        if source == "onnx_hardlink":
+            given = str(tmp_path / "link.onnx")
+            os.link(small_onnx, given)
+        src, victim = ["--onnx-in", given], small_onnx
+    else:
+        victim = str(tmp_path / "w.pt")
+        torch.save(randomize_all(TinyResNet()).state_dict(), victim)
+        src = FACTORY + ["--checkpoint", victim]
+    before = open(victim, "rb").read()
+    other = str(tmp_path / ("r.json" if flag == "-o" else "m.onnx"))
+    outs = ["-o", victim, "--report", other] if flag == "-o" else ["-o", other, "--report", victim]
+    assert main(src + outs) == 1
+    _one_line_error(capsys, "is the input file of", "refusing to overwrite")
+    assert open(victim, "rb").read() == before and not os.path.exists(other)
+
+
+def _external_data_onnx(directory):
+    """small.onnx (Conv, BN, Relu, Conv: the second conv's weight is not folded) keeping its tensors in
+    small.data next to it."""
+    directory.mkdir()
+    _conv_bn_onnx(directory / "plain.onnx", ["N", 3, 8, 8])
+    proto = onnx.load(str(directory / "plain.onnx"))
+    w2 = np.random.default_rng(1).standard_normal((2, 4, 1, 1)).astype(np.float32)
+    proto.graph.initializer.append(numpy_helper.from_array(w2, "W2"))
+    proto.graph.node.extend([helper.make_node("Relu", ["y"], ["r"]),
+                             helper.make_node("Conv", ["r", "W2"], ["z"])])
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 2, 6, 6]))
+    onnx.checker.check_model(proto)
+    onnx.save_model(proto, str(directory / "small.onnx"), save_as_external_data=True, location="small.data",
+                    size_threshold=0)
+    return directory / "small.onnx"
+
+
+@pytest.mark.parametrize("run_in", ["model_dir", "elsewhere"])
+def test_onnx_in_with_external_data(tmp_path, monkeypatch, capsys, run_in):
+    """The data was looked up relative to the current directory: from the model's directory the output
+    pointed at a data file that is not next to it (exit 0, unloadable), from elsewhere an internal error."""
+    import onnxruntime as ort
+
+    src = _external_data_onnx(tmp_path / "model")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / ("model" if run_in == "model_dir" else "elsewhere"))
+    out = tmp_path / "out" / "folded.onnx"
+    assert main(["--onnx-in", str(src), "-o", str(out)]) == 0, capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == ["folded.onnx"]
+    proto = onnx.load(str(out), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    sess = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])  # self-contained
+    assert sess.run(None, {"x": np.ones((1, 3, 8, 8), np.float32)})[0].shape == (1, 2, 6, 6)
+
+
+def test_onnx_in_with_missing_external_data_is_one_line(tmp_path, capsys):
+    src = _external_data_onnx(tmp_path / "model")
+    os.remove(tmp_path / "model" / "small.data")
+    out = tmp_path / "folded.onnx"
+    assert main(["--onnx-in", str(src), "-o", str(out)]) == 1
+    _one_line_error(capsys, "external data")
+    assert not out.exists()
+
+
+def test_output_naming_the_external_data_is_refused(tmp_path, capsys):
+    src = _external_data_onnx(tmp_path / "model")
+    data = tmp_path / "model" / "small.data"
+    before = data.read_bytes()
+    assert main(["--onnx-in", str(src), "-o", str(data)]) == 1
+    _one_line_error(capsys, "external data")
+    assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [[], ["--model"], ["--onnx-in", "a.onnx", "--opset", "x"], ["--bogus"]])
+def test_usage_errors_are_one_line_and_not_the_verification_code(capsys, args):
+    """argparse exits 2, the code of a verification failure."""
+    assert main(args) == 1
+    _one_line_error(capsys, "--help")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")

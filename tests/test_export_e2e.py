@@ -139,6 +139,92 @@ def test_tritonbn_model_exports(tmp_path):
     assert_untouched(m, snap)
 
 
+class ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2.0 + 1.0
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_bn_subclass_exports_through_its_own_forward(tmp_path, fold):
+    """fold=False replaced it by torch BN ("verification failed"); fold=True folded it as a plain BN."""
+    m = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBN(4), nn.ReLU(), ScaledBN(4)))
+    result = export_onnx(m, (torch.randn(2, 3, 6, 6),), str(tmp_path / "m.onnx"), fold=fold)
+    assert result.check.ok
+    if fold:
+        assert not result.module_report.folded
+        assert all("ScaledBN overrides forward" in s.reason for s in result.module_report.skipped)
+
+
+def test_bn_with_forward_replaced_on_the_instance_exports_it(tmp_path):
+    m = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), tritonbn.BatchNorm2d(4)))
+    m[2].forward = lambda x: nn.functional.batch_norm(x, m[2].running_mean, m[2].running_var) * 3
+    result = export_onnx(m, (torch.randn(2, 3, 6, 6),), str(tmp_path / "m.onnx"), fold=False)
+    assert result.check.ok
+
+
+class BNWithBuffer(nn.BatchNorm2d):
+    """torch's forward and one extra buffer."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.register_buffer("calib", torch.ones(c))
+
+
+class TritonBNWithBuffer(tritonbn.BatchNorm2d):
+    def __init__(self, c):
+        super().__init__(c)
+        self.register_buffer("calib", torch.ones(c))
+
+
+@pytest.mark.parametrize("bn", [BNWithBuffer, TritonBNWithBuffer])
+def test_bn_subclass_with_extra_state_exports(tmp_path, bn):
+    """plain_torch_bn's strict load_state_dict raised a raw RuntimeError ("Unexpected key(s) ... calib")."""
+    m = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), bn(4)))
+    snap = snapshot(m)
+    for fold in (True, False):
+        result = export_onnx(m, (torch.randn(2, 3, 6, 6),), str(tmp_path / f"m{fold}.onnx"), fold=fold)
+        assert result.check.ok
+    assert_untouched(m, snap)
+
+
+class WithGain(nn.Module):
+    """A second input without the batch: a per-channel gain of shape [4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, gain):
+        return self.bn(self.conv(x)) * gain.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("batch,dynamic", [(2, True), (1, True), (1, False)])
+def test_unbatched_second_input_is_kept_as_given(tmp_path, batch, dynamic):
+    """Every input was given the batch axis: a raw RuntimeError, or a false VerificationError ("invalid
+    dimensions for input: gain") with batch 1 and dynamic_batch=False."""
+    m = randomize_all(WithGain())
+    path = str(tmp_path / "m.onnx")
+    result = export_onnx(m, (torch.randn(batch, 3, 8, 8), torch.rand(4)), path, dynamic_batch=dynamic)
+    assert result.check.ok and len(result.module_report.folded) == 1
+    x_in, gain_in = onnx.load(path).graph.input
+    assert [d.dim_value for d in gain_in.type.tensor_type.shape.dim] == [4]
+    assert bool(x_in.type.tensor_type.shape.dim[0].dim_param) == dynamic
+    if dynamic:
+        assert sorted({r["batch"] for r in result.check.runs}) == sorted({batch, 3, 1 if batch != 1 else 5})
+
+
+def test_unbatched_input_taken_for_batched_is_one_line_error(tmp_path):
+    """gain's first dimension equals the batch (4): taken as batched (the documented rule), the model fails
+    on test inputs of another batch size: one line, not a raw RuntimeError."""
+    m = randomize_all(WithGain())
+    path = str(tmp_path / "m.onnx")
+    export_onnx(m, (torch.randn(2, 3, 8, 8), torch.rand(4)), path)
+    with pytest.raises(ExportError, match="taken as batched") as err:
+        verify_onnx(path, m, (torch.randn(4, 3, 8, 8), torch.rand(4)), dynamic_batch=True)
+    assert "\n" not in str(err.value)
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 def factory():

@@ -43,7 +43,8 @@ BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 @pytest.mark.parametrize("groups,bias", [(1, True), (1, False), (2, True), (8, False)])
 def test_conv_then_bn(dims, groups, bias):
     m = nn.Sequential(CONV[dims](8, 8, 3, padding=1, groups=groups, bias=bias), BN[dims](8))
-    folded, _ = _check(m, torch.randn((2, 8) + (6,) * dims), 1, example=False)
+    # 1-d needs example inputs (test_conv1d_bn1d_needs_example_inputs); 2-d/3-d BN accept batched input only
+    folded, _ = _check(m, torch.randn((2, 8) + (6,) * dims), 1, example=dims == 1)
     assert count_bn(folded) == 0
 
 
@@ -51,7 +52,7 @@ def test_conv_then_bn(dims, groups, bias):
 @pytest.mark.parametrize("cin,cout,groups", [(8, 8, 1), (8, 8, 4), (4, 8, 2), (8, 4, 4), (6, 6, 6)])
 def test_conv_transpose_then_bn(dims, cin, cout, groups):
     m = nn.Sequential(CONVT[dims](cin, cout, 3, stride=2, groups=groups), BN[dims](cout))
-    folded, _ = _check(m, torch.randn((2, cin) + (4,) * dims), 1, example=False)
+    folded, _ = _check(m, torch.randn((2, cin) + (4,) * dims), 1, example=dims == 1)
     assert count_bn(folded) == 0
 
 
@@ -171,10 +172,19 @@ def test_shared_module_gets_a_clone():
 
 
 class CustomBN(nn.BatchNorm2d):
-    """A user BN subclass whose forward must not be traced into (FX fuse does)."""
+    """A user BN subclass with torch's forward (only its input check is its own): must not be traced into
+    (FX fuse does), and folds."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError("4-D input expected")
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """A BN subclass with its own forward: what it computes is not eval BN."""
 
     def forward(self, x):
-        return super().forward(x)
+        return super().forward(x) * 2.0 + 1.0
 
 
 class StdConv(nn.Conv2d):
@@ -189,6 +199,122 @@ class StdConv(nn.Conv2d):
 def test_custom_bn_subclass_is_a_leaf_and_folds():
     folded, _ = _check(nn.Sequential(nn.Conv2d(3, 4, 3), CustomBN(4)), torch.randn(2, 3, 6, 6), 1)
     assert count_bn(folded) == 0
+
+
+def test_bn_subclass_with_its_own_forward_is_kept():
+    """Was folded as a plain BN (max diff 2.5)."""
+    folded, report = _check(nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBN(4)), torch.randn(2, 3, 6, 6), 0)
+    assert "ScaledBN overrides forward" in report.skipped[0].reason and count_bn(folded) == 1
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_forward_replaced_on_the_instance_is_not_folded(which):
+    """``conv.forward = ...`` / ``bn.forward = ...`` (e.g. a monkey-patching tool): was folded as plain."""
+    m = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    original = m[which].forward
+    m[which].forward = lambda x: original(x).clamp(min=0) * 3
+    _, report = _check(m, torch.randn(2, 3, 6, 6), 0)
+    assert "forward replaced on the instance" in report.skipped[0].reason
+
+
+class ReadsBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.bias.view(1, -1, 1, 1)
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) + x @ self.fc.weight  # weight-tied use of fc's weight
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class ReadsChildWeight(nn.Module):
+    """A parent reading a parameter of a layer its (separately folded) user submodule calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvBN()
+
+    def forward(self, x):
+        return self.block(x) * self.block.conv.weight.sum()
+
+
+class ReadsChildBN(ReadsChildWeight):
+    def forward(self, x):
+        return self.block(x) + self.block.bn.weight.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("model,x_shape,read", [
+    (ReadsBias, (2, 3, 5, 5), "'conv.bias'"),
+    (TiedHead, (4, 6), "'fc.weight'"),
+    (ReadsChildWeight, (2, 3, 5, 5), "'block.conv.weight'"),
+    (ReadsChildBN, (2, 3, 5, 5), "'block.bn.weight'"),
+])
+def test_parameters_read_directly_are_not_folded(model, x_shape, read):
+    """An in-place fold changed what ``self.conv.bias`` etc. read (wrong outputs), or removed the BN a
+    parent reads (AttributeError)."""
+    _, report = _check(model(), torch.randn(x_shape), 0)
+    assert f"also read directly ({read})" in report.skipped[0].reason, report.format()
+
+
+def test_parameters_read_elsewhere_do_not_block_other_folds():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = ConvBN(), ReadsBias()
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    _, report = _check(Two(), torch.randn(2, 3, 5, 5), 1)
+    assert report.folded[0].bn == "a.bn" and report.skipped[0].bn == "b.bn"
+
+
+class KeywordCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(input=self.conv(input=x))
+
+
+def test_calls_with_the_input_as_keyword_fold():
+    """``self.bn(input=y)`` was kept as "called with extra arguments"."""
+    folded, _ = _check(KeywordCalls(), torch.randn(2, 3, 6, 6), 1)
+    assert count_bn(folded) == 0
+
+
+def test_conv1d_bn1d_needs_example_inputs():
+    """Without example inputs, an unbatched (C, L) input would make BatchNorm1d normalize along L."""
+    m = randomize_all(nn.Sequential(nn.Conv1d(3, 5, 1), nn.BatchNorm1d(5)))
+    x = torch.randn(3, 5)  # unbatched: the conv gives (5, 5), which BN reads as (N, C)
+    folded, report = fold_batchnorm(m)
+    torch.testing.assert_close(folded(x), m(x))
+    assert "example_inputs" in report.skipped[0].reason
+    _, report = fold_batchnorm(m, x)
+    assert not report.folded and "unbatched" in report.skipped[0].reason
+    _check(m, torch.randn(2, 3, 5), 1)
 
 
 def test_conv_subclass_with_custom_forward_is_not_folded():

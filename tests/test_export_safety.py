@@ -54,6 +54,48 @@ def test_verify_tries_several_magnitudes(tmp_path):
     assert [r["ok"] for r in check.runs] == [True, True, True, True, False, True]
 
 
+def test_verify_catches_a_wrong_channel_far_below_the_peak(tmp_path):
+    """The tolerance was 1e-4 * max|output| over the whole tensor: a sign flip of a channel 1e5 times
+    smaller than the other passed."""
+    from onnx import numpy_helper
+
+    m = nn.Sequential(nn.Conv2d(3, 2, 1)).eval()
+    with torch.no_grad():
+        m[0].bias.zero_()
+        m[0].weight[0] = 100.0
+        m[0].weight[1] = 0.001
+    path, bad = str(tmp_path / "m.onnx"), str(tmp_path / "bad.onnx")
+    assert export_onnx(m, (X,), path).check.ok  # the small channel's own rounding passes
+    proto = onnx.load(path)
+    for t in proto.graph.initializer:
+        a = numpy_helper.to_array(t).copy()
+        if a.ndim == 4:
+            a[1] *= -1
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(proto, bad)
+    check = verify_onnx(bad, m, (X,))
+    assert not check.ok and "channel 1" in check.message and "tolerance" in check.message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_channel_tolerance_allows_rounding_at_the_peak(dtype):
+    """A tiny channel may be computed from terms as large as the peak: a few ulps of the peak pass, a
+    wrong sign of a channel well above that floor does not."""
+    from tritonbn.export.verify import compare
+
+    ref = torch.zeros(2, 3, 4, dtype=dtype)
+    ref[:, 0] = 1000.0
+    ref[:, 1] = 1e-3
+    ref[:, 2] = -20.0
+    ulp = torch.finfo(dtype).eps * 1000.0
+    got = ref.double().numpy().copy()
+    got[:, 1] += 4 * ulp  # the tiny channel off by 4 ulps of the peak
+    assert compare([ref], [got.astype(ref.numpy().dtype)])["ok"]
+    got[:, 2] *= -1
+    result = compare([ref], [got.astype(ref.numpy().dtype)])
+    assert not result["ok"] and "channel 2" in result["why"]
+
+
 def test_harmless_trace_warning_needs_explicit_consent(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_io, "_export_dynamo", _no_dynamo())
     m = randomize_all(ShapeConstant())
