@@ -4,6 +4,7 @@ the reduction counters, num_batches_tracked on the device, and where a call runs
 On a GPU machine the CUDA-marked tests compare the cached ``CompiledKernel.run`` launch with Triton's
 normal launch."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -182,9 +183,25 @@ def test_plan_cache_reuses_plans_and_keys_on_everything_the_kernels_specialize_o
     ops.forward(x, w, b, None, None, None, True, 0.1, 1e-5, torch.randn_like(x), 1, True)  # fused + mask
     assert len(ops._plans) == 1 + len(variants) + 3
     assert next(iter(ops._plans.values())) is plan
+    # The parameters' dtype: each pointer is typed in a compiled kernel (bf16 input, fp32 or bf16
+    # parameters; running stats only; in eval the running stats are the statistics the kernels read).
+    n = len(ops._plans)
+    xb = x.bfloat16()
+    for pd in (torch.float32, torch.bfloat16):
+        ops.forward(xb, w.to(pd), b.to(pd), None, None, None, True, 0.1, 1e-5)
+        ops.forward(xb, None, None, torch.zeros(6, dtype=pd), torch.ones(6, dtype=pd), None, True, 0.1, 1e-5)
+        ops.normalize(xb, None, None, torch.zeros(6, dtype=pd), torch.ones(6, dtype=pd), False, 1e-5)
+    assert len(ops._plans) == n + 6
+    for pd in (torch.float32, torch.bfloat16):   # backward plans found by key (custom ops' backward)
+        rm, rv = torch.zeros(6, dtype=pd), torch.ones(6, dtype=pd)
+        ops.backward(torch.randn_like(xb), xb, w.to(pd), None, rm, rv, None, False, 1e-5, 0, True, True, None,
+                     False)
+        ops.backward(torch.randn_like(xb), xb, None, None, rm, rv, None, False, 1e-5, 0, True, False, None,
+                     False)
+    assert len(ops._plans) == n + 10
     # Every plan's launches pass the runtime arguments in signature order, constexprs last.
     for p in ops._plans.values():
-        for launch in (p.stats, p.fwd):
+        for launch in (p.stats, p.fwd) if isinstance(p, ops.ForwardPlan) else (p.reduce, p.dx):
             if launch is not None:
                 _check_signature_order(launch)
 
@@ -194,6 +211,37 @@ def _check_signature_order(launch):
     constexprs = _constexpr_names(launch.kernel)
     assert names[-len(constexprs):] == constexprs          # all constexprs last: (*args, *consts) is the list
     assert set(launch.constexprs) == set(constexprs)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("training", [True, False])
+def test_calls_differing_only_in_parameter_dtype_take_their_own_plans(training, device):
+    """A bf16 input with fp32 parameters and the same input with bf16 parameters (an autocast model next
+    to a .bfloat16() copy): each gets its own forward and backward plans (cached launches reuse a
+    kernel compiled for one set of pointer types), and both match torch."""
+    x0 = make_input((4, 6, 5, 7), "channels_last", dtype=torch.bfloat16, device=device)
+    plans = []
+    for pd in (torch.float32, torch.bfloat16, torch.float32):
+        theirs = torch.nn.BatchNorm2d(6).to(device=device, dtype=pd).train(training)
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.uniform_(-1, 1)
+            theirs.running_var.uniform_(0.5, 1.5)
+        ours = tritonbn.convert_model(copy.deepcopy(theirs))
+        x = x0.clone().requires_grad_(True)
+        y = ours(x)
+        y.float().square().sum().backward()
+        x_t = x0.clone().requires_grad_(True)
+        y_t = theirs(x_t)
+        y_t.float().square().sum().backward()
+        torch.testing.assert_close(y, y_t, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(x.grad, x_t.grad, rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=2e-2, atol=5e-2)
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-2, atol=1e-2)
+        plans.append([p for k, p in ops._plan_cache().items() if isinstance(k[0], torch.Size)
+                      and k[0] == x0.shape and k[3] == torch.bfloat16 and k[4] == pd and k[6] == training])
+    assert len(plans[0]) == len(plans[1]) == 1 and plans[0][0] is not plans[1][0]
+    assert plans[2][0] is plans[0][0]                       # and reused for the same dtypes
 
 
 def test_plan_cache_follows_tuning(monkeypatch):

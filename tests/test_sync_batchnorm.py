@@ -118,3 +118,16 @@ def test_sync_batchnorm_without_process_group_is_batchnorm(device):
     sync.eval()
     ref_bn.eval()
     torch.testing.assert_close(sync(x), ref_bn(x))
+
+
+def test_cross_process_checks_refuse_mixed_parameter_dtypes():
+    """SyncBatchNorm's cross-process path checks its inputs itself (``check_inputs``): parameters and
+    running stats of two dtypes are refused, as torch refuses them, since the kernels' plans key on one."""
+    from tritonbn.functional import check_inputs
+
+    x = torch.randn(2, 3, 4, dtype=torch.bfloat16)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    check_inputs(x, rm, rv, torch.ones(3), torch.zeros(3), True)
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        check_inputs(x, rm, rv, torch.ones(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16),
+                     True)

@@ -121,6 +121,10 @@ def check_inputs(input, running_mean, running_var, weight, bias, training: bool)
         if t.dtype not in allowed:
             raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}, input has {input.dtype}; "
                                f"expected one of {[str(d) for d in allowed]}")
+    dtypes = {t.dtype for t in (running_mean, running_var, weight, bias) if t is not None}
+    if len(dtypes) > 1:   # the kernels' plans key on one parameter dtype (ops.forward_plan)
+        raise RuntimeError("batch_norm: weight, bias and running stats must share one dtype, got "
+                           f"{sorted(str(d) for d in dtypes)}")
     if training and input.numel() // max(c, 1) == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{input.size()}")

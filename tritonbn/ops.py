@@ -797,12 +797,16 @@ def forward_plan(x, weight, bias, running_mean, running_var, num_batches_tracked
                  residual=None, activation: int = 0, write_mask: bool = False, bump: bool = False):
     """``(x, plan)`` of a forward call (arguments as ``forward``): x is a dense copy when the input is not
     readable in place (or, for the bitmask, not in memory order). Cached by everything the kernels
-    specialize on, the big tensors' 16-byte alignment included."""
+    specialize on, the big tensors' 16-byte alignment and the parameters' dtype included (callers pass
+    parameters and running stats of one dtype, as ``functional.supported`` requires: a compiled kernel
+    types each pointer, and cached launches skip Triton's specialization)."""
     has_running = running_mean is not None
     flags = (weight is not None, bias is not None, has_running and training,
              training and has_running and momentum is None and num_batches_tracked is not None,
              bump and training, residual is not None, activation, write_mask)
-    key = (x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
+    p = weight if weight is not None else bias if bias is not None else running_mean
+    key = (x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, None if p is None else p.dtype,
+           x.get_device(), training, flags)
     cache = _plans if TUNING is _plans_tuning else _plan_cache()
     plan = cache.get(key)
     if plan is None:
@@ -1020,8 +1024,9 @@ def normalize(x, weight, bias, mean_src, var_src, training: bool, eps: float, re
     """The normalize launch alone: ``(y, mask)`` = ``activation(BN(x) [+ residual])`` from given statistics:
     in training ``mean_src`` = ``var_src`` = ``[mean | invstd]`` (``batch_stats``, or SyncBatchNorm's
     global ones), in eval the running mean and variance. ``mask`` as in ``forward``."""
-    x, plan = forward_plan(x, weight, bias, None, None, None, training, 0.0, residual, activation,
-                           write_mask)
+    # In eval the running stats are the statistics: passed for the plan's key (their dtype).
+    x, plan = forward_plan(x, weight, bias, None if training else mean_src, None if training else var_src,
+                           None, training, 0.0, residual, activation, write_mask)
     if plan.numel == 0:
         return torch.empty_like(x), None
     return _run_normalize(plan, x, _device(x)[1], weight, bias, mean_src, var_src, None, eps, residual)
@@ -1044,21 +1049,26 @@ def stats_views(stats: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor
     return stats[:c], stats[c:2 * c]
 
 
+def backward_tuning(view: View, dtype: torch.dtype, act: int, tuning: Tuning) -> Tuning:
+    """The tuning a backward plan takes: smaller tiles for some activations (``BackwardPlan``)."""
+    if act != 0 and tuning.fused_cl_tiles and view.stride_c == 1 and view.stride_s != 1:
+        return dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // 2,
+                                   elementwise_tile=tuning.elementwise_tile // 2,
+                                   eval_tile=tuning.eval_tile // 2)
+    if act != 0 and act not in GATED:
+        # SiLU's act'(u) (an exponential and a division per element) in the reduction's loop: full tiles
+        # spill registers on sm_80 (fp32) and sm_90 (fp64), half fp64 tiles still need a stack frame on
+        # sm_80 (libdevice's exp) (compile gate). Hardswish (no exponential) takes the same.
+        div = 4 if dtype == torch.float64 else 2
+        return dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // div)
+    return tuning
+
+
 class BackwardPlan:
     def __init__(self, view: View, dtype: torch.dtype, dev: int, training: bool, flags: tuple):
         (has_weight, has_bias, act, has_mask, need_dx, need_dw, need_db, need_dz, need_sums) = flags
         k = _kernels()
-        tuning = TUNING
-        if act != 0 and tuning.fused_cl_tiles and view.stride_c == 1 and view.stride_s != 1:
-            tuning = dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // 2,
-                                         elementwise_tile=tuning.elementwise_tile // 2,
-                                         eval_tile=tuning.eval_tile // 2)
-        elif act != 0 and act not in GATED:
-            # SiLU's act'(u) (an exponential and a division per element) in the reduction's loop: full
-            # tiles spill registers on sm_80 (fp32) and sm_90 (fp64), half fp64 tiles still need a stack
-            # frame on sm_80 (libdevice's exp) (compile gate). Hardswish (no exponential) takes the same.
-            div = 4 if dtype == torch.float64 else 2
-            tuning = dataclasses.replace(tuning, reduce_tile=tuning.reduce_tile // div)
+        tuning = backward_tuning(view, dtype, act, TUNING)
         acc = _acc_dtype(dtype)
         self.acc = acc
         c = view.c
@@ -1119,7 +1129,9 @@ def backward(dy, x, weight, bias, mean_src, var_src, mask, training: bool, eps: 
     need_dw, need_db, need_dz, need_sums = flags[5:]
     plan = forward_plan.backward_plans.get(flags) if forward_plan is not None else None
     if plan is None:
-        key = ("bwd", x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, x.get_device(), training, flags)
+        p = weight if weight is not None else bias if bias is not None else None if training else mean_src
+        key = ("bwd", x.shape, x.stride(), x.data_ptr() % 16 == 0, x.dtype, None if p is None else p.dtype,
+               x.get_device(), training, flags)
         cache = _plans if TUNING is _plans_tuning else _plan_cache()
         plan = cache.get(key)
         if plan is None:
@@ -1238,7 +1250,8 @@ def bn_backward_dx(x: torch.Tensor, dy: torch.Tensor, weight, stats, sums, count
     dy = _like(x, dy)
     flags = (weight is not None, False, 0, False, True, False, False, False, False)
     dev, stream = _device(x)
-    key = ("dx", tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0, x.dtype, dev, flags)
+    key = ("dx", tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0, x.dtype,
+           None if weight is None else weight.dtype, dev, flags)
     cache = _plan_cache()
     plan = cache.get(key)
     if plan is None:
