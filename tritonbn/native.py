@@ -53,6 +53,7 @@ DX, DWEIGHT, DBIAS, DZ = 1, 2, 4, 8     # backward needs bits
 
 _lock = threading.Lock()
 _launches: dict = {}     # kernel id -> ops._Launch (launch hook, errors)
+_compiled: dict = {}     # id -> CompiledKernel whose CUfunction a program launches (unloaded on collection)
 _plans: dict = {}        # native handle -> its ForwardPlan
 build_error: str | None = None
 _hook = None             # set_launch_hook: launches handed back to Python (CPU tests)
@@ -163,16 +164,20 @@ def _make_launch(C, launch: ops._Launch, args: tuple, fallback: int):
     if compiled is not None:
         md = compiled.metadata
         run = compiled.run
+        # (triton 3.9's GSan instrumentation appends parameters the signature does not list)
         if getattr(md, "num_ctas", 1) != 1 or getattr(run, "launch_cooperative_grid", False) or \
                 getattr(run, "launch_pdl", False) or getattr(md, "global_scratch_size", 0) or \
-                getattr(md, "profile_scratch_size", 0):
-            raise NotNative(f"{launch.kernel.fn.__name__}: needs launch attributes or scratch memory")
+                getattr(md, "profile_scratch_size", 0) or getattr(run, "gsan_enabled", False):
+            raise NotNative(f"{launch.kernel.fn.__name__}: needs launch attributes, scratch memory or "
+                            "instrumentation")
         function, shared, threads = compiled.function, md.shared, md.num_warps * 32
     elif _hook is None:
         raise NotNative("kernels not compiled yet")
     kid = id(launch)
     with _lock:
         _launches[kid] = launch
+        if compiled is not None:   # owns the module of `function`: kept as long as the program
+            _compiled[id(compiled)] = compiled
     return C.make_launch(kid, int(function), [launch.g0, launch.g1, launch.g2], threads, shared, fallback,
                          _param_list(launch, args))
 
@@ -227,11 +232,14 @@ def build_forward(plan: ops.ForwardPlan, x: torch.Tensor) -> int:
     none = (-1, 0, -1)
     outputs = [(Y, 0, -1), (WS, 0, -1) if plan.training else none, (MASK, 0, -1) if mask else none]
     handle = C.make_plan(C.make_program(allocs, launches, outputs), plan.training)
+    # The call's counters serve its backward too, whose tiles may be smaller (ops.backward_tuning).
     view = ops._dense_view(tuple(x.shape), x.stride())
-    r = ops._reduce_plan(view, ops._target_programs(x.get_device()), ops.TUNING, plan.acc == torch.float64)
+    programs, wide = ops._target_programs(x.get_device()), plan.acc == torch.float64
+    r = ops._reduce_plan(view, programs, ops.TUNING, wide)
+    rb = ops._reduce_plan(view, programs, ops.backward_tuning(view, x.dtype, plan.flags[6], ops.TUNING), wide)
     with _lock:
         _plans[handle] = plan
-    plan.native_counters = max(r.num_counters, getattr(plan, "num_counters", 0))
+    plan.native_counters = max(r.num_counters, rb.num_counters, getattr(plan, "num_counters", 0))
     return handle
 
 
@@ -300,8 +308,9 @@ def _python_backward(handle, dy, saved, needs, eps):
     if dy.stride() == x.stride() and dy.data_ptr() % 16 == 0 and not module().has_backward(handle, needs):
         try:
             build_backward(handle, needs, weight, bias, mask)
-        except NotNative as e:
-            _note_failure(f"backward: {e}")
+        except Exception as e:  # noqa: BLE001 - optional: the gradients are computed, the call succeeded
+            _note_failure(f"backward: {type(e).__name__}: {e}" if not isinstance(e, NotNative) else
+                          f"backward: {e}")
     return tuple(grads)
 
 
@@ -326,16 +335,16 @@ def try_build(plan: ops.ForwardPlan, x: torch.Tensor) -> None:
     try:
         plan.native_handle = build_forward(plan, x)
         _C = module()
-    except NotNative as e:
+    except Exception as e:  # noqa: BLE001 - optional: this call succeeded, its state is updated
         plan.native_handle = -1
-        _note_failure(f"forward: {e}")
+        _note_failure(f"forward: {e}" if isinstance(e, NotNative) else f"forward: {type(e).__name__}: {e}")
 
 
 def call(plan: ops.ForwardPlan, x, weight, bias, residual, running_mean, running_var, num_batches, momentum,
          eps, record: bool):
     """``y`` from the native path, or None where this call takes the Python path."""
     handle = plan.native_handle
-    if handle is None or handle < 0:
+    if handle is None or handle < 0 or ops._launch_hooks_active():   # profilers see only Triton's launches
         return None
     if residual is not None and (residual.stride() != x.stride() or residual.data_ptr() % 16):
         return None
