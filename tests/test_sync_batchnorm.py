@@ -24,6 +24,7 @@ CASES = [
     ("2d-one-row", (3, 6), (2, 1), "contiguous", 0.3),
 ]
 STEPS = 2
+COMPILED = "uneven-channels-last"   # also run under torch.compile (the cross-process call: a graph break)
 
 
 def _case_data(shape, layout, step):
@@ -48,9 +49,11 @@ def _worker(rank, world_size, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         results = {}
-        for name, shape, sizes, layout, momentum in CASES:
+        runs = [(*case, False) for case in CASES] + [(*c, True) for c in CASES if c[0] == COMPILED]
+        for name, shape, sizes, layout, momentum, compiled in runs:
             bn = tritonbn.convert_sync_batchnorm(_make_bn(shape, momentum))
             assert isinstance(bn, tritonbn.SyncBatchNorm)
+            call = torch.compile(bn, backend="eager") if compiled else bn
             start = sum(sizes[:rank])
             steps = []
             for step in range(STEPS):
@@ -58,11 +61,11 @@ def _worker(rank, world_size, init_file, out_dir):
                 x = x[start:start + sizes[rank]].clone().requires_grad_(True)
                 dy = dy[start:start + sizes[rank]]
                 bn.weight.grad = bn.bias.grad = None
-                y = bn(x)
+                y = call(x)
                 y.backward(dy)
                 steps.append((y.detach(), x.grad, bn.weight.grad.clone(), bn.bias.grad.clone(),
                               bn.running_mean.clone(), bn.running_var.clone()))
-            results[name] = (steps, int(bn.num_batches_tracked))
+            results[name + ("/compiled" if compiled else "")] = (steps, int(bn.num_batches_tracked))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -80,9 +83,14 @@ def sync_results(tmp_path_factory):
     return [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_sync_batchnorm_matches_single_process(case, sync_results):
+@pytest.mark.parametrize("case,compiled", [(c, False) for c in CASES] + [(c, True) for c in CASES
+                                                                          if c[0] == COMPILED],
+                         ids=[c[0] for c in CASES] + [f"{COMPILED}-compiled"])
+def test_sync_batchnorm_matches_single_process(case, compiled, sync_results):
+    """Output, dx, dγ/dβ (summed over ranks), running stats and num_batches_tracked of 2 ranks against
+    the float64 reference on the whole batch; one case also under torch.compile."""
     name, shape, sizes, layout, momentum = case
+    name += "/compiled" if compiled else ""
     bn = _make_bn(shape, momentum).double()
     rm, rv = bn.running_mean.clone(), bn.running_var.clone()
     for step in range(STEPS):
@@ -131,3 +139,38 @@ def test_cross_process_checks_refuse_mixed_parameter_dtypes():
     with pytest.raises(RuntimeError, match="must share one dtype"):
         check_inputs(x, rm, rv, torch.ones(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16),
                      True)
+
+
+def _worker_off_triton(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        assert not tritonbn.uses_triton(torch.zeros(1))     # no interpreter: CPU is not a tritonbn device
+        x = torch.randn(4, 3) + rank
+        verdicts = []
+        for bn in (nn.SyncBatchNorm(3), tritonbn.SyncBatchNorm(3)):
+            try:
+                bn(x)
+                verdicts.append(("ok", bn.running_mean.clone()))
+            except Exception as e:  # noqa: BLE001 - compared with torch's verdict
+                verdicts.append((f"{type(e).__name__}: {e}", bn.running_mean.clone()))
+        torch.save(verdicts, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_off_tritonbn_devices_is_torchs(tmp_path):
+    """With several processes, an input tritonbn's kernels do not take (here CPU without the interpreter)
+    runs torch's own SyncBatchNorm, which synchronises or raises, never a local batch norm: on CPU both
+    raise the same error, and the running stats stay untouched."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    interpret = os.environ.pop("TRITON_INTERPRET", None)    # the workers import triton without it
+    try:
+        mp.spawn(_worker_off_triton, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    for r in range(2):
+        (theirs, rm_t), (ours, rm_o) = torch.load(tmp_path / f"rank{r}.pt")
+        assert ours == theirs and theirs != "ok"
+        assert torch.equal(rm_o, rm_t) and not rm_o.any()

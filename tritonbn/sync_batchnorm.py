@@ -64,7 +64,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps).to(acc)
         if running_mean is not None:
             if momentum is None:
-                factor = (1.0 / num_batches_tracked.double()) if num_batches_tracked is not None else 0.0
+                # this call's count: num_batches_tracked is incremented once the call has succeeded
+                factor = (1.0 / (num_batches_tracked.double() + 1.0)) if num_batches_tracked is not None \
+                    else 0.0
             else:
                 factor = momentum
             unbiased = m2 / (n - 1.0).clamp_min(1.0)
@@ -107,9 +109,17 @@ class SyncBatchNorm(_TritonBatchNormMixin, nn.SyncBatchNorm):
         if self.training and dist.is_available() and dist.is_initialized():
             process_group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(process_group)
-        if world_size <= 1 or not uses_triton(input):
-            # Local batch norm (eval, single process), or torch's own SyncBatchNorm off tritonbn devices.
-            return super().forward(input)
+        if world_size <= 1:
+            return super().forward(input)   # local batch norm (eval, single process)
+        if not uses_triton(input):
+            # torch's own SyncBatchNorm (which synchronises, or raises where it cannot), never a local one
+            return nn.SyncBatchNorm.forward(self, input)
+        return self._synchronised(input, process_group, world_size)
+
+    @torch.compiler.disable
+    def _synchronised(self, input, process_group, world_size):
+        """The cross-process training call, run eagerly under ``torch.compile`` (a graph break: its
+        collectives and launches are not traceable)."""
         running_mean = self.running_mean if self.track_running_stats else None
         running_var = self.running_var if self.track_running_stats else None
         weight, bias = _param(self.weight), _param(self.bias)
@@ -117,10 +127,12 @@ class SyncBatchNorm(_TritonBatchNormMixin, nn.SyncBatchNorm):
         check_inputs(input.narrow(0, 0, 0), running_mean, running_var, weight, bias, True)
         num_batches = None
         if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
             num_batches = self.num_batches_tracked
-        return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, num_batches,
-                                           self.momentum, self.eps, process_group, world_size)
+        y = SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, num_batches,
+                                        self.momentum, self.eps, process_group, world_size)
+        if num_batches is not None:   # once the call has succeeded: a call that raises does not count
+            num_batches.add_(1)
+        return y
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
