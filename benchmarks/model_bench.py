@@ -461,6 +461,11 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
             )
             continue
         try:
+            if mode == "compile":
+                # Dynamo's cache holds the previous variant's compiled forward: the variants share
+                # torchvision's forward code, and a guard that missed the BN class swap would reuse torch's
+                # graph (the H200 run of 2026-11-28 measured bit-identical losses for torch and tritonbn).
+                torch._dynamo.reset()
             runners[v] = Runner(torch, args, mode, variant_model(tb, info, v), x, y, device)
             if v in NATIVE_VARIANTS:
                 runners[v].step = _with_native(tb, runners[v].step)
@@ -471,20 +476,22 @@ def run_job(torch, tb, args, info, job, device, time_left, res=None, progress=No
             cell["error"] = bench._short(e)
             runners.pop(v, None)
         if mode == "compile" and v in runners:
-            _time_steps(torch, args, {v: runners.pop(v)}, res, device)
+            _time_steps(torch, args, {v: runners.pop(v)}, res, device, tb)
             track(res, (TRACK_TOL[args.amp], FIRST_STEP_TOL[args.amp]), info.get("check", {}))
             if progress:
                 progress(res)
-    _time_steps(torch, args, runners, res, device)
+    _time_steps(torch, args, runners, res, device, tb)
     track(res, (TRACK_TOL[args.amp], FIRST_STEP_TOL[args.amp]), info.get("check", {}))
     if native:
         res["native_failures"] = list(tb.native.failures)   # plans that stayed on the Python path, and why
     return res
 
 
-def _time_steps(torch, args, runners: dict, res: dict, device) -> None:
+def _time_steps(torch, args, runners: dict, res: dict, device, tb=None) -> None:
     """--warmup + --steps steps of every runner, in turn (the same GPU clocks and temperature for all),
-    each timed between two device synchronizations; medians and losses into res["variants"]."""
+    each timed between two device synchronizations; medians and losses into res["variants"]. Then, with
+    ``tb``, one more untimed step of each tritonbn variant not replaying a CUDA graph, counting tritonbn's
+    kernel launches (``tritonbn_launches``: 0 means its kernels did not run; ``track`` fails it)."""
     for i in range(args.warmup + args.steps):
         for v in list(runners):
             r = runners[v]
@@ -513,7 +520,31 @@ def _time_steps(torch, args, runners: dict, res: dict, device) -> None:
             steps_timed=len(r.ms),
             losses=[float(v) for v in torch.stack(r.losses).float().cpu()] if r.losses else [],
         )
+        # (the native variants launch from C++, past _Launch: not counted)
+        if tb is not None and v not in ("torch", CONTROL, *NATIVE_VARIANTS) and res.get("mode") != "graph":
+            res["variants"][v]["tritonbn_launches"] = _count_launches(tb, r.step)
     runners.clear()
+
+
+def _count_launches(tb, step) -> int | None:
+    """tritonbn kernel launches (``tritonbn.ops._Launch`` calls) in one call of ``step``; None when this
+    tritonbn has no such class."""
+    ops = getattr(tb, "ops", None)
+    launch = getattr(ops, "_Launch", None)
+    if launch is None:
+        return None
+    real, count = launch.__call__, [0]
+
+    def counting(self, *args):
+        count[0] += 1
+        return real(self, *args)
+
+    launch.__call__ = counting
+    try:
+        step()
+    finally:
+        launch.__call__ = real
+    return count[0]
 
 
 def _quantile(xs, q):
@@ -559,6 +590,14 @@ def track(res, tol, check) -> None:
         cell["tracks"] = loss_ok and cell["check_ok"] is True
         if loss_ok and cell["check_ok"] is not True:
             cell["tracks_reason"] = f"model check: {check.get(v) or 'not run'}"
+        # Another batch norm cannot give torch's losses to the bit over a run: tritonbn's did not run.
+        same = len(cell["losses"]) > 1 and cell["losses"] == ref["losses"]
+        if cell.get("tritonbn_launches") == 0 or same:
+            cell["tracks"] = False
+            cell["tracks_reason"] = ("tritonbn's kernels did not run: "
+                                     + (f"{cell['tritonbn_launches']} launches in a step"
+                                        if cell.get("tritonbn_launches") == 0 else
+                                        "its losses equal torch's to the bit at every step"))
 
 
 def _loss_gaps(a, b) -> tuple[float, float]:

@@ -91,6 +91,38 @@ def test_compile_fullgraph_aot_eager_matches_eager(momentum, device):
     assert int(model[1].num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiling_the_torch_model_first_leaves_tritonbn_compiled_on_its_kernels(backend, device):
+    """A torch model and its tritonbn copy share their forward code (torchvision's, nn.Sequential's):
+    compiled one after the other in one process, without a Dynamo reset, the tritonbn copy still runs
+    tritonbn's custom ops, not the torch model's compiled graph (the H200 run of 2026-11-28 measured a
+    compiled "tritonbn" ResNet-50 whose losses equalled torch's to the bit)."""
+    from tritonbn import ops
+
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1),
+                           nn.BatchNorm2d(5)).to(device)
+    ours = tritonbn.convert_model(copy.deepcopy(theirs))
+    x = torch.randn(2, 3, 4, 4, device=device)
+    torch._dynamo.reset()
+    torch.compile(theirs, backend=backend)(x).sum().backward()
+    launches = []
+    real = ops._Launch.__call__
+
+    def count(self, *args):
+        launches.append(self.kernel.fn.__name__)
+        return real(self, *args)
+
+    ops._Launch.__call__ = count
+    try:
+        y = torch.compile(ours, backend=backend)(x)
+        y.sum().backward()
+    finally:
+        ops._Launch.__call__ = real
+    assert len(launches) == 2 * 2 + 2 * 2, launches     # 2 layers: 2 forward and 2 backward launches each
+    assert int(ours[1].num_batches_tracked) == 1
+
+
 def test_compile_inductor_matches_eager(device):
     eager = _convnet(None).to(device)
     model = copy.deepcopy(eager)
