@@ -8,9 +8,10 @@ the table on the console: the GPU machine returns at most 8 files and no folders
 
 The default variants are the open questions left by the H200 run of 2026-11-28 (results/h200-2026-11-28-run3
 and -run4), whose slowest kernel rows against eager are all fp32 channels_last reductions: the training
-forward of 2048×7×7 at b32 (0.80×: 26.4 µs against cuDNN's 20.7, of which the normalize pass is ~13 µs
-as the eval row shows, so the statistics pass takes ~13 µs to read 12.8 MB), 64×112×112 and the 3-D
-64×16×56×56 (0.96×). The statistics kernel's main loop costs the same per element on every shape
+forward of 2048×7×7 at b32 (-run4's complete fp32 rows: 0.80×, 26.4 µs against cuDNN's 21.1; -run3 timed
+the same row at 26.4 against 20.7, 0.78×; of those 26.4 µs the normalize pass is ~13 µs as the eval row
+shows, 12.9, so the statistics pass takes ~13 µs to read 12.8 MB), 64×112×112 and the 3-D 64×16×56×56
+(0.96×, -run4). The statistics kernel's main loop costs the same per element on every shape
 (``benchmarks/sass_stats.py --kernel stats``: 13.1 sm_90 instructions per fp32 element at 2048×7×7, 13.0
 at 256×56×56, which runs at 1.13× eager), but at 2048×7×7 each of its 544 programs reads only 3 row
 blocks, one dependent DRAM round trip after the other, then the last program of each channel tile merges
@@ -51,9 +52,17 @@ thread of the channels_last backward kernels by using smaller tiles.
 
 First every variant's kernels are compiled in parallel (``benchmarks.warm_cache --tunings``: 241
 specializations for the default variants, shapes and dtype, both layouts), so that no variant spends its
-share compiling. Each variant gets an equal share of ``--time-budget``; bench stops starting shapes past
-its share and keeps what it measured. ``--smoke`` runs the same on a CPU (Triton interpreter): timings mean
-nothing there.
+share compiling. Each variant gets an equal share of ``--time-budget``, all of it timing: bench counts its
+budget from the end of its start-up (imports, CUDA context, copy bandwidth: ~5-10 s a process on top of
+the share); it stops starting shapes past its share and keeps what it measured. A share under
+``min_share`` (``ITEM_S`` per item: a shape's plain modes, each fused epilogue) is warned about: some
+modes would get no row.
+
+Only CUDA-graph times (``graph_ms``) are compared: a row whose capture failed for a variant reads "—" with
+a note giving the capture error, and is left out of that variant's geomean (its do_bench time is another
+method). The exit status is 1 when the first variant (the reference) timed no row: nothing was compared.
+``--smoke`` runs the same on a CPU (Triton interpreter) and compares one wall-clock call each: timings
+mean nothing there.
 """
 
 from __future__ import annotations
@@ -131,7 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes")
     p.add_argument("--layouts")
     p.add_argument("--modes")
-    p.add_argument("--time-budget", type=float, default=200.0, help="seconds, shared by the variants")
+    p.add_argument("--time-budget", type=float, default=200.0,
+                   help="seconds of timing, shared equally by the variants (each bench process's start-up, "
+                        "~5-10 s, comes on top)")
     p.add_argument("--warm-timeout", type=float, default=150.0,
                    help="seconds for compiling every variant's kernels first (benchmarks.warm_cache)")
     p.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
@@ -146,44 +157,97 @@ def _row_key(row) -> tuple:
     return (row["case"], row["dtype"], row["layout"], row["mode"])
 
 
-def _graph_us(row) -> float | None:
+GRAPH = "graph_ms"   # the one timing compared on a GPU: CUDA-graph replay (kernels, no host cost)
+SMOKE_TIMING = "ms"  # --smoke: one wall-clock call each, for every variant alike (meaningless numbers)
+
+
+def _cell(row, timing: str = GRAPH) -> tuple[float | None, str | None]:
+    """One variant's time for one row, ``(µs, None)``, or ``(None, why there is none)``. Only ``timing``
+    counts: a row whose CUDA-graph capture failed has a do_bench time, but that is another method (host
+    launch cost hidden only up to the L2 flush), never put next to graph times."""
     t = row.get("providers", {}).get("tritonbn", {})
-    ms = t.get("graph_ms") if t.get("graph_ms") is not None else t.get("ms")
-    return ms * 1e3 if ms else None
+    if t.get("error"):
+        return None, f"error: {t['error']}"
+    ms = t.get(timing)
+    if ms:
+        return ms * 1e3, None
+    if timing == GRAPH:
+        err = f" (graph capture: {t['graph_error']})" if t.get("graph_error") else ""
+        return None, f"no CUDA-graph time{err}; its do_bench time is another timing method, not shown"
+    return None, f"no {timing} time"
 
 
-def combine(variants: list[str], results: list[dict | None]) -> dict:
-    """One row per (case, dtype, layout, mode) measured by the first variant: µs per variant (None where a
-    variant did not reach or failed the row), and per variant the geomean of its time over the first's on
-    the rows both measured."""
+def combine(variants: list[str], results: list[dict | None], timing: str = GRAPH) -> dict:
+    """One row per (case, dtype, layout, mode) the first variant reached: µs per variant under ``timing``
+    (None where a variant did not reach the row, failed it, or has no time of that method, with the reason
+    in ``missing``), and per variant the geomean of its time over the first's on the rows both timed."""
     base = results[0] or {"rows": []}
-    per_variant = [{_row_key(r): _graph_us(r) for r in (res or {"rows": []})["rows"]} for res in results]
+    per_variant = [None if res is None else {_row_key(r): _cell(r, timing) for r in res.get("rows", [])}
+                   for res in results]
     rows = []
     for r in base["rows"]:
         key = _row_key(r)
+        cells = []
+        for pv in per_variant:
+            if pv is None:
+                cells.append((None, "no results: its bench process wrote no bench.json (failed or not run)"))
+            else:
+                cells.append(pv.get(key, (None, "not reached within its time share")))
         rows.append({"case": key[0], "dtype": key[1], "layout": key[2], "mode": key[3],
-                     "us": [pv.get(key) for pv in per_variant]})
+                     "us": [u for u, _ in cells], "missing": [w for _, w in cells]})
     ratios = []
     for i in range(len(variants)):
         logs = [math.log(row["us"][i] / row["us"][0]) for row in rows
                 if row["us"][0] and row["us"][i]]
         ratios.append({"geomean_vs_first": math.exp(sum(logs) / len(logs)) if logs else None,
                        "rows": len(logs)})
-    return {"variants": [v or "(defaults)" for v in variants], "rows": rows, "ratios": ratios}
+    return {"variants": [v or "(defaults)" for v in variants], "timing": timing, "rows": rows,
+            "ratios": ratios, "first_rows_timed": sum(1 for row in rows if row["us"][0])}
 
 
 def table(doc: dict) -> str:
+    """The µs table; a cell without a time reads "— [n]", note n below the table saying why. The geomeans
+    leave such rows out."""
     names = doc["variants"]
-    lines = ["| shape | dtype | layout | mode | " + " | ".join(f"`{n}` µs" for n in names) + " |",
+    unit = "graph µs" if doc.get("timing", GRAPH) == GRAPH else "µs (smoke: wall clock)"
+    lines = ["| shape | dtype | layout | mode | " + " | ".join(f"`{n}` {unit}" for n in names) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
+    notes: dict[str, int] = {}
     for r in doc["rows"]:
-        cells = [f"{u:.1f}" if u else "—" for u in r["us"]]
+        cells = []
+        for name, u, why in zip(names, r["us"], r.get("missing") or [None] * len(names)):
+            if u:
+                cells.append(f"{u:.1f}")
+            else:
+                n = notes.setdefault(f"`{name}`: {why or 'no time'}", len(notes) + 1)
+                cells.append(f"— [{n}]")
         lines.append(f"| {r['case']} | {r['dtype']} | {r['layout']} | {r['mode']} | "
                      + " | ".join(cells) + " |")
     lines.append("| geomean / first | | | | " + " | ".join(
-        f"{x['geomean_vs_first']:.3f} (n={x['rows']})" if x["geomean_vs_first"] else "—"
+        f"{x['geomean_vs_first']:.3f} (n={x['rows']})" if x["geomean_vs_first"] else f"— (n={x['rows']})"
         for x in doc["ratios"]) + " |")
+    if notes:
+        lines += ["", "Cells without a time (left out of the geomeans):"]
+        lines += [f"[{n}] {text}" for text, n in notes.items()]
     return "\n".join(lines)
+
+
+# Seconds bench takes for the first shape of one of its items (a plain item holds every plain mode of a
+# shape; each fused epilogue is an item of its own) under ab: a correctness pass, then per mode do_bench
+# (warm-up 25 ms, 100 ms of repetitions), host µs and a CUDA-graph replay as long, the kernels loaded from
+# the cache warm_cache filled. ~1-2 s on the H200 (run4's A/B: 8 items of 3 modes in ~18 s per variant,
+# start-up included); 3 leaves a margin.
+ITEM_S = 3.0
+
+
+def min_share(args) -> float:
+    """Seconds of timing a variant needs to reach one shape of each of its modes (plain, and each fused
+    epilogue), by ITEM_S."""
+    from .bench import epilogue
+
+    modes = [m for m in args.modes.split(",") if m]
+    items = any(epilogue(m) is None for m in modes) + len({epilogue(m) for m in modes} - {None})
+    return ITEM_S * items
 
 
 class _Stopped(Exception):
@@ -209,21 +273,34 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     results += [None] * (len(variants) - len(results))
-    doc = combine(variants, results)
+    doc = combine(variants, results, SMOKE_TIMING if args.smoke else GRAPH)
     doc["runs"] = log
     doc["timing_meaningful"] = not args.smoke
     (args.out / "ab.json").write_text(json.dumps(doc, indent=1))
     md = table(doc)
-    title = "# tritonbn launcher tunings, kernel time under a CUDA graph (µs)"
+    title = ("# tritonbn launcher tunings, kernel time under a CUDA graph (µs)" if not args.smoke else
+             "# tritonbn launcher tunings, smoke run: one wall-clock call each, timings meaningless")
     (args.out / "ab.md").write_text(f"{title}\n\n{md}\n")
     print(md)
-    return 0 if results[0] is not None else 1
+    if not doc["first_rows_timed"]:
+        # nothing to compare against: not a result, whatever the other variants measured
+        tail = next((r["tail"][-300:] for r in log if r["variant"] == (variants[0] or "(defaults)")), "")
+        print(f"ab: FAILED: the first variant (`{doc['variants'][0]}`) timed no rows, so nothing was "
+              f"compared; its bench's last output: {tail.strip()!r}", flush=True)
+        return 1
+    return 0
 
 
 def _run(args, variants: list[str], results: list, log: list) -> None:
     """Warm the kernel cache, then one bench process per variant, appending to ``results`` and ``log`` as
     each ends (so that a stop keeps what was measured)."""
+    # Each bench counts its --time-budget from the end of its start-up (imports, CUDA context, copy
+    # bandwidth: bench's meta.setup_s), so the share is all timing; the start-ups come on top of it.
     share = args.time_budget / max(1, len(variants))
+    need = min_share(args)
+    if share < need:
+        print(f"ab: warning: {share:.1f} s per variant is under the ~{need:.0f} s that one shape of each of "
+              f"its modes takes ({args.modes}): rows will be missing", flush=True)
     if not args.smoke:
         # Every variant's kernels compiled first, in parallel on all cores (benchmarks.warm_cache): at their
         # first launch they would compile one by one inside the variant's time share.
@@ -244,13 +321,14 @@ def _run(args, variants: list[str], results: list, log: list) -> None:
             out = Path(tmp) / f"v{i}"
             cmd = [sys.executable, "-m", "benchmarks.bench", "--providers", "tritonbn", "--cuda-graphs",
                    "--no-png", "--shapes", args.shapes, "--dtypes", args.dtypes, "--layouts", args.layouts,
-                   "--modes", args.modes, "--time-budget", f"{share:.0f}", "--out", str(out)]
+                   "--modes", args.modes, "--time-budget", f"{share:.1f}", "--out", str(out)]
             if args.smoke:
                 cmd.append("--smoke")
             if variant:
                 cmd += ["--tuning", variant]
             t0 = time.monotonic()
-            # Past the share, bench stops starting shapes and writes what it has: the hard cap is a backstop.
+            # Past the share, bench stops starting shapes and writes what it has: the hard cap is a backstop
+            # (start-up, the last shape, writing).
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=share + 60)
             name = variant or "(defaults)"
             log.append({"variant": name, "rc": proc.returncode, "seconds": round(time.monotonic() - t0, 1),

@@ -23,15 +23,18 @@
 #   model         MODEL_BUDGET=220 (+20 hard), at most what    OUTDIR/model.json
 #                 leaves 140 s for the rest. ResNet-50 eager+graph b32/b128 (torch, tritonbn, fuse_model;
 #                 eager also both on the native call path, --native),
-#                 its torch.compile at b128 (torch, then tritonbn; each started only with >= 70 s left),
+#                 its torch.compile at b128 (torch, then tritonbn; --compile-estimate 70: the job is
+#                 started only with >= 80 s of the budget left, each compile in it with >= 70 s),
 #                 then mobilenet_v2 eager+graph
 #   bench         what is left minus 55 s, at most             OUTDIR/bench.json, bench.md
-#                 BENCH_BUDGET=240 (+30 hard), of which FUSED_BUDGET=50 is kept for the fused rows
+#                 BENCH_BUDGET=240 (+30 hard: bench's start-up, ~5-10 s, is outside its budget, and the
+#                 last shape), of which FUSED_BUDGET=50 is kept for the fused rows
 #                 (--quick --cuda-graphs --fused, fused rows on the ResNet-50 shapes). All 192 rows take
 #                 ~230 s: on 2026-11-28 its 138 s reached 115 (19 of 30 plain shapes: 4 fp32 ones), so
 #                 the time the CUDA tests' shards save goes here first
-#   ab            what is left, if >= AB_MIN=75: benchmarks.ab   console only
-#                 --preset AB_PRESET (default quick; empty: skip)
+#   ab            what is left, if >= AB_MIN=105: benchmarks.ab  console only
+#                 --preset AB_PRESET (default quick; empty: skip): AB_OVERHEAD=70 for its compiles and
+#                 its bench processes' start-up, the rest (>= 35 s: >= 8 s per variant) timing
 #   summary       15 (also after host_us, model and bench)     OUTDIR/summary.json
 #
 # The model step goes before the kernel suite: a torch.compile of ResNet-50 is all or nothing (~1-2 min),
@@ -43,7 +46,7 @@
 # so a stopped step keeps what it measured; summary.json records what is missing and why. Exit status:
 # non-zero if any step failed. Tune with DEADLINE, TEST_TIMEOUT, TEST_SHARDS, HOST_BUDGET, MODEL_BUDGET,
 # BENCH_BUDGET, FUSED_BUDGET, PYTHON, and extra options per step: HOST_ARGS, MODEL_ARGS (e.g.
-# --compile-estimate 90), BENCH_ARGS, AB_PRESET, AB_ARGS, AB_MIN, TEST_PATHS (default tests).
+# --compile-estimate 90), BENCH_ARGS, AB_PRESET, AB_ARGS, AB_MIN, AB_OVERHEAD, TEST_PATHS (default tests).
 # SMOKE=1 runs the same steps on a CPU (Triton interpreter, each benchmark's --smoke mode): the test suite
 # does that to check this script end to end.
 set -u
@@ -233,7 +236,8 @@ step model timeout -k 15 $((budget + 20)) "$PY" -m benchmarks.model_bench "${smo
 summarize
 
 # --- kernel suite: plain rows, then fused rows (ResNet-50 shapes) -------------------------------------
-# bench stops starting new shapes at its budget and writes what it has; the hard timeout is a backstop
+# bench stops starting new shapes at its budget (counted from the end of its start-up) and writes what it
+# has; the hard timeout, 30 s over the budget, covers the start-up and the last shape and is a backstop
 # (SIGTERM also makes it write its files before exiting).
 budget=$(max 30 "$(min "$BENCH_BUDGET" $(($(left) - SUMMARY_RESERVE - 30)))")
 fused=$(min "$FUSED_BUDGET" $((budget / 2)))
@@ -247,17 +251,25 @@ step bench timeout -k 15 $((budget + 30)) "$PY" -m benchmarks.bench "${smoke[@]}
 # the open questions (benchmarks/ab.py, AB_PRESET: default "quick", the one-launch forward, the fused
 # channels-last backward's half tiles and the bit-by-bit bitmask read on ResNet-50's small layers; empty:
 # skip). Its table goes to the console and so to gpu_check.log, no file (the device machine returns 8).
-# Started only with AB_MIN (75) s left, of which ~65 go to its compiles and four processes' start-up, the
-# rest to timing (benchmarks.ab --time-budget).
+# Its time: AB_OVERHEAD (70 s) for the compiles (--warm-timeout 30) and, per variant, a bench process's
+# start-up (imports, CUDA context, copy bandwidth: ~5-10 s, outside bench's --time-budget, whose clock
+# starts after it) and last shape (~10 s for each of the quick preset's 4 variants), the rest to timing
+# (benchmarks.ab --time-budget, split equally). Started only with AB_MIN (105) s left: >= 35 s of timing,
+# >= 8 s per variant, where one shape of each of the quick preset's modes (train_fwd; add_relu_fwd_bwd,
+# bench's fused phase) takes ~1-3 s (benchmarks.ab ITEM_S). ab exits 1 when its first variant timed no row.
+# Another AB_PRESET (more variants or modes) needs a larger AB_MIN: ab warns when a share is too small.
 ab_left=$(($(left) - SUMMARY_RESERVE))
-if [ -n "${AB_PRESET-quick}" ] && [ "$ab_left" -ge "${AB_MIN:-75}" ]; then
+AB_MIN="${AB_MIN:-105}"
+AB_OVERHEAD="${AB_OVERHEAD:-70}"
+if [ -n "${AB_PRESET-quick}" ] && [ "$ab_left" -ge "$AB_MIN" ]; then
     ab_tmp="$(mktemp -d "${TMPDIR:-/tmp}/tritonbn_ab.XXXXXX")"
     # shellcheck disable=SC2086  # AB_ARGS is a list of options
     step ab timeout -k 10 "$ab_left" "$PY" -m benchmarks.ab "${smoke[@]}" --out "$ab_tmp" \
-        --preset "${AB_PRESET-quick}" --warm-timeout 30 --time-budget "$(max 15 $((ab_left - 65)))" ${AB_ARGS:-}
+        --preset "${AB_PRESET-quick}" --warm-timeout 30 --time-budget "$(max 15 $((ab_left - AB_OVERHEAD)))" \
+        ${AB_ARGS:-}
     rm -rf "$ab_tmp"
 else
-    echo "ab: not started (${ab_left}s left, AB_MIN ${AB_MIN:-75}s; AB_PRESET '${AB_PRESET-quick}')"
+    echo "ab: not started (${ab_left}s left, AB_MIN ${AB_MIN}s; AB_PRESET '${AB_PRESET-quick}')"
 fi
 
 # --- summary.json ---------------------------------------------------------------------------------------

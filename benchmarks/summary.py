@@ -7,12 +7,17 @@ Pieces: host_us.json (`benchmarks.host_us`), bench.json (`benchmarks.bench --cud
 with `--fused`), model.json (`benchmarks.model_bench`). Any of them may be missing or partial: every
 field stays in place, a value that was not measured is null and its dict says why in "reason", and
 "missing" lists every null leaf with its reason. Nothing is estimated or carried over from another run.
+The kernel geomeans are given only where bench timed every row it planned (a partial run's rows are whole
+strata and a few rows of the next: their geomean would weigh the strata by how far it got); every
+(dtype, layout) stratum's geomean, row counts and completeness are in kernel_detail / kernel_fused strata.
 summary.json's fields are documented in benchmarks/results/README.md. Imports no torch; takes a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import re
 import sys
@@ -25,6 +30,7 @@ KERNEL_MODES = {"train_fwd": "train_fwd", "fwd_bwd": "fwd_bwd", "eval": "eval_fw
 RESNET50_KEYS = ("eager_b32", "eager_b128", "graph_b32", "graph_b128", "compile_b128")
 FUSED_KEYS = ("eager_b32", "eager_b128", "graph_b32", "graph_b128")
 RESNET50 = "resnet50"
+YES_NO = {True: "yes", False: "no"}
 
 
 def load(path: Path):
@@ -73,37 +79,221 @@ def host_section(doc, why) -> dict:
     return out
 
 
+def _argv_without_tuning(argv: list[str]) -> list[str]:
+    """bench's argv less --tuning (parsing its values imports tritonbn, hence torch; the plan ignores it)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--tuning":
+            skip = True
+        elif not a.startswith("--tuning="):
+            out.append(a)
+    return out
+
+
+def planned_strata(doc) -> tuple[dict | None, str]:
+    """``({mode: {(dtype, layout): rows planned}}, where that came from)``, or ``(None, why unknown)``.
+    bench.json's ``meta.rows_planned_by_stratum``; for a bench.json older than that field, the plan rebuilt
+    from its ``meta.argv`` with this tree's shapes, accepted only where it plans exactly
+    ``meta.rows_planned`` rows and holds every row the run reached."""
+    meta, rows = doc.get("meta", {}), doc.get("rows", [])
+    if meta.get("rows_planned_by_stratum"):
+        out: dict = {}
+        for st in meta["rows_planned_by_stratum"]:
+            out.setdefault(st["mode"], {})[(st["dtype"], st["layout"])] = st["rows"]
+        return out, "bench.json meta.rows_planned_by_stratum"
+    if meta.get("argv") is None:
+        return None, "bench.json records neither its planned rows nor its argv"
+    from . import bench  # no torch: bench imports it in main()
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            todo = bench.plan(bench.parse_args(_argv_without_tuning(meta["argv"])))
+    except (Exception, SystemExit) as e:
+        return None, f"bench.json's argv does not parse here ({type(e).__name__}: {e})"[:200]
+    out, keys = {}, set()
+    for case, dt, lay, modes in todo:
+        for m in modes:
+            out.setdefault(m, {})
+            out[m][(dt, lay)] = out[m].get((dt, lay), 0) + 1
+            keys.add((case.name, dt, lay, m))
+    n = sum(sum(v.values()) for v in out.values())
+    stray = [r for r in rows if (r.get("case"), r.get("dtype"), r.get("layout"), r.get("mode")) not in keys]
+    if n != meta.get("rows_planned") or stray:
+        return None, (f"the plan rebuilt from bench.json's argv ({n} rows) is not the run's "
+                      f"({meta.get('rows_planned')} rows planned, {len(stray)} reached outside it)")
+    return out, "rebuilt from bench.json meta.argv (the run predates meta.rows_planned_by_stratum)"
+
+
+def _stratum(rs, dt, lay, planned, fused) -> dict:
+    timed = [r for r in rs if r.get("graph_speedup_vs_eager")]
+    st = {
+        "dtype": dt,
+        "layout": lay,
+        "rows": len(rs),
+        "rows_planned": planned,
+        "rows_timed": len(timed),   # rows with a CUDA-graph speed-up over eager: what the geomean covers
+        "complete": None if planned is None else len(timed) == planned,
+        "geomean_vs_eager": H.geomean(r.get("graph_speedup_vs_eager") for r in rs),
+        "min_vs_eager": min((r["graph_speedup_vs_eager"] for r in timed), default=None),
+        "geomean_vs_compile": H.geomean(r.get("graph_speedup_vs_compile") for r in rs),
+    }
+    if fused:
+        st["geomean_vs_unfused"] = H.geomean(r.get("graph_speedup_vs_unfused") for r in rs)
+    return st
+
+
+def coverage(doc, mode, planned: dict | None) -> dict:
+    """How far the run got in one mode: rows reached, planned and timed (CUDA-graph speed-up over eager),
+    whether every planned row was timed, and per (dtype, layout) stratum the same with its geomeans.
+    Strata in run order (the plan's), then any the plan does not list."""
+    rs = [r for r in (doc or {}).get("rows", []) if r.get("mode") == mode]
+    pm = (planned or {}).get(mode, {}) if planned is not None else None
+    keys = list(pm or {})
+    keys += sorted({(r.get("dtype"), r.get("layout")) for r in rs} - set(keys), key=str)
+    fused = mode in H.ALL_FUSED_MODES
+    strata = [
+        _stratum([r for r in rs if (r.get("dtype"), r.get("layout")) == k], *k,
+                 None if pm is None else pm.get(k, 0), fused)
+        for k in keys
+    ]
+    timed = sum(st["rows_timed"] for st in strata)
+    if pm is not None:
+        complete = bool(pm) and all(st["complete"] for st in strata)
+    else:  # plan unknown: the run's own word, and a time for every row it reached
+        complete = bool((doc or {}).get("meta", {}).get("complete")) and timed == len(rs)
+    return {
+        "rows": len(rs),
+        "rows_planned": None if pm is None else sum(pm.values()),
+        "rows_timed": timed,
+        "complete": complete,
+        "strata": strata,
+    }
+
+
+def _strata_text(cov) -> str:
+    """'19 of 30 planned rows timed (complete: bf16/channels_last 7/7; incomplete: fp32/contiguous 0/8)'."""
+    if cov["rows_planned"] is None:
+        return f"{cov['rows_timed']} rows timed of {cov['rows']} reached"
+    if not cov["rows_planned"]:
+        return "no row planned (bench ran without this mode)"
+    parts = []
+    for label, want in (("complete", True), ("incomplete", False)):
+        sts = [f"{st['dtype']}/{st['layout']} {st['rows_timed']}/{st['rows_planned']}"
+               for st in cov["strata"] if st["complete"] is want]
+        if sts:
+            parts.append(f"{label}: " + ", ".join(sts))
+    return f"{cov['rows_timed']} of {cov['rows_planned']} planned rows timed ({'; '.join(parts)})"
+
+
+def _covers(cov, detail=False) -> str:
+    """Which rows a geomean of one mode covers, in words."""
+    if cov["complete"]:
+        dts = sorted({st["dtype"] for st in cov["strata"]})
+        lays = sorted({st["layout"] for st in cov["strata"]})
+        n = cov["rows_planned"] if cov["rows_planned"] is not None else cov["rows_timed"]
+        what = "every planned row" if cov["rows_planned"] is not None else "every row of a complete run"
+        return f"{what}: {n} ({', '.join(dts)} × {', '.join(lays)})"
+    n = "?" if cov["rows_planned"] is None else cov["rows_planned"]
+    return f"null: {cov['rows_timed']} of {n} planned rows timed" + (
+        " (per-stratum geomeans in strata)" if detail else "")
+
+
+def _by_text(items: list[tuple[str, str]]) -> str:
+    """[(mode, text), ...] -> 'train_fwd, fwd_bwd: text; eval: other text' (modes that say the same, once)."""
+    groups: dict[str, list[str]] = {}
+    for mode, text in items:
+        groups.setdefault(text, []).append(mode)
+    return "; ".join(f"{', '.join(modes)}: {text}" for text, modes in groups.items())
+
+
 def kernel_section(doc, why):
-    """Kernel-only (CUDA-graph replay) geomean speed-ups over all dtypes and layouts of the run."""
+    """Kernel-only (CUDA-graph replay) geomean speed-ups over every row of the planned suite, per mode.
+
+    Given only where the run timed every planned row of the mode: a run stopped early reaches whole strata
+    of the plan (bf16 before fp32, channels_last before contiguous) and only a few rows of the last one, so
+    a geomean over the rows reached would weight the strata by how far it got. Then the headline value is
+    null with a reason (listed in "missing"; no criterion is judged on it), and ``strata`` gives each
+    (dtype, layout) stratum's geomean with its row counts and whether it is complete."""
     meta = (doc or {}).get("meta", {})
     groups = {g["mode"]: g for g in (doc or {}).get("summary", {}).get("groups", []) if g["dtype"] == "all"}
+    rows = (doc or {}).get("rows", [])
+    no_graphs = doc is None or not meta.get("cuda_graphs")
     if doc is not None and not meta.get("cuda_graphs"):
         why = "bench.json was measured without --cuda-graphs: no kernel-only times"
-    geo, detail = {}, {}
+    elif rows and not any(r.get("graph_speedup_vs_eager") for r in rows):
+        no_graphs = True
+        why = "no row of bench.json has a CUDA-graph time" + (
+            " (a CPU smoke run: the interpreter captures no CUDA graphs)" if not meta.get("timing_meaningful")
+            else " (every capture failed: see the rows' graph_error)")
+    planned, planned_from = planned_strata(doc) if doc is not None else (None, why)
+
+    def _kreason(what):  # a null for another cause than rows not reached
+        return why if no_graphs else _piece_reason(doc, why, what)
+
+    geo, detail, incomplete, covers = {}, {}, [], []
     for key, mode in KERNEL_MODES.items():
         g = groups.get(mode, {})
-        geo[key] = g.get("geomean_graph_speedup_vs_eager")
+        cov = coverage(doc, mode, planned)
+        ok = cov["complete"] and not no_graphs
+        geo[key] = g.get("geomean_graph_speedup_vs_eager") if ok else None
+        if not ok and not no_graphs:
+            incomplete.append((key, _strata_text(cov)))
+        covers.append((key, _covers(cov)))
         detail[key] = {
-            "rows": g.get("rows", 0),
-            "min_row": g.get("min_graph_speedup_vs_eager"),
-            "geomean_vs_compile": g.get("geomean_graph_speedup_vs_compile"),
-            "geomean_do_bench_vs_eager": g.get("geomean_speedup_vs_eager"),
+            **{k: cov[k] for k in ("rows", "rows_planned", "rows_timed", "complete")},
+            "covers": _covers(cov, detail=True),
+            "min_row": g.get("min_graph_speedup_vs_eager") if ok else None,
+            # the slowest of the rows timed, complete or not: the full run's slowest row is no faster
+            "min_row_reached": min((st["min_vs_eager"] for st in cov["strata"] if st["min_vs_eager"]),
+                                   default=None),
+            "geomean_vs_compile": g.get("geomean_graph_speedup_vs_compile") if ok else None,
+            "geomean_do_bench_vs_eager": g.get("geomean_speedup_vs_eager") if ok else None,
+            "strata": cov["strata"],
         }
+    stop = f" (run stopped early: {meta['stopped_reason']})" if meta.get("stopped_reason") else ""
+    unknown = "" if planned is not None else f"; planned rows unknown: {planned_from}"
     if any(v is None for v in geo.values()):
-        geo["reason"] = _piece_reason(doc, why, "kernel geomean")
-    rows = (doc or {}).get("rows", [])
+        geo["reason"] = (
+            f"not every planned row was timed{stop}: {_by_text(incomplete)}{unknown}. A geomean over the "
+            "rows reached would weight the (dtype, layout) strata by how far the run got, so none is given: "
+            "per-stratum geomeans in kernel_detail.<mode>.strata"
+            if incomplete else _kreason("kernel geomean")
+        )
+    geo["covers"] = _by_text(covers)
+    for key in KERNEL_MODES:
+        d = detail[key]
+        if any(d[k] is None for k in ("min_row", "geomean_vs_compile", "geomean_do_bench_vs_eager")):
+            d["reason"] = (
+                f"not every planned {key} row was timed: {dict(incomplete)[key]}{unknown}; per-stratum "
+                f"geomeans in kernel_detail.{key}.strata"
+                if key in dict(incomplete) else _kreason(f"{key} kernel detail")
+            )
     detail["dtypes"] = sorted({r["dtype"] for r in rows if not r.get("epilogue")})
     detail["layouts"] = sorted({r["layout"] for r in rows if not r.get("epilogue")})
     detail["complete"] = meta.get("complete")
+    detail["planned_from"] = planned_from
     fused = {}
-    for g in groups.values():
-        if g["mode"] in H.FUSED_MODES:
-            fused[g["mode"]] = {
-                "rows": g["rows"],
-                "vs_eager": g.get("geomean_graph_speedup_vs_eager"),
-                "vs_unfused": g.get("geomean_graph_speedup_vs_unfused"),
-                "vs_compile": g.get("geomean_graph_speedup_vs_compile"),
-            }
+    fused_modes = [m for m in H.FUSED_MODES if m in groups or m in (planned or {})]
+    for mode in fused_modes:
+        g = groups.get(mode, {})
+        cov = coverage(doc, mode, planned)
+        ok = cov["complete"] and not no_graphs
+        fused[mode] = {
+            **{k: cov[k] for k in ("rows", "rows_planned", "rows_timed", "complete")},
+            "covers": _covers(cov, detail=True),
+            "vs_eager": g.get("geomean_graph_speedup_vs_eager") if ok else None,
+            "vs_unfused": g.get("geomean_graph_speedup_vs_unfused") if ok else None,
+            "vs_compile": g.get("geomean_graph_speedup_vs_compile") if ok else None,
+            "strata": cov["strata"],
+        }
+        if any(fused[mode][k] is None for k in ("vs_eager", "vs_unfused", "vs_compile")):
+            fused[mode]["reason"] = (
+                f"not every planned {mode} row was timed: {_strata_text(cov)}{unknown}; per-stratum "
+                f"geomeans in kernel_fused.{mode}.strata" if not ok and not no_graphs
+                else _kreason(f"{mode} kernel geomean")
+            )
     return geo, detail, fused
 
 
@@ -308,14 +498,24 @@ def criteria(S) -> list[dict]:
                 c = S[section][key]
                 add(f"issue {issue}: {words}", c[field], target, c["tritonbn_tracks"])
         if issue == 8:
-            mins = [S["kernel_detail"][k]["min_row"] for k in KERNEL_MODES]
-            lo = min(mins) if all(m is not None for m in mins) else None
+            # null where the run did not time every planned row (kernel_section): not judged
             add(
                 "issue 8: kernel geomean fwd_bwd vs eager (CUDA graphs)",
                 S["kernel_geomean_vs_eager"]["fwd_bwd"],
                 1.6,
             )
-            add("issue 8: slowest kernel row vs eager (CUDA graphs)", lo, 1.0)
+            name = "issue 8: slowest kernel row vs eager (CUDA graphs)"
+            mins = [S["kernel_detail"][k]["min_row"] for k in KERNEL_MODES]
+            reached = [S["kernel_detail"][k].get("min_row_reached") for k in KERNEL_MODES]
+            reached = min((m for m in reached if m is not None), default=None)
+            if all(m is not None for m in mins):
+                add(name, min(mins), 1.0)
+            elif reached is not None and reached < 1.0:
+                # an incomplete run: a row already below the target fails it whatever the other rows do
+                add(name, reached, 1.0)
+                out[-1]["note"] = "incomplete run: the slowest of the rows it timed"
+            else:
+                add(name, None, 1.0)
     return out
 
 
@@ -428,21 +628,37 @@ def markdown(S) -> str:
                  f"fuse_model {f(c['fused_ms'])} ms ({f(c['fused_speedup'])}x), torch {f(c['torch_ms'])} ms, "
                  f"tracks {c['tritonbn_tracks']}/{c['fused_tracks']}"
                  + (f", {c['skipped']}" if c["skipped"] else ""))
-    k = S["kernel_geomean_vs_eager"]
+    k, kd = S["kernel_geomean_vs_eager"], S["kernel_detail"]
     L += [
         "",
-        f"kernel geomean vs eager (CUDA graphs; dtypes {S['kernel_detail']['dtypes']}): train_fwd "
+        f"kernel geomean vs eager (CUDA graphs; {k['covers']}): train_fwd "
         f"{f(k['train_fwd'])}, fwd_bwd {f(k['fwd_bwd'])}, eval {f(k['eval'])}",
     ]
+    if k.get("reason"):
+        L.append(f"  null: {k['reason']}")
+    if any(kd[m]["strata"] for m in KERNEL_MODES):
+        L += ["", "| kernel vs eager (CUDA graphs), per stratum | dtype | layout | rows timed / planned "
+              "| geomean | slowest row | complete |", "|---|---|---|---|---|---|---|"]
+        for m in KERNEL_MODES:
+            for st in kd[m]["strata"]:
+                L.append(f"| {m} | {st['dtype']} | {st['layout']} | {st['rows_timed']} / "
+                         f"{H.fmt(st['rows_planned'])} | {f(st['geomean_vs_eager'])} | "
+                         f"{f(st['min_vs_eager'])} | {YES_NO.get(st['complete'], '—')} |")
     for m, c in S["kernel_fused"].items():
         L.append(
-            f"  {m} (CUDA graphs): vs eager {f(c['vs_eager'])}, vs unfused {f(c['vs_unfused'])}, "
-            f"vs compile {f(c['vs_compile'])}"
+            f"  {m} (CUDA graphs, {c['rows_timed']} of {H.fmt(c['rows_planned'])} planned rows): vs eager "
+            f"{f(c['vs_eager'])}, vs unfused {f(c['vs_unfused'])}, vs compile {f(c['vs_compile'])}"
         )
+        if not c["complete"]:
+            L.append("    per stratum, vs eager / vs unfused: " + "; ".join(
+                f"{st['dtype']}/{st['layout']} {st['rows_timed']}/{H.fmt(st['rows_planned'])} rows "
+                f"{f(st['geomean_vs_eager'])} / {f(st['geomean_vs_unfused'])}" for st in c["strata"]))
     L += ["", "| criterion | value | target | ok |", "|---|---|---|---|"]
     for c in S["criteria"]:
         ok = {True: "yes", False: "**NO**", None: "—"}[c["ok"]]
-        L.append(f"| {c['name']} | {f(c['value'])} | {'<=' if c['at_most'] else '>='} {c['target']} | {ok} |")
+        note = f" ({c['note']})" if c.get("note") else ""
+        L.append(f"| {c['name']}{note} | {f(c['value'])} | {'<=' if c['at_most'] else '>='} {c['target']} "
+                 f"| {ok} |")
     if S["loss_tracking"]["not_tracking"]:
         L += ["", "LOSS DOES NOT TRACK TORCH: " + "; ".join(S["loss_tracking"]["not_tracking"])]
     if S["missing"]:

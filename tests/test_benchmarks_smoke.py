@@ -484,6 +484,94 @@ def test_ab_tabulates_what_it_measured_when_stopped(tmp_path, capsys, monkeypatc
     assert "ab: stopped (SIGTERM) after 1 of 3 variants" in out and "| geomean / first |" in out
 
 
+def test_ab_compares_only_cuda_graph_times():
+    """A variant whose CUDA-graph capture failed has only a do_bench time: another timing method, so its
+    cell reads "—" with the capture error and the row is left out of its geomean (it read 1.5x slower)."""
+    from benchmarks import ab
+
+    def res(*cells):
+        rows = []
+        for case, cell in cells:
+            rows.append({"case": case, "dtype": "fp32", "layout": "channels_last", "mode": "train_fwd",
+                         "providers": {"tritonbn": cell}})
+        return {"rows": rows}
+
+    base = res(("a", {"ms": 0.030, "graph_ms": 0.020}), ("b", {"ms": 0.040, "graph_ms": 0.040}),
+               ("c", {"ms": 0.050, "graph_ms": 0.050}))
+    failed = res(("a", {"ms": 0.030, "graph_ms": None, "graph_error": "RuntimeError: capture failed"}),
+                 ("b", {"ms": 0.040, "graph_ms": 0.020}), ("c", {"error": "OutOfMemoryError: boom"}))
+    doc = ab.combine(["", "persistent=auto", "waves=2"], [base, failed, None])
+    assert doc["timing"] == "graph_ms" and doc["first_rows_timed"] == 3
+    a, b, c = doc["rows"]
+    assert a["us"] == [pytest.approx(20.0), None, None] and "capture failed" in a["missing"][1]
+    assert b["us"][1] == pytest.approx(20.0) and c["missing"][1] == "error: OutOfMemoryError: boom"
+    assert a["missing"][2].startswith("no results")
+    assert doc["ratios"][1] == {"geomean_vs_first": pytest.approx(0.5), "rows": 1}  # row b only
+    assert doc["ratios"][2] == {"geomean_vs_first": None, "rows": 0}
+    md = ab.table(doc)
+    assert "| a | fp32 | channels_last | train_fwd | 20.0 | — [1] | — [2] |" in md
+    assert "[1] `persistent=auto`: no CUDA-graph time (graph capture: RuntimeError: capture failed)" in md
+    assert "| geomean / first | | | | 1.000 (n=3) | 0.500 (n=1) | — (n=0) |" in md
+    assert "`persistent=auto` graph µs" in md
+    # the smoke run compares one wall-clock call each, for every variant alike
+    assert ab.combine(["", "x"], [base, failed], ab.SMOKE_TIMING)["rows"][0]["us"] == [
+        pytest.approx(30.0), pytest.approx(30.0)]
+
+
+def test_ab_fails_when_the_first_variant_timed_no_row(tmp_path, capsys, monkeypatch):
+    """A first variant (the reference) that timed nothing (its share eaten by start-up, its captures
+    failed) leaves nothing compared: exit 1, and say so."""
+    from benchmarks import ab
+
+    def run(args, variants, results, log):
+        results += [{"rows": []}, {"rows": [{"case": "a", "dtype": "fp32", "layout": "channels_last",
+                                             "mode": "train_fwd", "providers": {"tritonbn": {"ms": 1e-3}}}]}]
+        log += [{"variant": "(defaults)", "rc": 0, "seconds": 4.0,
+                 "tail": "bench: time budget: plain rows stopped at 4s (limit 2s of 4s) after 0 of 6 shapes"},
+                {"variant": "persistent=auto", "rc": 0, "seconds": 4.0, "tail": ""}]
+
+    monkeypatch.setattr(ab, "_run", run)
+    rc = ab.main(["--smoke", "--out", str(tmp_path), "--variants", ";persistent=auto"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "ab: FAILED: the first variant (`(defaults)`) timed no rows" in out
+    assert "after 0 of 6 shapes" in out
+
+
+def test_ab_quick_preset_fits_gpu_checks_ab_minimum():
+    """gpu_check starts the A/B only with AB_MIN seconds left, AB_OVERHEAD of them for the compiles and
+    the bench processes' start-up: the rest, split among the quick preset's variants, must cover one
+    shape of each of its modes (benchmarks.ab.min_share)."""
+    import re
+
+    from benchmarks import ab
+
+    text = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    ab_min = int(re.search(r'AB_MIN="\$\{AB_MIN:-(\d+)\}"', text).group(1))
+    overhead = int(re.search(r'AB_OVERHEAD="\$\{AB_OVERHEAD:-(\d+)\}"', text).group(1))
+    args = ab.parse_args(["--out", "x", "--preset", "quick"])
+    n = len(args.variants.split(";"))
+    assert n == 4 and ab.min_share(args) == 2 * ab.ITEM_S  # train_fwd, then the add_relu epilogue
+    assert (ab_min - overhead) / n >= ab.min_share(args)
+
+
+@pytest.mark.slow
+def test_bench_time_budget_starts_after_start_up(tmp_path):
+    """bench's --time-budget counts from the end of its start-up (imports, copy bandwidth: seconds), so a
+    budget shorter than that (ab's share per variant) still measures its first shape. It measured none."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-m", "benchmarks.bench", "--smoke", "--time-budget", "0.5",
+                    "--modes", "train_fwd", "--shapes", "smoke_2d,smoke_1d", "--layouts", "contiguous",
+                    "--dtypes", "fp32", "--no-png", "--out", str(tmp_path)],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    meta = doc["meta"]
+    assert meta["setup_s"] > 0.5 and len(doc["rows"]) >= 1 and not meta["complete"]
+    assert meta["elapsed_s"] >= meta["setup_s"] and "of start-up" in meta["stopped_reason"]
+    cases = [c.name for c in shapes.SMOKE if c.name.startswith(("smoke_2d", "smoke_1d"))]
+    assert meta["rows_planned_by_stratum"] == [
+        {"mode": "train_fwd", "dtype": "fp32", "layout": "contiguous", "rows": 3, "cases": cases}]
+
+
 def test_host_overhead_runs_on_cpu(capsys):
     from benchmarks import host_overhead
     from tritonbn import ops
@@ -798,8 +886,13 @@ def test_summary_from_smoke_pieces(smoke_run):
     for c in S["resnet50"].values():  # the smoke run has tiny ResNets only: null, and why
         assert c["tritonbn_ms"] is None and c["torch_ms"] is None and "resnet50" in c["reason"]
     assert S["resnet50_fused"]["eager_b128"].keys() >= {"tritonbn_ms", "torch_ms", "torch_compile_ms"}
-    assert set(S["kernel_geomean_vs_eager"]) == {"train_fwd", "fwd_bwd", "eval", "reason"}
+    assert set(S["kernel_geomean_vs_eager"]) == {"train_fwd", "fwd_bwd", "eval", "reason", "covers"}
     assert S["kernel_geomean_vs_eager"]["fwd_bwd"] is None  # the interpreter does not capture CUDA graphs
+    assert "CPU smoke run" in S["kernel_geomean_vs_eager"]["reason"]
+    # the smoke bench ran every planned row (its plan is in bench.json), none with a CUDA-graph time
+    d = S["kernel_detail"]["fwd_bwd"]
+    assert d["rows"] == d["rows_planned"] > 0 and d["rows_timed"] == 0 and d["complete"] is False
+    assert "bench.json meta.rows_planned_by_stratum" == S["kernel_detail"]["planned_from"]
     assert S["missing"] and all(isinstance(r, str) and r for r in S["missing"].values())
     assert "resnet50.compile_b128.tritonbn_ms" in S["missing"]
     # the smoke's CUDA tests: tests/test_cuda_graphs.py, 14 CUDA-marked (skipped on the CPU)
@@ -826,19 +919,24 @@ def test_summary_assembles_and_checks_the_criteria(tmp_path):
             "mode": mode,
             "dtype": "all",
             "layout": "all",
-            "rows": 4,
+            "rows": 1,
             "geomean_graph_speedup_vs_eager": geo,
             "min_graph_speedup_vs_eager": lo,
+            "geomean_graph_speedup_vs_compile": 1.1,
             "geomean_speedup_vs_eager": 1.0,
             **kw,
         }
 
+    kernel_modes = ("train_fwd", "fwd_bwd", "eval_fwd", "relu_fwd_bwd")
     _write(
         tmp_path / "bench.json",
         {
             "env": env,
-            "meta": {"cuda_graphs": True, "complete": True, "timing_meaningful": True},
-            "rows": [{"dtype": "bf16", "layout": "channels_last", "epilogue": None}],
+            "meta": {"cuda_graphs": True, "complete": True, "timing_meaningful": True,
+                     "rows_planned_by_stratum": [{"mode": m, "dtype": "bf16", "layout": "channels_last",
+                                                  "rows": 1} for m in kernel_modes]},
+            "rows": [{"case": "a", "mode": m, "dtype": "bf16", "layout": "channels_last",
+                      "epilogue": bench.epilogue(m), "graph_speedup_vs_eager": 1.5} for m in kernel_modes],
             "summary": {
                 "groups": [
                     group("train_fwd", 1.7, 1.1),
@@ -938,7 +1036,9 @@ def test_summary_assembles_and_checks_the_criteria(tmp_path):
     f128 = S["resnet50_fused"]["eager_b128"]
     assert (f128["tritonbn_ms"], f128["torch_ms"], f128["torch_compile_ms"]) == (20.0, 30.0, 26.7)
     assert S["resnet50_fused"]["graph_b128"]["tritonbn_ms"] == 21.0
-    assert S["kernel_geomean_vs_eager"] == {"train_fwd": 1.7, "fwd_bwd": 1.65, "eval": 2.0}
+    k = S["kernel_geomean_vs_eager"]
+    assert (k["train_fwd"], k["fwd_bwd"], k["eval"]) == (1.7, 1.65, 2.0) and "reason" not in k
+    assert k["covers"] == "train_fwd, fwd_bwd, eval: every planned row: 1 (bf16 × channels_last)"
     assert S["kernel_fused"]["relu_fwd_bwd"]["vs_unfused"] == 1.3
     assert S["other_models"]["mobilenet_v2"]["eager_b32"]["fused"] == 13.0
     assert S["loss_tracking"]["all_track"] is False
@@ -973,6 +1073,149 @@ def test_summary_without_any_piece(tmp_path):
     assert "model.json not written" in S["resnet50"]["graph_b128"]["reason"]
     assert "bench.json not written" in S["kernel_geomean_vs_eager"]["reason"]
     assert all(c["ok"] is None for c in S["criteria"])
+
+
+def _graph_row(case, dt, mode, speedup, lay="channels_last", graph=True):
+    """A bench row whose tritonbn graph time is 1 µs and eager's `speedup` µs (under a CUDA graph)."""
+    prov = {p: {"ms": t, "graph_ms": t if graph else None, "error": None, "frac_copy_bw": 0.5}
+            for p, t in (("tritonbn", 1e-3), ("eager", speedup * 1e-3), ("compile", speedup * 1e-3))}
+    if bench.epilogue(mode):
+        prov[bench.UNFUSED] = {"ms": 1.2e-3, "graph_ms": 1.2e-3 if graph else None, "error": None}
+    return {"case": case, "group": "g", "count": 1, "dtype": dt, "layout": lay, "mode": mode,
+            "epilogue": bench.epilogue(mode), "providers": prov, "speedup_vs_eager": speedup,
+            "speedup_vs_compile": speedup, "speedup_vs_unfused": None, **bench._graph_speedups(prov)}
+
+
+def _partial_bench_doc(fp32_shapes=1):
+    """A --quick-like run stopped by its time budget: every bf16 row planned (4x eager), `fp32_shapes` of
+    the 4 fp32 ones (1x eager, the first 0.9x in train_fwd); fused relu_fwd_bwd rows: the 2 bf16 ones, and
+    the 2 fp32 ones only when the run completed."""
+    modes = ("train_fwd", "fwd_bwd", "eval_fwd")
+    rows = []
+    for dt, n, speed in (("bf16", 4, 4.0), ("fp32", fp32_shapes, 1.0)):
+        for i in range(n):
+            rows += [_graph_row(f"s{i}", dt, m, 0.9 if (dt, i, m) == ("fp32", 0, "train_fwd") else speed)
+                     for m in modes]
+    for dt, n in (("bf16", 2), ("fp32", 2 if fp32_shapes == 4 else 0)):
+        rows += [_graph_row(f"s{i}", dt, "relu_fwd_bwd", 3.0) for i in range(n)]
+    planned = [{"mode": m, "dtype": dt, "layout": "channels_last", "rows": 4,
+                "cases": [f"s{i}" for i in range(4)]} for dt in ("bf16", "fp32") for m in modes]
+    planned += [{"mode": "relu_fwd_bwd", "dtype": dt, "layout": "channels_last", "rows": 2,
+                 "cases": ["s0", "s1"]} for dt in ("bf16", "fp32")]
+    complete = fp32_shapes == 4
+    meta = {"cuda_graphs": True, "complete": complete, "timing_meaningful": True, "rows_planned": 28,
+            "rows_planned_by_stratum": planned,
+            "stopped_reason": None if complete else "time budget: plain rows stopped after 5 of 8 shapes"}
+    env = {"gpu": "NVIDIA H200", "torch": "x", "triton": "y", "git_commit": "abc"}
+    return {"env": env, "meta": meta, "rows": rows,
+            "summary": bench.summarize(rows, list(bench.PROVIDERS))}
+
+
+def test_summary_of_a_partial_bench_run_gives_strata_not_a_mixed_geomean(tmp_path):
+    """A run stopped by its time budget reached all bf16 rows and 1 of 4 fp32 shapes: a geomean over
+    those 5 rows (2.9x: 4 bf16 rows at 4x, one fp32 at 0.9-1x) is neither the bf16 number nor the suite's.
+    The headline is null with a reason (listed in missing, judged by no criterion), and each
+    (dtype, layout) stratum has its geomean, row counts and completeness."""
+    from benchmarks import summary
+
+    _write(tmp_path / "bench.json", _partial_bench_doc(fp32_shapes=1))
+    S = summary.build(tmp_path)
+    k = S["kernel_geomean_vs_eager"]
+    assert (k["train_fwd"], k["fwd_bwd"], k["eval"]) == (None, None, None)
+    assert "not every planned row was timed (run stopped early: time budget" in k["reason"]
+    assert ("5 of 8 planned rows timed (complete: bf16/channels_last 4/4; "
+            "incomplete: fp32/channels_last 1/4)") in k["reason"]
+    assert k["covers"] == "train_fwd, fwd_bwd, eval: null: 5 of 8 planned rows timed"
+    for key in ("kernel_geomean_vs_eager.fwd_bwd", "kernel_detail.train_fwd.min_row",
+                "kernel_detail.eval.geomean_vs_compile", "kernel_fused.relu_fwd_bwd.vs_eager",
+                "kernel_fused.relu_fwd_bwd.vs_unfused"):
+        assert key in S["missing"], key
+    d = S["kernel_detail"]["train_fwd"]
+    assert (d["rows"], d["rows_planned"], d["rows_timed"], d["complete"]) == (5, 8, 5, False)
+    assert d["min_row"] is None and d["min_row_reached"] == pytest.approx(0.9)
+    assert d["covers"].startswith("null: 5 of 8 planned rows timed")
+    st = {(x["dtype"], x["layout"]): x for x in d["strata"]}
+    assert list(st) == [("bf16", "channels_last"), ("fp32", "channels_last")]  # run order
+    bf, fp = st["bf16", "channels_last"], st["fp32", "channels_last"]
+    assert (bf["rows"], bf["rows_planned"], bf["complete"]) == (4, 4, True)
+    assert bf["geomean_vs_eager"] == pytest.approx(4.0) and bf["min_vs_eager"] == pytest.approx(4.0)
+    assert (fp["rows"], fp["rows_planned"], fp["complete"]) == (1, 4, False)
+    assert fp["geomean_vs_eager"] == pytest.approx(0.9)
+    f = S["kernel_fused"]["relu_fwd_bwd"]
+    assert (f["rows"], f["rows_planned"], f["complete"], f["vs_eager"]) == (2, 4, False, None)
+    assert [(x["dtype"], x["rows"], x["complete"]) for x in f["strata"]] == [
+        ("bf16", 2, True), ("fp32", 0, False)]
+    assert f["strata"][0]["geomean_vs_unfused"] == pytest.approx(1.2)
+    crit = {c["name"]: c for c in S["criteria"]}
+    assert crit["issue 8: kernel geomean fwd_bwd vs eager (CUDA graphs)"]["ok"] is None
+    # a row already below 1.0x fails "no row below eager" whatever the rows not reached do
+    slow = crit["issue 8: slowest kernel row vs eager (CUDA graphs)"]
+    assert slow["ok"] is False and slow["value"] == pytest.approx(0.9) and "incomplete" in slow["note"]
+    md = summary.markdown(S)
+    assert "| train_fwd | bf16 | channels_last | 4 / 4 | 4.00 | 4.00 | yes |" in md
+    assert "| train_fwd | fp32 | channels_last | 1 / 4 | 0.90 | 0.90 | no |" in md
+    assert "null: not every planned row was timed" in md
+    assert "relu_fwd_bwd (CUDA graphs, 2 of 4 planned rows)" in md
+
+    # a partial run whose fp32 rows are all above 1.0x: the slowest-row criterion is not judged either
+    doc = _partial_bench_doc(fp32_shapes=1)
+    doc["rows"] = [r for r in doc["rows"] if r["dtype"] == "bf16"]
+    _write(tmp_path / "bench.json", doc)
+    S = summary.build(tmp_path)
+    assert all(c["ok"] is None for c in S["criteria"] if "kernel" in c["name"])
+
+    # the plan unknown (no rows_planned_by_stratum, no argv): the run's own "complete: false" still rules
+    doc = _partial_bench_doc(fp32_shapes=1)
+    del doc["meta"]["rows_planned_by_stratum"]
+    _write(tmp_path / "bench.json", doc)
+    S = summary.build(tmp_path)
+    assert S["kernel_geomean_vs_eager"]["fwd_bwd"] is None
+    assert "planned rows unknown: bench.json records neither" in S["kernel_geomean_vs_eager"]["reason"]
+    assert S["kernel_detail"]["fwd_bwd"]["strata"][0]["rows_planned"] is None
+
+    # the same suite run to the end: the geomeans over every planned row, and which rows they cover
+    _write(tmp_path / "bench.json", _partial_bench_doc(fp32_shapes=4))
+    S = summary.build(tmp_path)
+    k = S["kernel_geomean_vs_eager"]
+    assert k["fwd_bwd"] == pytest.approx(2.0) and "reason" not in k  # (4^4 * 1^4) ^ (1/8)
+    assert k["covers"] == "train_fwd, fwd_bwd, eval: every planned row: 8 (bf16, fp32 × channels_last)"
+    assert S["kernel_detail"]["train_fwd"]["min_row"] == pytest.approx(0.9)
+    assert S["kernel_fused"]["relu_fwd_bwd"]["vs_eager"] == pytest.approx(3.0)
+    assert not [m for m in S["missing"] if m.startswith("kernel")]
+
+
+def test_summary_replans_an_older_bench_json_from_its_argv(tmp_path):
+    """bench.json files from before meta.rows_planned_by_stratum (the committed H200 run3): the plan is
+    rebuilt from meta.argv, and checked against meta.rows_planned. Run3's time budget reached 19 of 30
+    plain shapes (every bf16 one, 4 of the 7 fp32 channels_last ones, no fp32 NCHW): its old summary.json
+    read 3.28x / 3.07x / 2.16x for that mix. Without torch (summary.py imports none)."""
+    src = REPO / "benchmarks" / "results" / "h200-2026-11-28-run3" / "bench.json"
+    (tmp_path / "bench.json").write_bytes(src.read_bytes())
+    code = ("import json, sys; from pathlib import Path; from benchmarks import summary; "
+            f"S = summary.build(Path({str(tmp_path)!r})); assert 'torch' not in sys.modules; "
+            "print(json.dumps({k: S[k] for k in "
+            "('kernel_geomean_vs_eager', 'kernel_detail', 'kernel_fused')}))")
+    S = json.loads(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                  check=True).stdout)
+    assert S["kernel_detail"]["planned_from"].startswith("rebuilt from bench.json meta.argv")
+    assert S["kernel_geomean_vs_eager"]["train_fwd"] is None
+    for key in ("train_fwd", "fwd_bwd", "eval"):
+        d = S["kernel_detail"][key]
+        assert (d["rows"], d["rows_planned"], d["complete"]) == (19, 30, False)
+        got = [(x["dtype"], x["layout"], x["rows"], x["rows_planned"], x["complete"]) for x in d["strata"]]
+        assert got == [("bf16", "channels_last", 7, 7, True), ("bf16", "contiguous", 8, 8, True),
+                       ("fp32", "channels_last", 4, 7, False), ("fp32", "contiguous", 0, 8, False)]
+    assert S["kernel_detail"]["train_fwd"]["min_row_reached"] == pytest.approx(0.784, abs=1e-3)
+    relu, add = S["kernel_fused"]["relu_fwd_bwd"], S["kernel_fused"]["add_relu_fwd_bwd"]
+    assert (relu["rows"], relu["rows_planned"], relu["vs_eager"]) == (7, 12, None)
+    assert (add["rows"], add["rows_planned"], add["vs_eager"]) == (6, 12, None)
+    # a rebuilt plan that does not match the run's own count is not used
+    from benchmarks import summary
+
+    doc = json.loads(src.read_text())
+    doc["meta"]["rows_planned"] = 191
+    plan, why = summary.planned_strata(doc)
+    assert plan is None and "is not the run's (191 rows planned" in why
 
 
 def test_warm_cache_records_the_gpu_checks_specializations():
