@@ -781,6 +781,7 @@ def test_model_bench_smoke(smoke_run):
             assert (c.get("compile_s") is not None) == (j["mode"] == "compile")
         tb = j["variants"]["tritonbn"]
         assert tb["tracks"] is True and tb["check_ok"] is True, tb
+        assert tb["tritonbn_launches"] > 0, tb                 # its kernels ran (compiled too)
         if j["mode"] == "eager":  # the rounding-noise control runs beside torch, measured, not judged
             ctl = j["variants"][model_bench.CONTROL]
             assert ctl["loss_gap"] is not None and "tracks" not in ctl
@@ -793,6 +794,25 @@ def test_model_bench_smoke(smoke_run):
             assert fused["tracks"] is True, fused
         else:
             assert "unavailable" in fused["skipped"]
+
+
+@pytest.mark.parametrize("case", ["tracks", "no-launches", "torchs-losses"])
+def test_model_bench_track_refuses_a_variant_whose_kernels_did_not_run(case):
+    """A tritonbn variant with no tritonbn launch in a step, or with torch's losses to the bit at every step
+    (the H200 run of 2026-11-28's compiled "tritonbn" ResNet-50), does not track, whatever its gap."""
+    from benchmarks import model_bench
+
+    torch_losses = [7.03, 6.84, 6.51]
+    ours = [7.0301, 6.8402, 6.5098] if case != "torchs-losses" else list(torch_losses)
+    res = {"variants": {
+        "torch": {"losses": torch_losses, "ms": 10.0},
+        "tritonbn": {"losses": ours, "ms": 9.0, "tritonbn_launches": 0 if case == "no-launches" else 8},
+    }}
+    model_bench.track(res, (1e-2, 1e-2), {"tritonbn": {"ok": True}})
+    cell = res["variants"]["tritonbn"]
+    assert cell["tracks"] is (case == "tracks"), cell
+    if case != "tracks":
+        assert "did not run" in cell["tracks_reason"]
 
 
 def test_model_bench_plan_puts_summary_fields_first():
