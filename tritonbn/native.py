@@ -309,8 +309,7 @@ def _python_backward(handle, dy, saved, needs, eps):
         try:
             build_backward(handle, needs, weight, bias, mask)
         except Exception as e:  # noqa: BLE001 - optional: the gradients are computed, the call succeeded
-            _note_failure(f"backward: {type(e).__name__}: {e}" if not isinstance(e, NotNative) else
-                          f"backward: {e}")
+            _note_failure(f"backward: {_reason(e)}")
     return tuple(grads)
 
 
@@ -320,6 +319,11 @@ def _dtype_code(dtype: torch.dtype) -> int:
 
 _C = None
 failures: list = []     # why plans stayed on the Python path (benchmarks report it), first 20 distinct
+
+
+def _reason(e: Exception) -> str:
+    """Why recording failed: a NotNative's own words, any other error with its type."""
+    return str(e) if isinstance(e, NotNative) else f"{type(e).__name__}: {e}"
 
 
 def _note_failure(reason: str) -> None:
@@ -337,7 +341,7 @@ def try_build(plan: ops.ForwardPlan, x: torch.Tensor) -> None:
         _C = module()
     except Exception as e:  # noqa: BLE001 - optional: this call succeeded, its state is updated
         plan.native_handle = -1
-        _note_failure(f"forward: {e}" if isinstance(e, NotNative) else f"forward: {type(e).__name__}: {e}")
+        _note_failure(f"forward: {_reason(e)}")
 
 
 def call(plan: ops.ForwardPlan, x, weight, bias, residual, running_mean, running_var, num_batches, momentum,
