@@ -217,6 +217,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_smoke")
     gc_out = tmp_path_factory.mktemp("gpu_check_smoke")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.pop("PYTEST_ADDOPTS", None)   # gpu_check's own pytest shards, not CI's workers
     cmds = {
         name: [sys.executable, "-m", f"benchmarks.{name}", "--smoke", *extra, "--out", str(out)]
         for name, extra in SMOKE_RUNS.items()
