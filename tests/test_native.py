@@ -196,6 +196,33 @@ def test_native_path_under_activation_checkpointing(use_reentrant, hooked, monke
         assert torch.equal(a, b)
 
 
+def test_native_path_leaves_calls_under_saved_tensor_hooks_to_the_python_node(hooked, monkeypatch):
+    """The C++ node's backward launches its recorded program on what it saved, unchecked: a call made
+    while saved-tensor hooks are installed takes the Python node, which restores an unpacked copy in
+    another layout (here channels_last -> contiguous, with the fused bitmask). Bit for bit the Python
+    path's gradients, and the plan's native program stays in use afterwards."""
+    x = make_input((2, 32, 3, 5), "channels_last").requires_grad_(True)
+    z = torch.randn_like(x)
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(native, "ENABLED", on)
+        monkeypatch.setattr(ops, "_plans", {})
+        torch.manual_seed(0)
+        m = tritonbn.BatchNormAct2d(32)
+        m(x, z).backward(torch.ones_like(x))    # a plan's first call: the Python path, then recorded
+        x.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
+            y = m(x, z)
+        assert type(y.grad_fn).__name__ == "BatchNormFunctionBackward"
+        dy = torch.randn_like(x)
+        y.backward(dy)
+        results.append([t.clone() for t in (y, x.grad, m.weight.grad, m.bias.grad, *m.state_dict().values())])
+        if on:
+            assert type(m(x, z).grad_fn).__name__ == "CppFunction"
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_native_retain_graph_gives_each_backward_its_own_buffers(hooked, monkeypatch):
     """Two backwards through one native node: fresh workspaces, the first gradients untouched."""
     monkeypatch.setattr(native, "ENABLED", True)

@@ -188,15 +188,19 @@ class Normalize(torch.autograd.Function):
         ctx.mark_non_differentiable(mask)
         # The mask exists (is not empty) exactly when there is a residual and a gated activation.
         has_mask = residual is not None and activation in ops.GATED
-        ctx.save_for_backward(x, weight, bias, mean_src, None if training else var_src,
-                              mask if has_mask else None)
-        ctx.cfg = (training, eps, activation, bias.dtype if bias is not None else None)
+        saved = (x, weight, bias, mean_src, None if training else var_src, mask if has_mask else None)
+        ctx.save_for_backward(*saved)
+        ctx.cfg = (training, eps, activation, bias.dtype if bias is not None else None,
+                   # (not while Dynamo traces this: the compiled graph's backward gets its own saved tensors)
+                   None if torch.compiler.is_compiling() or not ops.saved_tensor_hooks_active()
+                   else ops.saved_meta(saved))
         return y, mask
 
     @staticmethod
     def backward(ctx, dy, _dmask):
-        x, weight, bias, mean_src, var_src, mask = ctx.saved_tensors
-        training, eps, activation, bias_dtype = ctx.cfg
+        training, eps, activation, bias_dtype, meta = ctx.cfg
+        saved = ctx.saved_tensors
+        x, weight, bias, mean_src, var_src, mask = saved if meta is None else ops.restore_saved(saved, meta)
         if training:
             var_src = mean_src
         need_dx, need_dw, need_db, need_dz = ctx.needs_input_grad[:4]

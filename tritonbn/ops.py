@@ -1277,17 +1277,18 @@ class BatchNormFunction(torch.autograd.Function):
         plan, running_mean, running_var, num_batches_tracked, momentum, eps = call
         y, stats, mask = run_forward(plan, x, weight, bias, running_mean, running_var, num_batches_tracked,
                                      momentum, eps, residual)
-        if plan.training:
-            ctx.save_for_backward(x, weight, bias, stats, stats, mask)
-        else:
-            ctx.save_for_backward(x, weight, bias, running_mean, running_var, mask)
-        ctx.cfg = (plan.training, eps, plan.flags[6], bias.dtype if bias is not None else None, plan)
+        saved = (x, weight, bias, stats, stats, mask) if plan.training else \
+            (x, weight, bias, running_mean, running_var, mask)
+        ctx.save_for_backward(*saved)
+        ctx.cfg = (plan.training, eps, plan.flags[6], bias.dtype if bias is not None else None, plan,
+                   saved_meta(saved) if saved_tensor_hooks_active() else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean_src, var_src, mask = ctx.saved_tensors
-        training, eps, activation, bias_dtype, plan = ctx.cfg
+        training, eps, activation, bias_dtype, plan, meta = ctx.cfg
+        saved = ctx.saved_tensors
+        x, weight, bias, mean_src, var_src, mask = saved if meta is None else restore_saved(saved, meta)
         need_dx, need_dw, need_db, need_dz = ctx.needs_input_grad[:4]
         dbias_dtype = bias_dtype if need_db else None
         if torch.is_grad_enabled():
@@ -1336,3 +1337,44 @@ def _differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, train
         mean, invstd = mean_src.to(acc), torch.rsqrt(var_src.to(acc) + eps)
     return torch_math.backward(dy, x, weight, bias, mean, invstd, mask, training, eps, activation, need_dx,
                                need_dw, dbias_dtype, need_dz)
+
+
+# --- saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks: offloading, compression, checkpoints) ---
+
+_top_saved_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+SAVED_NAMES = ("input", "weight", "bias", "mean", "variance", "ReLU bitmask")
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether tensors saved now go through saved-tensor hooks (always True where torch does not say)."""
+    return _top_saved_hooks is None or _top_saved_hooks(False) is not None
+
+
+def saved_meta(saved: tuple) -> tuple:
+    """What the backward's kernels assume of each saved tensor: dtype, device, shape, strides, alignment."""
+    return tuple(None if t is None else (t.dtype, t.device, t.shape, t.stride(), t.data_ptr() % 16 == 0)
+                 for t in saved)
+
+
+def restore_saved(saved: tuple, meta: tuple, names: tuple = SAVED_NAMES) -> tuple:
+    """The saved tensors as the forward saved them (``saved_meta``), from what unpack hooks returned.
+
+    The backward's plan and kernels were specialized on the forward's tensors, and the ReLU bitmask is in
+    the input's memory order: a tensor unpacked with other strides, or unaligned where the forward's was
+    aligned, is copied back into the forward's layout. A different dtype, device or shape is an error (as
+    in torch's own batch norm backward): computing from it would silently give other gradients."""
+    out = []
+    for name, t, m in zip(names, saved, meta):
+        if m is None:
+            out.append(t)
+            continue
+        dtype, device, shape, stride, aligned = m
+        if t is None or t.dtype != dtype or t.device != device or t.shape != shape:
+            got = "None" if t is None else f"{t.dtype} {tuple(t.shape)} on {t.device}"
+            raise RuntimeError(f"tritonbn: a saved-tensor hook unpacked BatchNorm's saved {name} as {got}; "
+                               f"it was saved as {dtype} {tuple(shape)} on {device}. Unpack hooks must "
+                               "return a tensor of the saved one's dtype, shape and device")
+        if t.stride() != stride or (aligned and t.data_ptr() % 16):
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(t)
+        out.append(t)
+    return tuple(out)

@@ -74,7 +74,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             running_var.copy_(running_var.double() * (1.0 - factor) + factor * unbiased)
         stats = torch.cat((mean, invstd))
         y = ops.normalize(x, weight, bias, stats, stats, True, eps)[0]
-        ctx.save_for_backward(x, weight, stats, n.to(acc))
+        saved = (x, weight, stats, n.to(acc))
+        ctx.save_for_backward(*saved)
+        ctx.meta = ops.saved_meta(saved) if ops.saved_tensor_hooks_active() else None
         ctx.process_group = process_group
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -82,7 +84,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, stats, n = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, weight, stats, n = saved if ctx.meta is None else \
+            ops.restore_saved(saved, ctx.meta, ("input", "weight", "statistics", "count"))
         dy = ops._like(x, dy)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         sums = ops.bn_backward_sums(x, dy, stats)
