@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import threading
 
 import pytest
 import reference as ref
@@ -246,7 +247,18 @@ BAD_INPUTS = [
     (lambda: tritonbn.BatchNorm2d(3), torch.ones(2, 3, 2, 2).long(), "not implemented for 'Long'"),
     (lambda: tritonbn.BatchNorm2d(3), torch.randn(2, 3, 2, 2).double(), "dtype"),
     (lambda: tritonbn.BatchNorm2d(3, momentum=None), torch.randn(1, 3, 1, 1), "more than 1 value"),
+    # A momentum set after construction, of a type F.batch_norm refuses (the kernels took float() of it).
+    (lambda: _set(tritonbn.BatchNorm2d(3), momentum="0.5"), torch.randn(2, 3, 2, 2), "momentum"),
+    (lambda: _set(tritonbn.BatchNorm2d(3), momentum=torch.tensor([0.5])), torch.randn(2, 3, 2, 2),
+     "momentum"),
+    (lambda: _set(tritonbn.BatchNormAct2d(3).eval(), momentum="0.5"), torch.randn(2, 3, 2, 2), "momentum"),
 ]
+
+
+def _set(module, **attrs):
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    return module
 
 
 @pytest.fixture(params=["triton", "torch-fallback"])
@@ -756,3 +768,32 @@ def test_observing_dispatch_modes_see_tritonbn_own_path(monkeypatch):
         tritonbn.BatchNorm2d(3)(make_input((2, 3, 4, 4), "channels_last"))
     assert len(launches) == 2
     assert not [op for op in mode.ops if "batch_norm" in op]
+
+
+def test_modules_called_from_several_threads_match_serial_calls():
+    """Like nn.DataParallel's replicas, one module per thread, called at once (on the CPU: Triton's
+    interpreter, which is not thread-safe, and one stream's reduction counters shared by all calls)."""
+    torch.manual_seed(0)
+    xs = [make_input((2, 5, 3, 3), "channels_last" if i % 2 else "contiguous") for i in range(4)]
+    dys = [torch.randn_like(x) for x in xs]
+
+    def run(i, out):
+        m = tritonbn.BatchNormAct2d(5, activation="relu")
+        x = xs[i].clone().requires_grad_()
+        for training in (True, True, False):
+            m.train(training)
+            y = m(x, xs[i] * 0.5)
+            y.backward(dys[i])
+        out[i] = [y.detach(), x.grad, m.weight.grad, *m.state_dict().values()]
+
+    serial, threaded = {}, {}
+    for i in range(4):
+        run(i, serial)
+    threads = [threading.Thread(target=run, args=(i, threaded)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for a, b in zip(serial[i], threaded[i]):
+            assert torch.equal(a, b)

@@ -85,11 +85,13 @@ class _TritonBatchNormMixin:
             # torch.func (grad, vmap, ...): torch's module exactly, which increments num_batches_tracked
             # first, so that the in-place update a transform forbids raises before any state changes.
             return epilogue(nn.modules.batchnorm._BatchNorm.forward(self, input), residual, activation)
-        if uses_triton(input) and supported(input, running_mean, running_var, weight, bias, bn_training,
-                                            self.eps):
+        momentum = self.momentum
+        if uses_triton(input) and (momentum is None or type(momentum) in (float, int)) and \
+                supported(input, running_mean, running_var, weight, bias, bn_training, self.eps):
             # num_batches_tracked is incremented by the kernels (eager): nothing changes if a check raises.
-            return batch_norm_impl(input, running_mean, running_var, weight, bias, bn_training, self.momentum,
+            return batch_norm_impl(input, running_mean, running_var, weight, bias, bn_training, momentum,
                                    self.eps, num_batches, num_batches is not None, residual, activation)
+        # (a momentum of another type: F.batch_norm raises torch's TypeError, before any state changes)
         return self._torch_forward(input, running_mean, running_var, bn_training, num_batches is not None,
                                    residual, activation)
 

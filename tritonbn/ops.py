@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 
 import torch
 
@@ -249,6 +250,10 @@ def _launch_hooks_active() -> bool:
 
 
 _DATA_PTR = torch.Tensor.data_ptr   # map(_DATA_PTR, ...) beats a comprehension of .data_ptr() calls
+# Normal launches one at a time: Triton's interpreter is not thread-safe (calls from several threads gave
+# NaN, wrong values or a crashed process), and CPU calls all share one stream's reduction counters, which
+# a launch leaves zeroed only once all its programs have run. Cached launches never take it.
+_SLOW_LAUNCH_LOCK = threading.RLock()
 
 
 class _Launch:
@@ -287,8 +292,9 @@ class _Launch:
         if _launch_hook is not None:
             _launch_hook(self.kernel, self.grid, args, self.constexprs, self.num_warps)
             return
-        compiled = self.kernel[self.grid](*args, num_warps=self.num_warps, **LAUNCH_OPTIONS,
-                                          **self.constexprs)
+        with _SLOW_LAUNCH_LOCK:
+            compiled = self.kernel[self.grid](*args, num_warps=self.num_warps, **LAUNCH_OPTIONS,
+                                              **self.constexprs)
         if stream is not None and compiled is not None and TUNING.fast_launch and _fast_launch_supported():
             if hasattr(compiled, "result"):   # triton's async compile mode hands back a future
                 compiled = compiled.result()
