@@ -767,3 +767,49 @@ def test_cuda_graph_capture_on_a_fresh_stream_with_many_layers():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batched_and_efficient_zero_incoming_gradients_give_torchs(fused, training):
+    """Incoming gradients with no memory for the kernels: vmapped (``is_grads_batched``, the vectorized
+    ``jacobian`` / ``hessian``) and efficient zero tensors, against torch's module + add + ReLU."""
+    torch.manual_seed(0)
+    c = 3
+    ours = tritonbn.BatchNormAct2d(c, activation="relu" if fused else None).double().train(training)
+    theirs = torch.nn.BatchNorm2d(c).double().train(training)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, c))
+            m.bias.copy_(torch.linspace(-0.5, 0.5, c))
+    x = make_input((2, c, 2, 3), "contiguous", dtype=torch.float64).requires_grad_()
+    z = torch.randn_like(x)
+
+    def f_ours(x):
+        return ours(x, z)
+
+    def f_theirs(x):
+        y = theirs(x) + z
+        return torch.relu(y) if fused else y
+
+    v = torch.randn(4, *x.shape, dtype=torch.float64)
+    for grad in (lambda f: torch.autograd.grad(f(x), [x], v, is_grads_batched=True)[0],
+                 lambda f: torch.autograd.functional.jacobian(f, x, vectorize=True),
+                 lambda f: torch.autograd.functional.hessian(lambda t: f(t).square().sum(), x[:1].detach(),
+                                                             vectorize=True),
+                 lambda f: torch.autograd.grad(f(x), [x], torch._efficientzerotensor(x.shape,
+                                                                                      dtype=x.dtype))[0]):
+        torch.testing.assert_close(grad(f_ours), grad(f_theirs), rtol=1e-9, atol=1e-9)
+
+
+def test_sync_dx_launcher_hands_the_kernel_an_aligned_gradient(monkeypatch):
+    """``bn_backward_dx`` (SyncBatchNorm) caches a plan keyed by x's alignment alone: a gradient that is an
+    unaligned slice (e.g. of torch.cat's backward) is copied first, as ``backward`` does."""
+    x = make_input((2, 4, 2, 3), "contiguous")
+    dy = torch.randn(x.numel() + 1)[1:].view(x.shape)
+    assert dy.data_ptr() % 16
+    seen = []
+    monkeypatch.setattr(ops, "_launch_hook", lambda kernel, grid, args, *_: seen.append(args))
+    stats = torch.cat((torch.zeros(4), torch.ones(4)))
+    ops.bn_backward_dx(x, dy, None, stats, torch.zeros(2, 4), 1)
+    assert seen and seen[0][1].data_ptr() % 16 == 0 and torch.equal(seen[0][1], dy)

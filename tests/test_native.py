@@ -496,3 +496,25 @@ def test_native_momentum_and_eps_are_the_calls_own(kwargs, hooked, monkeypatch):
     assert hooked.count(STATS) == 3     # calls 2-4 native
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_native_node_takes_batched_and_zero_gradients_to_torch_ops(hooked, monkeypatch):
+    """A vmapped (is_grads_batched) or efficient-zero incoming gradient has no memory for the recorded
+    program: the node hands it to Python, which computes it with torch ops; torch's module agrees."""
+    monkeypatch.setattr(native, "ENABLED", True)
+    torch.manual_seed(0)
+    x = make_input((2, 3, 2, 3), "contiguous", dtype=torch.float64).requires_grad_(True)
+    z = torch.randn_like(x)
+    m = tritonbn.BatchNormAct2d(3).double()
+    theirs = torch.nn.BatchNorm2d(3).double()
+    m(x, z).backward(torch.ones_like(x))        # the plan's first call: recorded
+    theirs(x)
+    x.grad = None
+    y = m(x, z)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    v = torch.randn(4, *x.shape, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x], v, is_grads_batched=True, retain_graph=True)[0]
+    expect = torch.autograd.grad(torch.relu(theirs(x) + z), [x], v, is_grads_batched=True)[0]
+    assert rel_err(got, expect) < 1e-9
+    zero = torch.autograd.grad(y, [x], torch._efficientzerotensor(x.shape, dtype=x.dtype))[0]
+    assert torch.equal(zero, torch.zeros_like(x))

@@ -303,9 +303,10 @@ def _python_backward(handle, dy, saved, needs, eps):
     if torch.is_grad_enabled():
         return tuple(ops._differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, plan.training,
                                                   eps, activation, need_dx, need_dw, dbias_dtype, need_dz))
-    grads = ops.backward(dy, x, weight, bias, mean_src, var_src, mask, plan.training, eps, activation,
-                         need_dx, need_dw, dbias_dtype, need_dz, False, plan, True)[:4]
-    if dy.stride() == x.stride() and dy.data_ptr() % 16 == 0 and not module().has_backward(handle, needs):
+    grads = ops.kernel_backward(dy, x, weight, bias, mean_src, var_src, mask, plan.training, eps, activation,
+                                need_dx, need_dw, dbias_dtype, need_dz, plan)
+    if torch._C._has_storage(dy) and not dy._is_zerotensor() and dy.stride() == x.stride() and \
+            dy.data_ptr() % 16 == 0 and not module().has_backward(handle, needs):
         try:
             build_backward(handle, needs, weight, bias, mask)
         except Exception as e:  # noqa: BLE001 - optional: the gradients are computed, the call succeeded

@@ -1254,6 +1254,8 @@ def bn_backward_dx(x: torch.Tensor, dy: torch.Tensor, weight, stats, sums, count
     over ``count`` values per channel (SyncBatchNorm: the global ones). One launch."""
     x, view = _prepare(x)
     dy = _like(x, dy)
+    if dy.data_ptr() % 16:   # the kernel is specialized for 16-byte aligned operands (a slice's may not be)
+        dy = torch.empty_like(x).copy_(dy)
     flags = (weight is not None, False, 0, False, True, False, False, False, False)
     dev, stream = _device(x)
     key = ("dx", tuple(x.shape), x.stride(), x.data_ptr() % 16 == 0, x.dtype,
@@ -1301,9 +1303,25 @@ class BatchNormFunction(torch.autograd.Function):
             grads = _differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps,
                                              activation, need_dx, need_dw, dbias_dtype, need_dz)
         else:
-            grads = backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
-                             need_dw, dbias_dtype, need_dz, False, plan, True)[:4]
+            grads = kernel_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation,
+                                    need_dx, need_dw, dbias_dtype, need_dz, plan)
         return (*grads, None)
+
+
+def kernel_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx, need_dw,
+                    dbias_dtype, need_dz, plan):
+    """``(dx, dweight, dbias, dz)`` of an autograd node (``BatchNormFunction``, the native node's Python
+    backward) from the kernels, or from torch ops where the incoming gradient has no memory for them to
+    read: a vmapped one (``is_grads_batched``, vectorized ``jacobian`` / ``hessian``) or an efficient zero
+    tensor. Found by the error reading it raises, before any launch: no check on the hot path."""
+    try:
+        return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
+                        need_dw, dbias_dtype, need_dz, False, plan, True)[:4]
+    except RuntimeError:
+        if torch._C._has_storage(dy) and not dy._is_zerotensor():
+            raise
+    return _differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation,
+                                    need_dx, need_dw, dbias_dtype, need_dz)
 
 
 def _c_apply():

@@ -290,8 +290,10 @@ struct BatchNormNative : public torch::autograd::Function<BatchNormNative> {
       auto found = plan.backward.find(needs);
       if (found != plan.backward.end()) program = found->second;
     }
-    bool native = program && !torch::autograd::GradMode::is_enabled() && dy.defined() &&
-                  dy.strides() == x.strides() && reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 == 0;
+    // A vmapped (is_grads_batched) or efficient-zero gradient has no memory to launch on: Python decides.
+    bool native = program && !torch::autograd::GradMode::is_enabled() && dy.defined() && dy.has_storage() &&
+                  !dy._is_zerotensor() && dy.strides() == x.strides() &&
+                  reinterpret_cast<uintptr_t>(dy.data_ptr()) % 16 == 0;
     Tensor dx, dw, db, dz;
     if (native) {
       std::vector<Tensor> table(BACKWARD_SLOTS);
