@@ -241,7 +241,7 @@ def test_normalize_function_gives_the_eager_paths_bits(training, act, residual, 
             stats = torch.ops.tritonbn.bn_batch_stats(x.detach(), rm, rv, None, 0.1, 1e-5) if training \
                 else None
             mean_src, var_src = (stats, None) if training else (rm, rv)
-            y = custom_ops.Normalize.apply(x, w, b, z, mean_src, var_src, 1e-5, training, act)[0]
+            y = custom_ops.Normalize.apply(x, w, b, z, mean_src, var_src, 1e-5, training, act, False)[0]
         wanted = [t for t in inputs if t.requires_grad]
         results.append([y, rm, rv, *torch.autograd.grad(y, wanted, dy)])
     for a, e in zip(*results):
@@ -395,3 +395,27 @@ def test_onnx_export_runs_in_onnxruntime(dynamo, tmp_path):
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_compile_fullgraph_takes_the_input_as_its_own_residual(act, device):
+    """``act(bn(x) + x)`` (a residual that is the BN's input, which fuse_model fuses without example
+    inputs): Dynamo refuses a tensor passed twice to an autograd.Function, so the custom-op path passes it
+    once. Outputs, running stats and gradients against torch's module + add + ReLU."""
+    torch.manual_seed(0)
+    ours = tritonbn.BatchNormAct2d(5, activation=act).to(device)
+    theirs = nn.BatchNorm2d(5).to(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: ours(t, t), fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = (torch.randn(3, 5, 4, 3, device=device) * 2 + 1).requires_grad_()
+        y = compiled(x)
+        y_t = theirs(x) + x
+        y_t = torch.relu(y_t) if act else y_t
+        dy = torch.randn_like(y)
+        g = torch.autograd.grad(y, [x, ours.weight], dy)
+        g_t = torch.autograd.grad(y_t, [x, theirs.weight], dy)
+        torch.testing.assert_close(y, y_t)
+        for a, e in zip(g, g_t):
+            torch.testing.assert_close(a, e)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)

@@ -177,12 +177,15 @@ class Normalize(torch.autograd.Function):
     """``bn_normalize`` with its gradient: ``(x, weight, bias, residual)`` get theirs from ``bn_backward``
     (in training dx is the whole batch-norm gradient, through the statistics too, so ``mean_src`` and
     ``var_src`` get none). ``var_src`` is None in training, where both are ``stats`` (Dynamo takes no
-    tensor twice). Returns ``(y, mask)``, the mask not differentiable."""
+    tensor twice; nor a residual that is x itself, ``bn(x) + x``: ``residual_is_x`` then, and x gets both
+    gradients). Returns ``(y, mask)``, the mask not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean_src, var_src, eps, training, activation):
+    def forward(ctx, x, weight, bias, residual, mean_src, var_src, eps, training, activation, residual_is_x):
         if var_src is None:
             var_src = mean_src
+        if residual_is_x:
+            residual = x
         y, mask = torch.ops.tritonbn.bn_normalize(x, weight, bias, residual, mean_src, var_src, eps, training,
                                                   activation)
         ctx.mark_non_differentiable(mask)
@@ -193,17 +196,19 @@ class Normalize(torch.autograd.Function):
         ctx.cfg = (training, eps, activation, bias.dtype if bias is not None else None,
                    # (not while Dynamo traces this: the compiled graph's backward gets its own saved tensors)
                    None if torch.compiler.is_compiling() or not ops.saved_tensor_hooks_active()
-                   else ops.saved_meta(saved))
+                   else ops.saved_meta(saved), residual_is_x)
         return y, mask
 
     @staticmethod
     def backward(ctx, dy, _dmask):
-        training, eps, activation, bias_dtype, meta = ctx.cfg
+        training, eps, activation, bias_dtype, meta, residual_is_x = ctx.cfg
         saved = ctx.saved_tensors
         x, weight, bias, mean_src, var_src, mask = saved if meta is None else ops.restore_saved(saved, meta)
         if training:
             var_src = mean_src
         need_dx, need_dw, need_db, need_dz = ctx.needs_input_grad[:4]
+        if residual_is_x:
+            need_dz = need_dx
         need_dw = need_dw and weight is not None
         need_db = need_db and bias_dtype is not None
         dz = None
@@ -216,7 +221,9 @@ class Normalize(torch.autograd.Function):
                 need_db, need_dz, bias_dtype if need_db else x.dtype)
             grads = (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
                      dz_op if need_dz else dz)
-        return grads + (None,) * 5
+        if residual_is_x:
+            grads = (None if grads[0] is None else grads[0] + grads[3], grads[1], grads[2], None)
+        return grads + (None,) * 6
 
 
 # --- entry point used by tritonbn.functional while tracing ------------------------------------------
@@ -260,4 +267,6 @@ def dispatch(input, running_mean, running_var, weight, bias, training, momentum,
             mean_src = torch.ops.tritonbn.bn_batch_stats(input.detach(), running_mean, running_var,
                                                          num_batches_tracked, momentum, eps)
         var_src = None
-    return Normalize.apply(input, weight, bias, residual, mean_src, var_src, eps, training, activation)[0]
+    same = residual is input
+    return Normalize.apply(input, weight, bias, None if same else residual, mean_src, var_src, eps, training,
+                           activation, same)[0]
