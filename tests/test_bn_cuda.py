@@ -315,3 +315,21 @@ def test_cuda_persistent_forward(shape, layout, dtype_name, fits, monkeypatch):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y_g, one[0])   # the same kernels on the same input
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_batched_and_zero_incoming_gradients_give_torchs(fused):
+    """is_grads_batched (vmapped) and efficient-zero incoming gradients: torch ops, not the kernels."""
+    torch.manual_seed(0)
+    ours = tritonbn.BatchNormAct2d(16, activation="relu" if fused else None).cuda().double()
+    theirs = torch.nn.BatchNorm2d(16).cuda().double()
+    x = make_input((4, 16, 5, 5), "channels_last", dtype=torch.float64, device="cuda").requires_grad_()
+    z = torch.randn_like(x)
+    y = ours(x, z)
+    y_t = theirs(x) + z
+    y_t = torch.relu(y_t) if fused else y_t
+    v = torch.randn(3, *x.shape, dtype=x.dtype, device="cuda")
+    got = torch.autograd.grad(y, [x], v, is_grads_batched=True, retain_graph=True)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(y_t, [x], v, is_grads_batched=True)[0])
+    zero = torch.autograd.grad(y, [x], torch._efficientzerotensor(x.shape, dtype=x.dtype, device="cuda"))[0]
+    assert torch.equal(zero, torch.zeros_like(x))

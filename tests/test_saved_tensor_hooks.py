@@ -169,3 +169,23 @@ def test_sync_batchnorm_restores_and_refuses_as_well(tmp_path):
             y.sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("unpack", list(UNPACKS))
+def test_cuda_unpacked_copies_give_the_bits_of_calls_without_hooks(unpack, layout):
+    """On the GPU, where the kernels are specialized for the forward's strides and 16-byte alignment:
+    BN + add + ReLU (the bitmask) in bf16, with and without the unpack hook, bit for bit."""
+    x = make_input((8, 64, 14, 14), layout, dtype=torch.bfloat16, device="cuda")
+    z, dy = torch.randn_like(x), torch.randn_like(x)
+    results = []
+    for unpack_hook in (lambda t: t, _only_4d(UNPACKS[unpack])):
+        m = tritonbn.BatchNormAct2d(64).cuda()
+        xi = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack_hook):
+            y = m(xi, z)
+        y.backward(dy)
+        results.append([y, xi.grad, m.weight.grad, m.bias.grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
