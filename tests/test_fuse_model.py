@@ -357,19 +357,16 @@ def test_add_spellings_fuse(spelling):
 def test_a_later_residual_unlike_the_examples_runs_unfused_as_the_code_was_written(spelling):
     """Fused on same-dtype examples, then called with a residual of another dtype, or one that
     broadcasts: the fused module computes that call as the model's own code did. ``+`` promotes,
-    ``.add_`` keeps the BN output's dtype (and refuses to broadcast it), with the same values and grads.
-    ``y += z`` is traced by FX as ``y = y + z`` (tensor proxies have no ``__iadd__``), so a rewritten
-    forward promotes there (README, "Limits"); the unfused model keeps y's dtype."""
+    ``.add_`` and ``+=`` keep the BN output's dtype (and refuse to broadcast it), with the same values
+    and grads (the tracer records ``y += z`` as an in-place add: FX's own proxies would run ``y = y + z``)."""
     model = _Pattern(ADD_SPELLINGS[spelling])
     x, z = _x(1, (2, 3, 2, 2)), _x(2, (2, 3, 2, 2))
     fused, report = tritonbn.fuse_model(model, (x, z))
     assert [f.pattern for f in report.fused] == ["bn_add_relu"]
-    in_place = spelling.startswith(".add_")
-    assert report.fused[0].add == ("Tensor.add_" if in_place else "+" if spelling == "+=" else
+    in_place = spelling.startswith(".add_") or spelling == "+="
+    assert report.fused[0].add == ("+=" if spelling == "+=" else "Tensor.add_" if in_place else
                                    report.fused[0].add)
     assert fused.bn._residual_in_place is in_place
-    if spelling == "+=":
-        model = _Pattern(ADD_SPELLINGS["bn + z"])   # what FX recorded (same values for same-dtype operands)
     _check_same_as_torch(model, copy.deepcopy(fused), x, z.double())   # (each from the same state)
     with torch.no_grad():
         y, y_torch = copy.deepcopy(fused)(x, z.double()), copy.deepcopy(model)(x, z.double())
@@ -727,23 +724,51 @@ class _Untraceable(nn.Module):
             return self.block1(x)
         if self.kind == "training" and self.training:
             x = x * 1.0
-        if self.kind == "no_grad":
+        if self.kind in ("no_grad", "no_grad under no_grad"):
             with torch.no_grad():
                 x = x * 1.0
+        if self.kind == "fp32 island":
+            with torch.autocast("cpu", enabled=False):
+                x = x * 1.0
+        if self.kind == "checkpoint":
+            x = torch.utils.checkpoint.checkpoint(torch.sin, x, use_reentrant=False)
+        if self.kind == "attribute":
+            self.features = x
+        if self.kind == "counter":
+            self.calls = getattr(self, "calls", 0) + 1
         return self.block2(self.block1(x))
+
+
+class _Optional(_Untraceable):
+    def forward(self, x, scale=None):
+        if scale is not None:
+            x = x * scale
+        return super().forward(x)
 
 
 @pytest.mark.parametrize("kind,why", [
     ("data", "not FX-traceable (TraceError"),
     ("training", "depends on self.training"),
-    ("no_grad", "changes grad mode or autocast"),
+    ("no_grad", "changes grad mode, autocast or saved-tensor hooks"),
+    # FX drops each of these blocks; the fuse call's own mode must not hide them
+    ("no_grad under no_grad", "changes grad mode, autocast or saved-tensor hooks"),
+    ("fp32 island", "changes grad mode, autocast or saved-tensor hooks"),
+    ("checkpoint", "changes grad mode, autocast or saved-tensor hooks"),
+    # a rewritten forward would not set them (the tracer would leave a Proxy there)
+    ("attribute", "forward sets module attributes (features)"),
+    ("counter", "forward sets module attributes (calls)"),
+    # `if scale is not None` would be fixed to the given branch: f(x) would then fail
+    ("optional", "forward has optional arguments (scale)"),
 ])
 def test_untraceable_forward_falls_back_per_submodule(kind, why):
     torch.manual_seed(0)
-    model = _Untraceable(kind)
+    model = (_Optional if kind == "optional" else _Untraceable)(kind)
     x = _x(1, (2, 3, 4, 4))
-    fused, report = tritonbn.fuse_model(model, (x,))
+    with torch.set_grad_enabled(kind != "no_grad under no_grad"):
+        fused, report = tritonbn.fuse_model(model, (x,))
     assert [b.module for b in report.fallbacks] == [""] and why in report.fallbacks[0].reason
+    assert not any(isinstance(v, torch.fx.Proxy) for m in fused.modules() for v in vars(m).values())
+    assert "features" not in vars(model) and "calls" not in vars(model)
     skipped = {s.bn: s.reason for s in report.skipped}
     assert skipped.pop("bn").startswith("called from the model's forward, which is kept")
     if kind == "data":  # block2 did not run on the example input: its add is not proven
@@ -879,3 +904,69 @@ def test_cuda_graph_capture_of_fused_resnet_step():
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
         _assert_same_state(model, eager, rtol=1e-5, atol=1e-6)
+
+
+class _AliasUpdate(nn.Module):
+    """BN + ReLU, then augmented assignments whose in-place effect matters: on a view of the output, and
+    on a tensor the caller passed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, acc):
+        out = F.relu(self.bn(self.conv(x)))
+        half = out[:, :2]
+        half += x[:, :2]      # updates out
+        half *= 2
+        acc += out.detach()   # updates the caller's tensor
+        return out
+
+
+def test_augmented_assignments_keep_their_in_place_effect():
+    """FX's proxies have no ``__iadd__``: Python would run ``half = half + x`` and the rewritten forward
+    would lose the update of ``out`` and of the caller's ``acc``. tritonbn's tracer records them in place."""
+    torch.manual_seed(0)
+    model = _AliasUpdate()
+    x = _x(1, (2, 4, 3, 3))
+    fused, report = tritonbn.fuse_model(model, (x, torch.zeros(2, 4, 3, 3)))
+    assert [f.pattern for f in report.fused] == ["bn_relu"]
+    for m in (model, fused):
+        m.eval()
+    acc, acc_fused = torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, acc_fused), model(x, acc), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc_fused, acc, rtol=1e-5, atol=1e-6)
+    assert acc.abs().sum() > 0
+
+
+class _CallsDeepBN(nn.Module):
+    """An untraceable forward that also calls a grandchild's BN itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.sub = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = BasicBlock(4, 4)
+
+    def forward(self, x):
+        y = self.sub(x)
+        if y.sum() > 0:
+            y = y - 1
+        return self.block(self.sub[1](y))
+
+
+def test_a_bn_an_untraced_ancestor_may_call_directly_is_not_fused():
+    torch.manual_seed(0)
+    model = _CallsDeepBN()
+    x = _x(1, (2, 3, 4, 4))
+    fused, report = tritonbn.fuse_model(model, (x,))
+    reasons = {s.bn: s.reason for s in report.skipped}
+    assert "may call it directly (it reads self.sub.1)" in reasons["sub.1"], reasons
+    assert {f.bn for f in report.fused} == {"block.bn1", "block.bn2"}    # the blocks' own BNs still fuse
+    # A sibling it only calls through its container (self.block(...)) is not refused: only read chains
+    # that reach the BN are.
+    assert not any("may call it directly" in r for b, r in reasons.items() if b != "sub.1")
+    for m in (model, fused):
+        m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)

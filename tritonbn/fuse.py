@@ -21,6 +21,7 @@ How (each choice avoids a known pitfall of existing tools):
 from __future__ import annotations
 
 import copy
+import dis
 import inspect
 import json
 import operator
@@ -243,12 +244,31 @@ def _describe(node: fx.Node, root: nn.Module) -> str:
 
 
 def _mode_state():
-    """Grad and autocast modes: FX symbolic tracing drops ``no_grad`` / ``autocast`` blocks."""
+    """Grad, inference and autocast modes, and saved-tensor hooks: FX symbolic tracing drops ``no_grad`` /
+    ``autocast`` blocks and ``torch.utils.checkpoint`` (whose non-reentrant form installs hooks)."""
     try:
         autocast = tuple(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
     except TypeError:  # torch < 2.4 takes no device type
         autocast = (torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled())
-    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+            not _ops.saved_tensor_hooks_active())
+
+
+class _InPlaceProxy(fx.Proxy):
+    """Records ``a += b`` (every augmented assignment) as ``operator.iadd(a, b)``: ``fx.Proxy`` has no
+    in-place methods, so Python would run ``a = a + b`` and the rewritten forward would lose the update of
+    a view (``out[:, :2] += y``) or of a tensor the caller passed in, and promote where ``+=`` does not."""
+
+
+def _in_place_method(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "imatmul", "itruediv", "ifloordiv", "imod", "ipow", "ilshift",
+              "irshift", "iand", "ixor", "ior"):
+    setattr(_InPlaceProxy, f"__{_name}__", _in_place_method(getattr(operator, _name)))
 
 
 class _LeafTracer(fx.Tracer):
@@ -262,6 +282,9 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
     def create_node(self, *args, **kwargs):
         if _mode_state() != self.start_state:
             self.mode_changed = True
@@ -272,25 +295,128 @@ class _NotRewritable(Exception):
     pass
 
 
+# Attributes FX itself sets on the traced module (tensor constants the graph reads with get_attr).
+_TRACER_ATTRS = ("_tensor_constant", "_param_constant")
+
+
+def _undo_attribute_writes(snapshot: list) -> list:
+    """Restore the modules' attributes to ``snapshot`` (``[(module, dict(vars(module)))]``); the names the
+    traced forward set, replaced or deleted (FX's own constants on the root module are kept)."""
+    written = []
+    root = snapshot[0][0]
+    for m, before in snapshot:
+        now = m.__dict__
+        for k in list(now):
+            if k not in before:
+                if m is root and k.startswith(_TRACER_ATTRS):
+                    continue
+                written.append(k)
+                del now[k]
+            elif now[k] is not before[k] and k != "training":
+                written.append(k)
+                now[k] = before[k]
+        for k in before.keys() - now.keys():
+            written.append(k)
+            now[k] = before[k]
+    return written
+
+
+class _watch_autocast:
+    """Counts the ``torch.autocast`` blocks (``torch.cuda.amp.autocast`` ... included) entered inside: FX
+    drops them, whether they switch autocast on or off (an fp32 island) under the caller's state."""
+
+    def __enter__(self):
+        self.entered = []
+        cls = torch.amp.autocast_mode.autocast
+        self.original = cls.__enter__
+        entered, original = self.entered, self.original
+
+        def enter(ctx):
+            entered.append(ctx)
+            return original(ctx)
+
+        cls.__enter__ = enter
+        return self.entered
+
+    def __exit__(self, *exc):
+        torch.amp.autocast_mode.autocast.__enter__ = self.original
+        return False
+
+
+def _attribute_chains(module: nn.Module) -> set:
+    """Every chain of attribute reads and constant subscripts (``self.layer1[0].bn1`` -> ``("layer1", "0",
+    "bn1")``, and each of its prefixes) in the methods of ``module``'s class (and of its bases outside
+    torch; ``__init__`` aside) and in a forward set on the instance, nested functions included, read from
+    their bytecode. A chain through a local variable (``m = self.sub; m.bn(y)``) is not seen."""
+    funcs = [module.__dict__.get("forward")]
+    for cls in type(module).__mro__:
+        if cls.__module__.split(".")[0] != "torch" and cls is not object:
+            funcs += [getattr(v, "__func__", v) for k, v in vars(cls).items() if k != "__init__"]
+    chains, codes = set(), [getattr(f, "__code__", None) for f in funcs]
+    while codes:
+        code = codes.pop()
+        if not isinstance(code, types.CodeType):
+            continue
+        codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        chain, index = [], None
+        for ins in dis.get_instructions(code):
+            if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and chain is not None:
+                chain.append(ins.argval)
+                chains.add(tuple(chain))
+            elif ins.opname in ("LOAD_CONST", "LOAD_SMALL_INT") and isinstance(ins.argval, int):
+                index = str(ins.argval)
+                continue
+            elif ins.opname in ("BINARY_SUBSCR", "BINARY_OP") and index is not None and chain:
+                if ins.opname == "BINARY_OP" and "[" not in str(ins.argrepr):
+                    chain = None
+                else:
+                    chain.append(index)
+                    chains.add(tuple(chain))
+            elif ins.opname in ("CACHE", "EXTENDED_ARG"):
+                continue
+            else:   # a new chain starts from any load of a name (self, a global, a local)
+                chain = [] if ins.opname.startswith("LOAD_") else None
+            index = None
+    return chains
+
+
 def _trace(module: nn.Module) -> fx.Graph:
     """Trace ``module``'s forward, in train and in eval mode; raise _NotRewritable unless one graph
-    describes both (a rewritten forward must not bake in either branch of ``if self.training``)."""
+    describes both (a rewritten forward must not bake in either branch of ``if self.training``). The two
+    traces run with grad mode on and off, so that a block in the forward that switches it (which FX would
+    not record) is seen whatever the caller's mode; an autocast block is seen as it is entered."""
     if "forward" in module.__dict__:
         raise _NotRewritable("forward is overridden on the instance")
+    optional = [p.name for p in list(inspect.signature(type(module).forward).parameters.values())[1:]
+                if p.default is not inspect.Parameter.empty]
+    if optional:
+        # FX passes a Proxy for each: `if arg is None` would be fixed to the branch of a given argument.
+        raise _NotRewritable(f"forward has optional arguments ({', '.join(optional)}): tracing would fix "
+                             "whether they are given")
     modes = [(m, m.training) for m in module.modules()]
     graphs = []
     try:
         for training in (True, False):
             for m, _ in modes:  # flags only: a user's train() override may do more
                 m.training = training
-            tracer = _LeafTracer()
+            snapshot = [(m, dict(m.__dict__)) for m, _ in modes]
             try:
-                graph = tracer.trace(module)
+                with torch.inference_mode(False), torch.set_grad_enabled(training), \
+                        _watch_autocast() as entered:
+                    tracer = _LeafTracer()
+                    graph = tracer.trace(module)
+                tracer.mode_changed = tracer.mode_changed or bool(entered)
             except Exception as e:  # noqa: BLE001 - any tracing failure means "keep this forward"
                 msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 raise _NotRewritable(f"not FX-traceable ({type(e).__name__}: {msg})") from e
+            finally:
+                written = _undo_attribute_writes(snapshot)
             if tracer.mode_changed:
-                raise _NotRewritable("forward changes grad mode or autocast (FX tracing does not record it)")
+                raise _NotRewritable("forward changes grad mode, autocast or saved-tensor hooks "
+                                     "(torch.utils.checkpoint): FX tracing does not record it")
+            if written:
+                names = ", ".join(sorted(set(written))[:3])
+                raise _NotRewritable(f"forward sets module attributes ({names}): a rewritten one would not")
             graphs.append(graph)
     finally:
         for m, training in modes:
@@ -666,9 +792,11 @@ def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseRe
     BN input unchanged (in place, ``out=``, a user module or function), or that uses the BN's own
     parameters or buffers; a BN or activation module with hooks (they would no longer run, or see other
     values), a BN called from several places or registered under several names; subclasses (SyncBatchNorm,
-    user classes: left unchanged); a module whose forward cannot be traced, changes grad mode or autocast
-    inside, or depends on ``self.training`` (its forward is kept, its children are handled on their own:
-    see ``report.fallbacks``). Every BN is listed in ``report.fused`` or ``report.skipped`` with the reason.
+    user classes: left unchanged); a module whose forward cannot be traced, switches grad mode, autocast
+    or saved-tensor hooks (``torch.utils.checkpoint``) inside, sets module attributes, takes optional
+    arguments or depends on ``self.training`` (its forward is kept, its children are handled on their own:
+    see ``report.fallbacks``), and a BN such a kept forward may call directly. Every BN is listed in
+    ``report.fused`` or ``report.skipped`` with the reason.
 
     ``example_inputs`` (a tuple of positional arguments, or one Tensor) proves the adds: a copy of the
     model runs on them once, under no_grad and the caller's autocast state, and an add is fused only if
@@ -779,11 +907,27 @@ class _Pass:
             elif parent is not None and id(parent) in self.opaque:
                 problem = self._opaque_reason(parent)
             else:
-                problem = _bn_problem(bn)
+                problem = self._kept_caller(bn) or _bn_problem(bn)
             if problem:
                 self.reasons[id(bn)] = problem
             else:
                 self.accepted.append((t, bn, plan))
+
+    def _kept_caller(self, bn: nn.Module) -> str | None:
+        """Why a kept (untraced) forward of an ancestor above the BN's parent may call the BN directly
+        (``self.sub.bn(y)``), which a fused module would answer with ``act(bn(y))``; None if none does.
+        Read from the attribute chains in its class's methods (``_attribute_chains``)."""
+        path = self.name_of[id(bn)].split(".")
+        anc = self.parent_of.get(id(self.parent_of.get(id(bn))))
+        while anc is not None:
+            if id(anc) in self.opaque:
+                prefix = self.name_of[id(anc)]
+                rel = tuple(path[len(prefix.split(".")) if prefix else 0:])
+                if rel in _attribute_chains(anc):
+                    return (f"{_forward_of(prefix)}, which is kept ({self.opaque[id(anc)]}), may call it "
+                            f"directly (it reads self.{'.'.join(rel)})")
+            anc = self.parent_of.get(id(anc))
+        return None
 
     def _opaque_reason(self, parent: nn.Module) -> str:
         where = _forward_of(self.name_of[id(parent)])
