@@ -422,7 +422,8 @@ def _trace(module: nn.Module) -> fx.Graph:
         for m, training in modes:
             m.training = training
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
-        raise _NotRewritable("forward depends on self.training (its traced graphs differ between modes)")
+        raise _NotRewritable("forward depends on self.training or on the grad mode (its traced graphs "
+                             "differ between train mode with grad on and eval mode with grad off)")
     return graphs[0]
 
 
