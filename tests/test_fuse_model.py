@@ -970,3 +970,44 @@ def test_a_bn_an_untraced_ancestor_may_call_directly_is_not_fused():
         m.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _ListOrTensor(nn.Module):
+    """torchvision's _DenseLayer style: ``isinstance(inputs, Tensor)`` on an argument, which tracing
+    fixes to the branch of a Proxy (not a Tensor): the rewritten forward then fails on a Tensor."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(c), nn.Conv2d(c, 2, 1)
+
+    def forward(self, inputs):
+        if isinstance(inputs, torch.Tensor):
+            inputs = [inputs]
+        return self.conv(F.relu(self.bn(torch.cat(inputs, 1))))
+
+
+def test_a_fused_model_that_fails_its_examples_is_not_returned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _ListOrTensor(4))
+    x = _x(1, (2, 3, 4, 4))
+    fused, report = tritonbn.fuse_model(model, (x,))
+    assert not report.fused and not report.rewritten
+    assert report.warnings and "the fused model raised TypeError on example_inputs" in report.warnings[-1]
+    assert [(s.bn, s.action) for s in report.skipped] == [("1.bn", "converted")]
+    assert type(fused[1].bn) is tritonbn.BatchNorm2d and type(fused[1]).forward is _ListOrTensor.forward
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_example_check_tells_wrong_values_from_rounding():
+    from tritonbn.fuse import _differs_on_examples
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    x = _x(1, (2, 3, 4, 4))
+    same = tritonbn.convert_model(copy.deepcopy(model))           # tritonbn's kernels: rounding only
+    assert _differs_on_examples(model, same, (x,)) is None
+    wrong = nn.Sequential(*copy.deepcopy(model), nn.ReLU())     # a dropped or added activation
+    assert "output 0 on example_inputs differs by" in _differs_on_examples(model, wrong, (x,))
+    shaped = nn.Sequential(*copy.deepcopy(model), nn.Flatten())
+    assert "differs in type, shape or dtype" in _differs_on_examples(model, shaped, (x,))

@@ -799,6 +799,9 @@ def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseRe
     see ``report.fallbacks``), and a BN such a kept forward may call directly. Every BN is listed in
     ``report.fused`` or ``report.skipped`` with the reason.
 
+    With ``example_inputs``, the fused model is checked against the model on them (eval mode, fp32): if it
+    raises or differs beyond rounding, nothing is fused (``report.warnings`` says why).
+
     ``example_inputs`` (a tuple of positional arguments, or one Tensor) proves the adds: a copy of the
     model runs on them once, under no_grad and the caller's autocast state, and an add is fused only if
     its operands had the same shape, dtype and device in every call. Without them, an add is fused only
@@ -828,7 +831,79 @@ def fuse_model(model: nn.Module, example_inputs=None) -> tuple[nn.Module, FuseRe
     metas = _probe(model, to_prove, example_inputs) if to_prove and example_inputs is not None else {}
     p.decide(metas, example_inputs is not None)
     p.apply()
+    if example_inputs is not None and p.report.rewritten:
+        why = _differs_on_examples(model, work, example_inputs)
+        if why is not None:
+            return _converted_only(model, p.report, why)
     return work, p.report
+
+
+def _differs_on_examples(model: nn.Module, fused: nn.Module, example_inputs: tuple) -> str | None:
+    """Why the fused model does not compute the model's outputs on the example inputs, or None. A safety net
+    under what tracing cannot see (an ``isinstance`` test of an argument, say): copies of both run in eval
+    mode, without grad or autocast, in fp32 (fp64 models in fp64), so that only wrong values, not
+    rounding (tritonbn's kernels against torch's), can exceed the tolerance."""
+    wide = any(t.dtype == torch.float64 for t in model.parameters())
+
+    def prepared(t):
+        t = t.detach().clone() if isinstance(t, torch.Tensor) else t
+        return t.float() if isinstance(t, (torch.Tensor, nn.Module)) and not wide and (
+            isinstance(t, nn.Module) or t.is_floating_point()) else t
+
+    outs = []
+    for m in (model, fused):
+        args = [prepared(a) for a in example_inputs]
+        try:
+            with torch.no_grad(), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                outs.append(prepared(copy.deepcopy(m).eval())(*args))
+        except Exception as e:  # noqa: BLE001 - reported: the fused model is not returned
+            if m is model:
+                raise RuntimeError(f"fuse_model: the model failed on example_inputs ({type(e).__name__}: "
+                                   f"{e})") from e
+            return f"the fused model raised {type(e).__name__} on example_inputs: {str(e)[:200]}"
+    expect, spec = torch.utils._pytree.tree_flatten(outs[0])
+    got, got_spec = torch.utils._pytree.tree_flatten(outs[1])
+    if spec != got_spec:
+        return "the fused model's outputs on example_inputs are structured differently"
+    for i, (e, g) in enumerate(zip(expect, got)):
+        if not isinstance(e, torch.Tensor):
+            if isinstance(g, torch.Tensor) or type(e) is not type(g) or not bool(e == g):
+                return f"output {i} on example_inputs differs ({g!r} for {e!r})"
+            continue
+        if not isinstance(g, torch.Tensor) or g.shape != e.shape or g.dtype != e.dtype:
+            return f"output {i} on example_inputs differs in type, shape or dtype"
+        if not e.is_floating_point():
+            if not torch.equal(g, e):
+                return f"output {i} on example_inputs differs"
+            continue
+        # relative to the output's peak: rounding differs (tritonbn's kernels, not torch's), values do not
+        tol = {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}.get(e.dtype, 1e-9)
+        e64, g64 = e.double(), g.double()
+        scale = float(e64.abs().nan_to_num(0, 0, 0).max().clamp_min(1e-6)) if e.numel() else 1.0
+        err = (g64 - e64).abs().nan_to_num(float("inf"))
+        bad = (err > tol * scale) & ~(e64.isnan() & g64.isnan()) & ~((e64 == g64) & e64.isinf())
+        if bool(bad.any()):
+            return f"output {i} on example_inputs differs by {float(err[bad].max()):.3g} (peak {scale:.3g})"
+    return None
+
+
+def _converted_only(model: nn.Module, report: FuseReport, why: str) -> tuple[nn.Module, FuseReport]:
+    """A copy of ``model`` with every exact BatchNorm a tritonbn ``BatchNorm*d`` and no forward rewritten,
+    and its report: what the fused model did wrong on the example inputs, for every BN."""
+    work = copy.deepcopy(model)
+    out = FuseReport(fallbacks=report.fallbacks, warnings=report.warnings + [
+        f"nothing fused: {why} (please report it with the model); every BatchNorm is a plain tritonbn one"])
+    for name, bn in work.named_modules():
+        if not isinstance(bn, _BatchNorm):
+            continue
+        if type(bn) in _PLAIN:
+            action = "unchanged" if _PLAIN[type(bn)] is type(bn) else "converted"
+            bn.__class__ = _PLAIN[type(bn)]
+            out.skip(name, f"the fused model differed from the model on example_inputs ({why})", action)
+        else:
+            why_not = f"{type(bn).__name__} is not an exact BatchNorm1d/2d/3d (left as it is)"
+            out.skip(name, why_not, "unchanged")
+    return work, out
 
 
 def _check_model(model) -> None:
