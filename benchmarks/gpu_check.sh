@@ -8,7 +8,7 @@
 #
 #   step          budget (s, defaults; typical use)            writes
 #   env           ~7-15 (imports torch, triton, torchvision)  OUTDIR/env.txt
-#   warm_cache    WARM_TIMEOUT=90 (~20-30 on the H200 machine): compiles the ~790 kernel console only
+#   warm_cache    WARM_TIMEOUT=90 (~20-30 on the H200 machine): compiles the ~890 kernel console only
 #                 specializations the steps below launch (the CUDA tests', ResNet-50's, MobileNetV2's, the suite's
 #                 shapes) on every CPU core into Triton's cache: serially, at their first launch, they
 #                 would take minutes of the budget. Skipped with SMOKE=1

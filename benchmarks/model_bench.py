@@ -226,7 +226,11 @@ def prepare_model(torch, tb, args, name, device) -> dict:
         info["fused_skipped"] = "unavailable: this tritonbn has no fuse_model"
     else:
         try:
-            fused, report = fuse(copy.deepcopy(model))
+            # Example inputs prove the residual adds (README: without them only BN+activation fuses; the
+            # 2026-11-28 H200 runs fused ResNet-50's 33 BN+ReLU and none of its 16 BN+add+ReLU). fp32
+            # examples: the adds' operands share a dtype under autocast too.
+            example = make_batch(torch, args, 2, device)[0]
+            fused, report = fuse(copy.deepcopy(model), (example,))
             info["fused"] = fused.to(memory_format=torch.channels_last).train()
             info["fuse_report"] = report.to_dict() if hasattr(report, "to_dict") else str(report)
         except Exception as e:

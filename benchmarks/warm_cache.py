@@ -62,6 +62,12 @@ def _record(sm_count: int, quick_shapes: bool, bench_cases=None, dtypes=None, tu
                       for layout in _layouts(c.shape)]
     jobs = [(overrides, cases) for overrides in tunings]
     if bench_cases is None:
+        # fuse_model's check of the fused models on model_bench's example batch (2 images): eval, fp32.
+        jobs += [({}, [(c.shape, "channels_last", torch.float32, "eval")
+                       for c in _rn50(2)]
+                  + [(shape, "channels_last", torch.float32, "eval", (0, act)) for shape, act in
+                     _mobilenet_v2_bns(2)])]
+    if bench_cases is None:
         # The CUDA tests that compare Tuning variants (tests/test_bn_cuda.py TUNING_VARIANTS), fp32 and bf16.
         jobs += [(overrides, [(tuple(shape), layout, dtype) for dtype in (torch.float32, torch.bfloat16)])
                  for shape, layout, overrides in _cuda_test_list("TUNING_VARIANTS")]
@@ -117,12 +123,14 @@ def _mobilenet_v2_bns(batch: int) -> list:
 
 
 def _record_cases(ops, cases) -> None:
-    """Each case ``(shape, layout, dtype[, activations])``: training forward and backward (the module's,
-    and the custom ops'), plain, with ReLU and with add + ReLU, or with the given activation codes only;
-    and the eval forward."""
+    """Each case ``(shape, layout, dtype[, "eval"][, activations])``: training forward and backward (the
+    module's, and the custom ops'), plain, with ReLU and with add + ReLU, or with the given activation
+    codes only; and the eval forward ("eval": the eval forwards of those epilogues only)."""
     import torch
 
     for shape, layout, dtype, *acts in cases:
+        eval_only = bool(acts) and acts[0] == "eval"
+        acts = acts[1:] if eval_only else acts
         epilogues = ((None, 0), (None, 1), ("z", 1)) if not acts else tuple((None, a) for a in acts[0])
         # Empty CPU tensors of the real shapes: the launchers only read shapes, strides and alignment.
         x = torch.empty(shape, dtype=dtype)
@@ -134,6 +142,9 @@ def _record_cases(ops, cases) -> None:
         rm, rv, nbt = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long)
         for z, act in epilogues:
             residual = torch.empty_like(x) if z else None
+            if eval_only:   # as a module in eval mode under no_grad: no bitmask, no batch statistics
+                ops.forward(x, w, b, rm, rv, None, False, 0.1, 1e-5, residual, act, False)
+                continue
             mask = residual is not None
             _, stats, bits, xr = ops.forward(x, w, b, rm, rv, nbt, True, 0.1, 1e-5, residual, act, mask,
                                              True)
