@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tritonbn import modules as _tbn
+from tritonbn import sync_batchnorm as _tsync
 
 from . import fold_math, fused_bn
 from .errors import FoldError, first_line
@@ -40,7 +41,9 @@ _CONV_TS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 HUGE_SCALE = 1e4
 # BN forwards that compute exactly eval BN from the running stats (tritonbn's runs its own kernels):
 # a BN whose class has another forward (a subclass overriding it) may compute anything.
-BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _tbn.BatchNorm2d.forward)
+# tritonbn's SyncBatchNorm: batch norm in eval mode (it synchronises only training statistics).
+BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _tbn.BatchNorm2d.forward,
+               _tsync.SyncBatchNorm.forward)
 
 
 def check_eval(model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tritonbn import modules as _tbn
+from tritonbn import sync_batchnorm as _tsync
 
 from .errors import (
     ExporterFallbackWarning,
@@ -57,7 +58,7 @@ class EvalBatchNorm(_BatchNorm):
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # forwards that compute torch's eval BN with other code (tritonbn's kernels, SyncBatchNorm's process
 # group); a BN with torch's own forward exports as it is, one with any other forward is the user's code
-_SWAPPED_FORWARDS = (_tbn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
+_SWAPPED_FORWARDS = (_tbn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, _tsync.SyncBatchNorm.forward)
 
 
 def _torch_replacement(m: nn.Module):

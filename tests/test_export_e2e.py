@@ -139,6 +139,19 @@ def test_tritonbn_model_exports(tmp_path):
     assert_untouched(m, snap)
 
 
+def test_tritonbn_sync_batchnorm_folds_and_exports_as_batch_norm(tmp_path):
+    """tritonbn.SyncBatchNorm (what convert_sync_batchnorm gives a DDP model) is batch norm in eval mode:
+    folded into the conv before it, and exported as torch BN where it is kept, as torch's SyncBatchNorm."""
+    tritonbn = pytest.importorskip("tritonbn")
+    m = randomize_all(nn.Sequential(nn.Conv2d(3, 4, 3), tritonbn.SyncBatchNorm(4), nn.ReLU(),
+                                    tritonbn.SyncBatchNorm(4)))
+    result = export_onnx(m, (torch.randn(2, 3, 6, 6),), str(tmp_path / "s.onnx"))
+    assert result.check.ok
+    assert [f.bn for f in result.module_report.folded] == ["1"]
+    assert [s.bn for s in result.module_report.skipped] == ["3"]
+    assert "overrides forward" not in result.module_report.skipped[0].reason
+
+
 class ScaledBN(nn.BatchNorm2d):
     def forward(self, x):
         return super().forward(x) * 2.0 + 1.0
