@@ -334,9 +334,10 @@ def export_onnx(model: nn.Module, example_inputs, path: str, fold: bool = True, 
     cannot be written: all paths are checked before the export starts) and VerificationError (with
     ``.check``) when ONNX Runtime disagrees with PyTorch; in all these cases nothing is written.
     ``fold=False`` exports without any folding of ours (the exporter's own optimizer still runs), e.g.
-    as a baseline.  ``opset`` is produced exactly or refused.  The TorchScript exporter (fallback when
-    the dynamo exporter fails, or for opsets below 18) is used with an ExporterFallbackWarning, and
-    a trace that warns about data-dependent values is refused unless ``allow_trace_warnings``.
+    as a baseline.  ``opset`` is produced exactly or refused.  The TorchScript exporter is used when the
+    dynamo exporter fails (with an ExporterFallbackWarning) and for an opset below 18 (as asked: a note in
+    the result, no warning); a trace that warns about data-dependent values is refused unless
+    ``allow_trace_warnings``.
     ``report_path``: also write ``result.to_dict()`` as JSON there (both files or neither).
     """
     if not isinstance(model, nn.Module):
