@@ -1250,8 +1250,9 @@ def test_warm_cache_records_the_gpu_checks_specializations():
     assert res.returncode == 0, res.stderr[-2000:]
     n = int(res.stdout.split("warm_cache: ")[1].split()[0])
     # 553 on 2026-11-28 (the eager backward's and the custom ops' reductions differ in HAS_DWEIGHT):
-    # TILED planes specialize per block shape; 605 with MobileNetV2's on 2026-11-29
-    assert 20 <= n <= 700, res.stdout
+    # TILED planes specialize per block shape; 605 with MobileNetV2's; 703 with fuse_model's fp32 eval
+    # check of both models at batch 2 (model_bench passes example inputs), 2026-11-29
+    assert 20 <= n <= 800, res.stdout
 
 
 def test_sass_stats_counts_instructions_per_element():
