@@ -1011,3 +1011,28 @@ def test_the_example_check_tells_wrong_values_from_rounding():
     assert "output 0 on example_inputs differs by" in _differs_on_examples(model, wrong, (x,))
     shaped = nn.Sequential(*copy.deepcopy(model), nn.Flatten())
     assert "differs in type, shape or dtype" in _differs_on_examples(model, shaped, (x,))
+
+
+class _HalfOnlyOp(nn.Module):
+    def forward(self, x):
+        if x.dtype == torch.float32:
+            raise TypeError("half only")
+        return x
+
+
+class _HalfOnly(nn.Module):
+    """Runs only on half-precision inputs (say, a custom kernel): the fp32 check cannot run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.op = nn.BatchNorm2d(3), _HalfOnlyOp()
+
+    def forward(self, x):
+        return self.op(F.relu(self.bn(x)))
+
+
+def test_a_model_the_example_check_cannot_run_is_fused_with_a_warning():
+    fused, report = tritonbn.fuse_model(_HalfOnly(), (_x(1, (2, 3, 4, 4)).half(),))
+    assert [f.pattern for f in report.fused] == ["bn_relu"]
+    assert report.warnings == ["the fused model was not checked on example_inputs: the model itself raised "
+                               "TypeError in eval mode, fp32: half only"]
