@@ -405,13 +405,12 @@ def _trace(module: nn.Module) -> fx.Graph:
                         _watch_autocast() as entered:
                     tracer = _LeafTracer()
                     graph = tracer.trace(module)
-                tracer.mode_changed = tracer.mode_changed or bool(entered)
             except Exception as e:  # noqa: BLE001 - any tracing failure means "keep this forward"
                 msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 raise _NotRewritable(f"not FX-traceable ({type(e).__name__}: {msg})") from e
             finally:
                 written = _undo_attribute_writes(snapshot)
-            if tracer.mode_changed:
+            if tracer.mode_changed or entered:
                 raise _NotRewritable("forward changes grad mode, autocast or saved-tensor hooks "
                                      "(torch.utils.checkpoint): FX tracing does not record it")
             if written:
@@ -854,9 +853,12 @@ def _differs_on_examples(model: nn.Module, fused: nn.Module, example_inputs: tup
     wide = any(t.dtype == torch.float64 for t in model.parameters())
 
     def prepared(t):
-        t = t.detach().clone() if isinstance(t, torch.Tensor) else t
-        return t.float() if isinstance(t, (torch.Tensor, nn.Module)) and not wide and (
-            isinstance(t, nn.Module) or t.is_floating_point()) else t
+        if isinstance(t, nn.Module):
+            return t if wide else t.float()
+        if isinstance(t, torch.Tensor):
+            t = t.detach().clone()
+            return t.float() if t.is_floating_point() and not wide else t
+        return t
 
     outs = []
     for m in (model, fused):
@@ -899,19 +901,11 @@ def _converted_only(model: nn.Module, report: FuseReport, why: str) -> tuple[nn.
     """A copy of ``model`` with every exact BatchNorm a tritonbn ``BatchNorm*d`` and no forward rewritten,
     and its report: what the fused model did wrong on the example inputs, for every BN."""
     work = copy.deepcopy(model)
-    out = FuseReport(fallbacks=report.fallbacks, warnings=report.warnings + [
+    p = _Pass(work)
+    p.report = FuseReport(fallbacks=report.fallbacks, warnings=report.warnings + [
         f"nothing fused: {why} (please report it with the model); every BatchNorm is a plain tritonbn one"])
-    for name, bn in work.named_modules():
-        if not isinstance(bn, _BatchNorm):
-            continue
-        if type(bn) in _PLAIN:
-            action = "unchanged" if _PLAIN[type(bn)] is type(bn) else "converted"
-            bn.__class__ = _PLAIN[type(bn)]
-            out.skip(name, f"the fused model differed from the model on example_inputs ({why})", action)
-        else:
-            why_not = f"{type(bn).__name__} is not an exact BatchNorm1d/2d/3d (left as it is)"
-            out.skip(name, why_not, "unchanged")
-    return work, out
+    p.convert_unfused(set(), lambda bn: f"the fused model differed from the model on example_inputs ({why})")
+    return work, p.report
 
 
 def _check_model(model) -> None:
@@ -937,6 +931,7 @@ class _Pass:
         self.bns = [(n, m) for n, m in work.named_modules() if isinstance(m, _BatchNorm)]
         self.traced: list[_Traced] = []
         self.opaque: dict = {}  # id(module) -> why its forward is kept
+        self.chains: dict = {}  # id(kept module) -> its _attribute_chains
         self.reasons: dict = {}  # id(bn) -> why it is not fused
         self.accepted: list = []  # (traced, bn, plan) that passed the structural and module checks
         self.chosen: dict = {}  # id(traced) -> plans to apply
@@ -1007,7 +1002,9 @@ class _Pass:
             if id(anc) in self.opaque:
                 prefix = self.name_of[id(anc)]
                 rel = tuple(path[len(prefix.split(".")) if prefix else 0:])
-                if rel in _attribute_chains(anc):
+                if id(anc) not in self.chains:
+                    self.chains[id(anc)] = _attribute_chains(anc)
+                if rel in self.chains[id(anc)]:
                     return (f"{_forward_of(prefix)}, which is kept ({self.opaque[id(anc)]}), may call it "
                             f"directly (it reads self.{'.'.join(rel)})")
             anc = self.parent_of.get(id(anc))
@@ -1052,6 +1049,18 @@ class _Pass:
                 # (_plan refuses an in-place add that updates the other operand)
                 bn._residual_in_place = plan.add_spelling in _IN_PLACE_ADDS
                 fused_ids.add(id(bn))
+        self.convert_unfused(fused_ids, self._unfused_reason)
+        order = {n: i for i, (n, _) in enumerate(self.bns)}
+        self.report.fused.sort(key=lambda f: order[f.bn])
+        self.report.skipped.sort(key=lambda s: order[s.bn])
+        hooks = ("_global_forward_hooks", "_global_forward_pre_hooks")
+        if any(getattr(nn.modules.module, h, None) for h in hooks):
+            self.report.warnings.append("global module hooks are registered: they no longer see the removed "
+                                        "activation calls")
+
+    def convert_unfused(self, fused_ids: set, reason) -> None:
+        """Every BN not in ``fused_ids`` becomes a plain tritonbn ``BatchNorm*d`` (exact classes only) and is
+        reported as skipped, with ``reason(bn)``."""
         for name, bn in self.bns:
             if id(bn) in fused_ids:
                 continue
@@ -1063,14 +1072,7 @@ class _Pass:
             else:
                 action = "unchanged" if _PLAIN[type(bn)] is type(bn) else "converted"
                 bn.__class__ = _PLAIN[type(bn)]
-                self.report.skip(name, self._unfused_reason(bn), action)
-        order = {n: i for i, (n, _) in enumerate(self.bns)}
-        self.report.fused.sort(key=lambda f: order[f.bn])
-        self.report.skipped.sort(key=lambda s: order[s.bn])
-        hooks = ("_global_forward_hooks", "_global_forward_pre_hooks")
-        if any(getattr(nn.modules.module, h, None) for h in hooks):
-            self.report.warnings.append("global module hooks are registered: they no longer see the removed "
-                                        "activation calls")
+                self.report.skip(name, reason(bn), action)
 
     def _unfused_reason(self, bn: nn.Module) -> str:
         if id(bn) in self.reasons:
