@@ -305,8 +305,8 @@ def _python_backward(handle, dy, saved, needs, eps):
                                                   eps, activation, need_dx, need_dw, dbias_dtype, need_dz))
     grads = ops.kernel_backward(dy, x, weight, bias, mean_src, var_src, mask, plan.training, eps, activation,
                                 need_dx, need_dw, dbias_dtype, need_dz, plan)
-    if torch._C._has_storage(dy) and not dy._is_zerotensor() and dy.stride() == x.stride() and \
-            dy.data_ptr() % 16 == 0 and not module().has_backward(handle, needs):
+    if ops.has_memory(dy) and dy.stride() == x.stride() and dy.data_ptr() % 16 == 0 and \
+            not module().has_backward(handle, needs):
         try:
             build_backward(handle, needs, weight, bias, mask)
         except Exception as e:  # noqa: BLE001 - optional: the gradients are computed, the call succeeded

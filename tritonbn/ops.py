@@ -1308,6 +1308,11 @@ class BatchNormFunction(torch.autograd.Function):
         return (*grads, None)
 
 
+def has_memory(t: torch.Tensor) -> bool:
+    """Whether ``t`` has elements in memory the kernels can read (not a vmapped or efficient-zero tensor)."""
+    return torch._C._has_storage(t) and not t._is_zerotensor()
+
+
 def kernel_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx, need_dw,
                     dbias_dtype, need_dz, plan):
     """``(dx, dweight, dbias, dz)`` of an autograd node (``BatchNormFunction``, the native node's Python
@@ -1318,7 +1323,7 @@ def kernel_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps,
         return backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation, need_dx,
                         need_dw, dbias_dtype, need_dz, False, plan, True)[:4]
     except RuntimeError:
-        if torch._C._has_storage(dy) and not dy._is_zerotensor():
+        if has_memory(dy):
             raise
     return _differentiable_backward(dy, x, weight, bias, mean_src, var_src, mask, training, eps, activation,
                                     need_dx, need_dw, dbias_dtype, need_dz)
